@@ -1,0 +1,418 @@
+"""A small DeepSeek-V3-style transformer.
+
+- RMSNorm, pre-norm blocks, untied embedding and output head.
+- Decoupled RoPE on the rope part of queries and keys only; consecutive pairs rotate together, as in
+  DeepSeek's complex view (DeepSeek-V2, arXiv 2405.04434, section 2.1.3).
+- Multi-head Latent Attention (V2 section 2.1.2): low-rank KV compression `wkv_a -> kv_norm -> wkv_b`,
+  optional low-rank query `wq_a -> q_norm -> wq_b`, one rope key shared across heads.
+  Inference caches only the latent `c_kv` and the rope key `k_pe`; the `absorbed` decode folds
+  `wkv_b` into the query and the output and attends in the latent space (V2 section 2.1.2, end).
+- Plain multi-head attention (`attention="mha"`), only to compare KV-cache size and quality.
+- Dense SwiGLU FFN in the first `n_dense_layers` blocks, DeepSeekMoE (moe.py) in the rest.
+- Multi-Token Prediction (DeepSeek-V3, arXiv 2412.19437, section 2.2): `mtp_depth` sequential modules
+  sharing the embedding and the output head; loss weighted by `mtp_lambda`.
+
+Shape legend: B batch, T query time, S key time (cache length), D dim, H heads, V vocabulary,
+C kv_lora_rank, R qk_rope_head_dim, P qk_nope_head_dim, E v_head_dim.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses import token_logprobs
+from moe import MLP, MoE, max_violation
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 18  # tasks.Tokenizer().vocab_size
+    dim: int = 128  # model width
+    inter_dim: int = 384  # hidden width of the dense SwiGLU FFN
+    moe_inter_dim: int = 64  # hidden width of one routed expert (shared experts: n_shared_experts times this)
+    n_layers: int = 4  # transformer blocks in the main model
+    n_dense_layers: int = 1  # the first blocks use a dense FFN, the rest MoE
+    n_heads: int = 4  # attention heads
+    q_lora_rank: int = 0  # rank of the query compression (0 = plain wq)
+    kv_lora_rank: int = 32  # C: width of the cached KV latent c_kv
+    qk_nope_head_dim: int = 32  # P: per-head query/key width without RoPE
+    qk_rope_head_dim: int = 16  # R: per-head query / shared key width with RoPE (even)
+    v_head_dim: int = 32  # per-head value width
+    n_routed_experts: int = 8  # routed experts per MoE layer
+    n_shared_experts: int = 1  # always-on shared experts per MoE layer
+    n_activated_experts: int = 2  # routed experts each token uses (top-k)
+    n_expert_groups: int = 1  # expert groups for group-limited routing (1 = off)
+    n_limited_groups: int = 1  # groups each token may route to
+    score_func: str = "sigmoid"  # router scores: sigmoid (V3) or softmax (V2)
+    route_scale: float = 1.0  # scale of the routed experts' gate weights
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 64  # longest sequence (prompt + completion + special tokens)
+    mtp_depth: int = 1  # multi-token prediction modules (0 = off)
+    mtp_lambda: float = 0.3  # weight of the MTP loss
+    bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
+    balance_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss (0 = off)
+    attention: str = "mla"  # mla, or mha (plain multi-head attention, for comparison only)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+
+    def __post_init__(self):
+        errors = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in (int, "int") and (not isinstance(v, int) or isinstance(v, bool)):
+                errors.append(f"{f.name} must be an integer, got {v!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                    "n_activated_experts", "n_expert_groups", "n_limited_groups", "max_seq_len"]
+        errors += [f"{n} must be positive, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        nonneg = ["q_lora_rank", "n_shared_experts", "mtp_depth", "mtp_lambda", "bias_update_speed", "balance_loss_alpha"]
+        errors += [f"{n} must be >= 0, got {getattr(self, n)}" for n in nonneg if getattr(self, n) < 0]
+        if self.qk_rope_head_dim % 2:
+            errors.append(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            errors.append(f"n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        if self.n_activated_experts > self.n_routed_experts:
+            errors.append(f"n_activated_experts ({self.n_activated_experts}) > n_routed_experts ({self.n_routed_experts})")
+        if self.n_expert_groups > 0 and self.n_routed_experts % self.n_expert_groups:
+            errors.append(f"n_routed_experts ({self.n_routed_experts}) must divide into n_expert_groups ({self.n_expert_groups})")
+        elif self.n_expert_groups > 1:
+            if self.n_limited_groups > self.n_expert_groups:
+                errors.append(f"n_limited_groups ({self.n_limited_groups}) > n_expert_groups ({self.n_expert_groups})")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if self.score_func == "sigmoid" and per_group < 2:
+                errors.append("group-limited sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group")
+            if self.n_activated_experts > self.n_limited_groups * per_group:
+                errors.append(f"n_activated_experts ({self.n_activated_experts}) > experts in the {self.n_limited_groups} allowed groups")
+        if self.score_func not in ("sigmoid", "softmax"):
+            errors.append(f"score_func must be sigmoid or softmax, got {self.score_func!r}")
+        if self.attention not in ("mla", "mha"):
+            errors.append(f"attention must be mla or mha, got {self.attention!r}")
+        if errors:
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    def kv_cache_elements_per_token(self):
+        """Cached elements per token per layer: MLA keeps c_kv and k_pe; MHA keeps every head's K and V."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.n_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm and RoPE
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_freqs_cis(cfg):
+    """e^{i m theta_j} for positions m < max_seq_len, theta_j = rope_theta^(-2j/R): (max_seq_len, R/2) complex."""
+    d = cfg.qk_rope_head_dim
+    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (R/2,)
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32)
+    return torch.polar(torch.ones(cfg.max_seq_len, d // 2), torch.outer(t, freqs))  # (max_seq_len, R/2)
+
+
+def apply_rotary_emb(x, freqs_cis):
+    """Rotate consecutive pairs (x0,x1),(x2,x3),... x: (B, T, H, R); freqs_cis: (B or 1, T, R/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, R/2)
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)  # (B, T, H, R)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+@dataclass
+class LayerCache:
+    """One layer's inference cache, preallocated to (B, max_len, ...). MLA fills `c_kv` (B, S, C) and
+    `k_pe` (B, S, R); MHA fills `k` (B, S, H, P+R) and `v` (B, S, H, E). `impl` picks the MLA decode:
+    "naive" decompresses K and V with wkv_b, "absorbed" folds wkv_b into the query and the output."""
+    impl: str = "absorbed"
+    c_kv: torch.Tensor = None
+    k_pe: torch.Tensor = None
+    k: torch.Tensor = None
+    v: torch.Tensor = None
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 eq. 9-19)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk_head_dim = self.nope + self.rope
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.softmax_scale = qk_head_dim ** -0.5
+
+    def forward(self, x, freqs_cis, mask, cache=None, start_pos=0):
+        """x: (B, T, D); mask: (B, 1, T, S) bool (True = may attend) or None for plain causal."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(P+R))
+        q_nope, q_pe = q.view(B, T, H, -1).split([self.nope, self.rope], dim=-1)  # (B, T, H, P), (B, T, H, R)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, C), (B, T, R)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # (B, T, R) one key for all heads
+        c_kv = self.kv_norm(kv)  # (B, T, C) the latent that inference caches
+        if cache is not None:
+            end = start_pos + T
+            cache.c_kv[:, start_pos:end] = c_kv
+            cache.k_pe[:, start_pos:end] = k_pe
+            c_kv, k_pe = cache.c_kv[:, :end], cache.k_pe[:, :end]  # (B, S, C), (B, S, R)
+        S = c_kv.size(1)
+        if cache is not None and cache.impl == "absorbed":
+            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, P+E, C)
+            q_lat = torch.einsum("bthp,hpc->bthc", q_nope, wkv_b[:, :self.nope])  # (B, T, H, C) W_UK absorbed
+            scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
+                      + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale  # (B, H, T, S)
+            scores = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(x)
+            o = torch.einsum("bhts,bsc->bthc", scores, c_kv)  # (B, T, H, C) attend in latent space
+            o = torch.einsum("bthc,hec->bthe", o, wkv_b[:, self.nope:])  # (B, T, H, E) W_UV absorbed
+        else:
+            k_nope, v = self.wkv_b(c_kv).view(B, S, H, -1).split([self.nope, self.v_dim], dim=-1)  # (B, S, H, P), (B, S, H, E)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, P+R)
+            q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, P+R)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None,
+                                               scale=self.softmax_scale).transpose(1, 2)  # (B, T, H, E)
+        return self.wo(o.flatten(2))  # (B, T, D)
+
+
+class MHA(nn.Module):
+    """Plain multi-head attention with MLA's head count and head dims (RoPE on the rope part of each
+    head's key). Exists to compare KV-cache size and quality with MLA; caches full K and V."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.nope, self.rope, self.v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk_head_dim = self.nope + self.rope
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_heads * self.v_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.softmax_scale = qk_head_dim ** -0.5
+
+    def forward(self, x, freqs_cis, mask, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        H = self.n_heads
+
+        def with_rope(t):  # (B, T, H, P+R): rotate the rope part only
+            nope, pe = t.split([self.nope, self.rope], dim=-1)
+            return torch.cat([nope, apply_rotary_emb(pe, freqs_cis)], dim=-1)
+
+        q = with_rope(self.wq(x).view(B, T, H, -1))  # (B, T, H, P+R)
+        k = with_rope(self.wk(x).view(B, T, H, -1))  # (B, T, H, P+R)
+        v = self.wv(x).view(B, T, H, self.v_dim)  # (B, T, H, E)
+        if cache is not None:
+            end = start_pos + T
+            cache.k[:, start_pos:end], cache.v[:, start_pos:end] = k, v
+            k, v = cache.k[:, :end], cache.v[:, :end]  # (B, S, H, P+R), (B, S, H, E)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=mask is None,
+                                           scale=self.softmax_scale).transpose(1, 2)  # (B, T, H, E)
+        return self.wo(o.flatten(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks, MTP and the model
+
+class Block(nn.Module):
+    """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)). Returns (x, balance loss)."""
+
+    def __init__(self, cfg, moe):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x, freqs_cis, mask, cache=None, start_pos=0):
+        x = x + self.attn(self.attn_norm(x), freqs_cis, mask, cache, start_pos)
+        h = self.ffn(self.ffn_norm(x))
+        h, aux = h if isinstance(self.ffn, MoE) else (h, x.new_zeros((), dtype=torch.float32))
+        return x + h, aux
+
+
+class MTPModule(nn.Module):
+    """One MTP depth k (DeepSeek-V3 eq. 21-23):
+        h'_i^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]   (embedding first, as the released weights)
+        h^k    = TRM_k(h'^k)                                         (one causal block)
+        P^k_{i+k+1} = OutHead(RMSNorm_k(h_i^k))                      (head shared with the main model)
+    The released V3 weights also give each MTP module its own final norm before the shared head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
+        self.block = Block(cfg, moe=cfg.n_layers > cfg.n_dense_layers)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h_prev, emb_next, freqs_cis, mask):
+        x = self.proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T-k, D)
+        return self.block(x, freqs_cis, mask)
+
+
+def mtp_slices(T, k):
+    """Which positions depth k (1-based) uses, for a sequence of length T where targets[:, i] is the
+    token after idx[:, i]: position i (i < T-k) reads h_i^{k-1} and Emb(idx[i+k]) = Emb(t_{i+k}) and
+    predicts targets[i+k] = t_{i+k+1}. Returns (hidden positions, embedded-token positions, target positions)."""
+    return slice(0, T - k), slice(k, T), slice(k, T)
+
+
+def masked_mean(values, mask):
+    """Mean of values over mask (token mean); plain mean when mask is None."""
+    if mask is None:
+        return values.mean()
+    mask = mask.float()
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        self.apply(self._init_weights)
+        self.loss_parts = {}  # detached pieces of the last loss (ce, mtp, balance), for logging
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def new_cache(self, batch_size, max_len, impl="absorbed"):
+        """Preallocated per-layer caches for incremental decoding (rollout.py)."""
+        if impl not in ("naive", "absorbed"):
+            raise ValueError(f"MLA decode impl must be naive or absorbed, got {impl!r}")
+        c, p = self.cfg, self.freqs_cis
+        kw = dict(device=p.device, dtype=self.embed.weight.dtype)
+        if c.attention == "mla":
+            return [LayerCache(impl, c_kv=torch.zeros(batch_size, max_len, c.kv_lora_rank, **kw),
+                               k_pe=torch.zeros(batch_size, max_len, c.qk_rope_head_dim, **kw)) for _ in self.layers]
+        dk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        return [LayerCache(impl, k=torch.zeros(batch_size, max_len, c.n_heads, dk, **kw),
+                           v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in self.layers]
+
+    def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
+                cache=None, start_pos=0, return_hidden=False):
+        """idx: (B, T) token ids.
+        targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it counts.
+        positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded batches pass
+        their own so that each row's first real token sits at position 0.
+        pad_mask: (B, start_pos + T) bool, False for padding keys (default: all valid).
+        cache: from new_cache(); the new tokens are written at [start_pos, start_pos + T).
+        Returns (logits (B, T, V), loss or None), plus the final normed hidden states (B, T, D) if
+        return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start_pos + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            freqs_cis = self.freqs_cis[start_pos:start_pos + T].unsqueeze(0)  # (1, T, R/2)
+        else:
+            freqs_cis = self.freqs_cis[positions]  # (B, T, R/2)
+        mask = None  # None = plain causal (SDPA's fast path)
+        if cache is not None or pad_mask is not None:
+            S = start_pos + T
+            q_pos = torch.arange(start_pos, S, device=idx.device)
+            k_pos = torch.arange(S, device=idx.device)
+            causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+            valid = torch.ones(B, S, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask.bool()
+            # A padding query may see nothing valid; letting every query see itself avoids NaN rows.
+            mask = (causal[None] & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)  # (B, 1, T, S)
+
+        h = self.embed(idx)  # (B, T, D)
+        balance = h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, aux = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos)
+            balance = balance + aux
+        hidden = self.norm(h)
+        logits = self.head(hidden)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            ce = masked_mean(-token_logprobs(logits, targets), loss_mask)
+            mtp = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask)
+            loss = ce + self.cfg.mtp_lambda * mtp[0] + balance + mtp[1]
+            self.loss_parts = {"ce": ce.detach(), "mtp": mtp[0].detach(), "balance": (balance + mtp[1]).detach()}
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
+
+    def mtp_forward(self, idx, h, freqs_cis, mask=None):
+        """Run the MTP depths on the main model's last hidden state h = h^0 (B, T, D, before the final
+        norm). Yields (k, logits (B, T-k, V) predicting t_{i+k+1} at position i, balance loss)."""
+        T = idx.size(1)
+        for k, module in enumerate(self.mtp, start=1):
+            if T <= k:
+                return
+            hs, es, _ = mtp_slices(T, k)
+            m = None if mask is None else mask[:, :, hs, hs]
+            h, aux = module(h[:, hs], self.embed(idx[:, es]), freqs_cis[:, hs], m)  # (B, T-k, D)
+            yield k, self.head(module.norm(h)), aux
+
+    def _mtp_loss(self, idx, h, targets, loss_mask, freqs_cis, mask):
+        """mean_k CE_k over the MTP depths (V3 eq. 25, without lambda), and their balance losses."""
+        total = balance = h.new_zeros((), dtype=torch.float32)
+        for k, logits, aux in self.mtp_forward(idx, h, freqs_cis, mask):
+            ts = mtp_slices(idx.size(1), k)[2]
+            total = total + masked_mean(-token_logprobs(logits, targets[:, ts]),
+                                        None if loss_mask is None else loss_mask[:, ts])
+            balance = balance + aux
+        return total / max(len(self.mtp), 1), balance
+
+    @torch.no_grad()
+    def update_router_biases(self):
+        """Aux-loss-free bias update for every MoE layer (after an optimiser step); returns the mean
+        and the largest MaxVio of the step's loads over the layers."""
+        vios = [max_violation(m.update_bias(self.cfg.bias_update_speed)) for m in self.moe_layers()]
+        if not vios:
+            return {"maxvio_mean": 0.0, "maxvio_max": 0.0}
+        return {"maxvio_mean": sum(vios) / len(vios), "maxvio_max": max(vios)}
+
+
+def param_counts(model):
+    """Total parameters, the main model's (no MTP), and the main model's active per token (the
+    routed experts a token does not use are left out)."""
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    main = total - mtp
+    per_expert = sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters()) if model.moe_layers() else 0
+    n_moe_main = cfg.n_layers - cfg.n_dense_layers
+    inactive = n_moe_main * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
+    return {"total": total, "main": main, "mtp": mtp, "active_per_token": main - inactive}
+
+
+if __name__ == "__main__":
+    # python model.py: the default model's sizes, as the README's table reports them.
+    torch.manual_seed(0)
+    for name, cfg in (("MLA + MoE (default)", ModelConfig()), ("MHA option", ModelConfig(attention="mha"))):
+        c = param_counts(Transformer(cfg))
+        print(f"{name}: total {c['total']:,} | main model {c['main']:,} | MTP {c['mtp']:,} | "
+              f"active per token {c['active_per_token']:,} | KV cache {cfg.kv_cache_elements_per_token()} "
+              f"elements per token per layer")

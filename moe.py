@@ -1,0 +1,128 @@
+"""DeepSeekMoE: fine-grained routed experts + always-on shared experts, with aux-loss-free balancing.
+
+- Fine-grained routed experts and shared experts (DeepSeekMoE, arXiv 2401.06066, section 3).
+- Sigmoid gating with top-k selection, gate weights normalised over the selected experts and scaled
+  by `route_scale`; softmax gating as an option (DeepSeek-V2) (DeepSeek-V3, arXiv 2412.19437, eq. 12-15).
+- Group-limited routing: keep the `n_limited_groups` best of `n_expert_groups` groups (V2 2.1.3, V3).
+- Auxiliary-loss-free load balancing: a per-expert bias, outside the gradient, added to the scores
+  for the top-k selection only; after each optimiser step `b_i += gamma * sign(mean(load) - load_i)`
+  (V3 2.1.2, eq. 16; Wang et al. arXiv 2408.15664).
+- Complementary sequence-wise balance loss `alpha * sum_i f_i P_i` (V3 eq. 17-20).
+- Per-expert load counts for logging, with MaxVio (arXiv 2408.15664, eq. 4).
+
+Shape legend: B batch, T time, D dim, N = B*T tokens, E routed experts, K activated experts,
+G expert groups, F expert hidden width.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward `w2(silu(w1 x) * w3 x)`: the dense FFN, each expert, and the shared experts."""
+
+    def __init__(self, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: scores `s = sigmoid(x W^T)`, selection `topk(s + b)`, weights from the unbiased s."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
+        self.weight = nn.Parameter(torch.randn(cfg.n_routed_experts, cfg.dim) * 0.02)
+        # The balancing bias is state, not a parameter: the optimiser never sees it. Persistent, so
+        # it is saved in checkpoints with the weights.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):  # x: (N, D)
+        scores = F.linear(x, self.weight).float()  # (N, E)
+        scores = scores.sigmoid() if self.score_func == "sigmoid" else scores.softmax(dim=-1)
+        biased = scores + self.bias  # (N, E) used only to choose experts
+        if self.n_groups > 1:
+            grouped = biased.view(x.size(0), self.n_groups, -1)  # (N, G, E/G)
+            # V3 scores a group by the sum of its two best biased scores; V2 (softmax) by its best.
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if self.score_func == "sigmoid" else grouped.amax(-1)  # (N, G)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]  # (N, G')
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # (N, G) True = dropped
+            biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
+        indices = biased.topk(self.topk, dim=-1)[1]  # (N, K)
+        weights = scores.gather(1, indices)  # (N, K) unbiased: the bias never reaches the output
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).type_as(x), indices, scores
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k of E, weighted) + shared experts (always on). No token dropping."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_routed_experts, self.n_activated_experts = cfg.n_routed_experts, cfg.n_activated_experts
+        self.alpha = cfg.balance_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
+        # Tokens routed to each expert since the last bias update (training forwards only). A plain
+        # attribute, not a buffer: DDP would overwrite buffers with rank 0's before every forward.
+        self.load = None
+
+    def forward(self, x):
+        """x: (B, T, D) -> (y (B, T, D), sequence-wise balance loss (scalar))."""
+        B, T, D = x.shape
+        x_flat = x.reshape(-1, D)  # (N, D)
+        weights, indices, scores = self.gate(x_flat)  # (N, K), (N, K), (N, E)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,)
+        y = torch.zeros_like(x_flat)  # (N, D)
+        for i, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            tok, slot = torch.where(indices == i)  # (n,), (n,) tokens that chose expert i, and in which slot
+            y.index_add_(0, tok, self.experts[i](x_flat[tok]) * weights[tok, slot, None])  # (n, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_flat)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            self.load = counts if self.load is None else self.load + counts
+            if self.alpha > 0:
+                aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+        return y.view(B, T, D), aux
+
+    def balance_loss(self, scores, indices):
+        """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences:
+            L = alpha * sum_i f_i * P_i,
+            f_i = E / (K T) * sum_t 1[expert i in top-k of token t]   (no gradient),
+            P_i = 1/T * sum_t s'_{i,t},   s'_{i,t} = s_{i,t} / sum_j s_{j,t}.
+        scores: (B, T, E) unbiased router scores; indices: (B, T, K). Every position counts (padding too)."""
+        B, T, E = scores.shape
+        chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0)  # (B, T, E)
+        f = chosen.sum(1) * E / (self.n_activated_experts * T)  # (B, E)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        return self.alpha * (f * P).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, speed):
+        """Aux-loss-free balancing, after an optimiser step: b_i += speed * sign(mean(load) - load_i).
+        In DDP the loads are summed over ranks first, so every rank applies the same update.
+        Returns the step's load (E,) as float, for logging."""
+        load = torch.zeros_like(self.gate.bias) if self.load is None else self.load.float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        self.gate.bias += speed * torch.sign(load.mean() - load)
+        self.load = None
+        return load
+
+
+def max_violation(load):
+    """MaxVio = (max_i load_i - mean load) / mean load (0 = perfectly balanced)."""
+    mean = load.float().mean()
+    return ((load.float().max() - mean) / mean.clamp_min(1e-9)).item()

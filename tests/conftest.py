@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_flush_denormal(True)
+
+import model  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """A model small enough that every test runs in well under a second on CPU."""
+    kw = dict(vocab_size=18, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1, n_heads=2,
+              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+              n_shared_experts=1, n_activated_experts=2, max_seq_len=32, mtp_depth=1)
+    kw.update(overrides)
+    return model.ModelConfig(**kw)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
