@@ -1,0 +1,88 @@
+"""Benchmarks that print figures (not tests). Ratios are measured in one run, on this machine.
+
+    python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes, absorbed vs naive
+    python bench.py train      # training tokens/s, MLA+MoE vs MHA+dense at equal active parameters
+"""
+import argparse
+import time
+
+import torch
+
+import model
+import rollout
+
+torch.set_flush_denormal(True)
+
+
+def timed(fn, repeats=3):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.no_grad()
+def decode_full_recompute(m, prompts, new_tokens, pad_id):
+    """Greedy decoding without a cache: a full forward over the whole sequence at every step."""
+    ids, mask = rollout.left_pad(prompts, pad_id, "cpu")
+    for _ in range(new_tokens):
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+        logits, _ = m(ids, positions=pos, pad_mask=mask)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+def bench_rollout(args):
+    torch.manual_seed(0)
+    n, new = args.batch, args.new_tokens
+    cfg = model.ModelConfig(max_seq_len=16 + new)  # the default model, long enough for the run
+    m = model.Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[15] + torch.randint(0, 15, (int(L),), generator=g).tolist()
+               for L in torch.randint(5, 9, (n,), generator=g)]
+    kw = dict(eos_id=-1, pad_id=17, max_new_tokens=new, temperature=0.0)  # eos -1: never stop early
+    t_cache = timed(lambda: rollout.generate(m, prompts, **kw), args.repeats)
+    t_full = timed(lambda: decode_full_recompute(m, prompts, new, 17), args.repeats)
+    print(f"decode {n} sequences x {new} new tokens (default model, {torch.get_num_threads()} threads):")
+    print(f"  KV cache (absorbed MLA): {t_cache:.3f} s = {n * new / t_cache:,.0f} tok/s")
+    print(f"  full recompute each step: {t_full:.3f} s = {n * new / t_full:,.0f} tok/s")
+    print(f"  cache speed-up: {t_full / t_cache:.1f}x")
+
+    mla, mha = cfg.kv_cache_elements_per_token(), model.ModelConfig(attention="mha").kv_cache_elements_per_token()
+    print(f"KV cache per token per layer: MLA {mla} elements ({4 * mla} bytes fp32), "
+          f"MHA {mha} elements ({4 * mha} bytes): MLA/MHA = {mla / mha:.3f} ({mha / mla:.1f}x smaller)")
+
+    # absorbed vs naive: one decode step with S cached tokens
+    S, B = args.cached, args.decode_batch
+    cfg_long = model.ModelConfig(max_seq_len=S + 1)
+    m = model.Transformer(cfg_long).eval()
+    x = torch.randint(0, 15, (B, S))
+    times = {}
+    for impl in ("naive", "absorbed"):
+        cache = m.new_cache(B, S + 1, impl=impl)
+        with torch.no_grad():
+            m(x, cache=cache, start_pos=0)
+            step = lambda: m(x[:, :1], cache=cache, start_pos=S)  # noqa: E731
+            times[impl] = timed(lambda: [step() for _ in range(10)], args.repeats) / 10
+    print(f"one decode step, batch {B}, {S} cached tokens: naive {1e3 * times['naive']:.2f} ms, "
+          f"absorbed {1e3 * times['absorbed']:.2f} ms: absorbed is {times['naive'] / times['absorbed']:.2f}x faster")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["rollout"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--cached", type=int, default=1024)
+    p.add_argument("--decode_batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    {"rollout": bench_rollout}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

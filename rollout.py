@@ -1,0 +1,173 @@
+"""Batched sampling with a KV cache, log-probs, and evaluation.
+
+- `generate`: B prompts of different lengths (left-padded, with per-row RoPE positions), each sampled
+  `num_generations` times (the copies of one prompt are contiguous: a GRPO group); temperature,
+  top-k, top-p or greedy with an explicit seeded torch.Generator; per-row stop at the end token and a
+  max-new-tokens limit. The MLA cache holds only the latent c_kv and the shared rope key per token
+  and layer (DeepSeek-V2 section 2.1.2); decoding is `naive` (decompress K, V with wkv_b) or
+  `absorbed` (wkv_b folded into the query and the output). MTP modules are not used here: they are a
+  training signal (a speculative-decoding draft could reuse the same caches).
+- `evaluate`: greedy exact-match accuracy, pass@k with the unbiased estimator of Chen et al. 2021
+  (arXiv 2107.03374, eq. 1) and maj@k (majority vote over k sampled answers, DeepSeekMath 5.2.2).
+
+Shape legend: B prompts, G generations per prompt, N = B*G rows, P prompt length (padded),
+L new tokens, V vocabulary.
+"""
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import tasks
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # (N, P) left-padded prompts
+    prompt_mask: torch.Tensor      # (N, P) bool, False on padding
+    completion_ids: torch.Tensor   # (N, L) sampled tokens, pad after the first end token
+    completion_mask: torch.Tensor  # (N, L) float, 1 up to and including the first end token
+    ended: torch.Tensor            # (N,) bool: True if the row wrote an end token, False if truncated
+    logprobs: torch.Tensor         # (N, L) float32 log-probs of the sampled tokens under the sampling distribution
+
+    def sequences(self):
+        """(ids (N, P+L), attention mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
+        ready for a full forward pass whose logits[:, P-1:-1] score the completion."""
+        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        mask = torch.cat([self.prompt_mask, torch.ones_like(self.completion_ids, dtype=torch.bool)], dim=1)
+        return ids, mask, (mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+def left_pad(prompts, pad_id, device):
+    """prompts: list of token-id lists -> (ids (B, P), mask (B, P) bool)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draw one token per row. logits: (N, V) -> (tokens (N,), log-probs (N,) under the distribution
+    sampled from: softmax(logits / temperature) restricted to the top-k / top-p set). Greedy when
+    temperature == 0 (its log-prob is then the model's, temperature 1)."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)  # (N,)
+        return tok, F.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1)[0][:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    logp = F.log_softmax(logits, -1)  # (N, V)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_tokens=16, temperature=1.0,
+             top_k=0, top_p=1.0, generator=None, mla_impl="absorbed"):
+    """Sample `num_generations` completions for each prompt (lists of token ids, BOS included).
+    Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i."""
+    if num_generations < 1 or max_new_tokens < 1:
+        raise ValueError("num_generations and max_new_tokens must be >= 1")
+    device = model.freqs_cis.device
+    prompts = [p for p in prompts for _ in range(num_generations)]
+    ids, mask = left_pad(prompts, pad_id, device)  # (N, P)
+    N, P = ids.shape
+    if P + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
+    was_training = model.training
+    model.eval()  # no router load counting while sampling
+    cache = model.new_cache(N, P + max_new_tokens, impl=mla_impl)
+    pad_mask = torch.cat([mask, torch.ones(N, max_new_tokens, dtype=torch.bool, device=device)], dim=1)  # (N, P+L)
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # (N, P) each row's first real token at 0
+    next_pos = mask.long().sum(1, keepdim=True)  # (N, 1) position of the first new token
+    logits, _ = model(ids, positions=positions, pad_mask=pad_mask[:, :P], cache=cache, start_pos=0)
+    out_tok = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    ended = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tok, logp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (N,), (N,)
+        out_tok[:, t] = torch.where(ended, pad_id, tok)
+        out_logp[:, t] = torch.where(ended, 0.0, logp)
+        ended |= tok == eos_id
+        if ended.all() or t == max_new_tokens - 1:
+            break
+        logits, _ = model(out_tok[:, t:t + 1], positions=next_pos + t, pad_mask=pad_mask[:, :P + t + 1],
+                          cache=cache, start_pos=P + t)
+    model.train(was_training)
+    L = t + 1
+    out_tok, out_logp = out_tok[:, :L], out_logp[:, :L]
+    # mask: 1 up to and including the first end token; everything after it (pads) is 0
+    is_eos = (out_tok == eos_id).long()
+    comp_mask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # (N, L)
+    return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@k needs n >= k samples, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers, truth):
+    """maj@k for one prompt: is the most frequent parsed answer (malformed ones do not vote) the true
+    one? Ties go to the answer seen first."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    best = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == best)
+    return winner == truth
+
+
+def decode_completions(tok, rollout):
+    return [tok.decode(row) for row in rollout.completion_ids.tolist()]
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, batch_size=256,
+             max_new_tokens=None, generator=None, mla_impl="absorbed"):
+    """Greedy exact-match accuracy over `problems`; with k > 0 also pass@k (unbiased, from
+    n_samples >= k samples per prompt) and maj@k (vote over the first k samples)."""
+    if max_new_tokens is None:
+        max_new_tokens = max(len(p.completion) for p in problems) + 2  # room for the end token
+    prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens, mla_impl=mla_impl)
+    correct = 0.0
+    for i in range(0, len(prompts), batch_size):
+        r = generate(model, prompts[i:i + batch_size], temperature=0.0, **kw)
+        correct += sum(task.reward(c, p) for c, p in zip(decode_completions(tok, r), problems[i:i + batch_size]))
+    metrics = {"greedy_acc": correct / len(problems)}
+    if k > 0:
+        n = max(n_samples, k)
+        per_batch = max(1, batch_size // n)
+        pass_k = maj_k = 0.0
+        for i in range(0, len(prompts), per_batch):
+            r = generate(model, prompts[i:i + per_batch], num_generations=n, temperature=temperature,
+                         generator=generator, **kw)
+            comps = decode_completions(tok, r)
+            for j, p in enumerate(problems[i:i + per_batch]):
+                group = comps[j * n:(j + 1) * n]
+                c = sum(task.reward(x, p) for x in group)
+                pass_k += pass_at_k(n, int(c), k)
+                maj_k += majority_correct([task.parse_answer(x) for x in group[:k]], p.answer)
+        metrics[f"pass@{k}"] = pass_k / len(problems)
+        metrics[f"maj@{k}"] = maj_k / len(problems)
+    return metrics

@@ -1,0 +1,191 @@
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import model
+import rollout
+import tasks
+from conftest import tiny_config
+
+EOS, PAD = 16, 17
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = model.Transformer(tiny_config(**kw)).eval()
+    return m
+
+
+def random_prompts(seed, lengths):
+    g = random.Random(seed)
+    return [[15] + [g.randrange(15) for _ in range(n - 1)] for n in lengths]
+
+
+CASES = [("mla", "naive"), ("mla", "absorbed"), ("mha", "naive")]
+
+
+@pytest.mark.parametrize("attention,impl", CASES)
+def test_incremental_decoding_matches_full_forward(attention, impl):
+    """Prefill a mixed-length, left-padded batch, then feed one token at a time: at every position
+    the cached logits equal a full forward over the whole sequence (float32, atol 1e-5)."""
+    m = build(attention=attention, q_lora_rank=12)
+    prompts = random_prompts(0, [5, 2, 7])
+    ids, mask = rollout.left_pad(prompts, PAD, "cpu")
+    N, P = ids.shape
+    new = torch.randint(0, 15, (N, 6))
+    full_ids = torch.cat([ids, new], 1)
+    full_mask = torch.cat([mask, torch.ones_like(new, dtype=torch.bool)], 1)
+    positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)
+    ref, _ = m(full_ids, positions=positions, pad_mask=full_mask)
+    cache = m.new_cache(N, full_ids.size(1), impl=impl)
+    got = [m(ids, positions=positions[:, :P], pad_mask=full_mask[:, :P], cache=cache, start_pos=0)[0]]
+    for t in range(new.size(1)):
+        s = P + t
+        got.append(m(full_ids[:, s:s + 1], positions=positions[:, s:s + 1], pad_mask=full_mask[:, :s + 1],
+                     cache=cache, start_pos=s)[0])
+    got = torch.cat(got, 1)
+    torch.testing.assert_close(got[full_mask], ref[full_mask], atol=1e-5, rtol=1e-5)
+    # the real positions also equal each row decoded alone, without padding
+    for i, p in enumerate(prompts):
+        alone, _ = m(torch.cat([torch.tensor([p]), new[i:i + 1]], 1))
+        torch.testing.assert_close(got[i, P - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mla_cache_stores_only_latent_and_rope_key():
+    m = build()
+    cache = m.new_cache(3, 10)
+    c = m.cfg
+    assert cache[0].c_kv.shape == (3, 10, c.kv_lora_rank) and cache[0].k_pe.shape == (3, 10, c.qk_rope_head_dim)
+    assert cache[0].k is None and cache[0].v is None
+    mha = build(attention="mha").new_cache(3, 10)
+    assert mha[0].k.shape == (3, 10, c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
+
+
+def test_absorbed_equals_naive_generation():
+    m = build()
+    prompts = random_prompts(1, [4, 6, 3])
+    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=8, num_generations=2)
+    a = rollout.generate(m, prompts, mla_impl="naive", generator=torch.Generator().manual_seed(0), **kw)
+    b = rollout.generate(m, prompts, mla_impl="absorbed", generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_greedy_padded_batch_equals_each_prompt_alone(attention):
+    m = build(seed=1, attention=attention)
+    prompts = random_prompts(2, [3, 8, 5, 1])
+    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=10, temperature=0.0)
+    batch = rollout.generate(m, prompts, **kw)
+    for i, p in enumerate(prompts):
+        alone = rollout.generate(m, [p], **kw)
+        L = alone.completion_ids.size(1)
+        assert torch.equal(batch.completion_ids[i, :L], alone.completion_ids[0])
+        assert (batch.completion_ids[i, L:] == PAD).all()
+
+
+def test_logprobs_equal_full_forward():
+    """Sampled tokens' log-probs from generate == log-probs from one full forward of prompt+completion."""
+    m = build(seed=2)
+    prompts = random_prompts(3, [4, 7, 2])
+    r = rollout.generate(m, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=12, num_generations=3,
+                         generator=torch.Generator().manual_seed(1))
+    ids, mask, pos = r.sequences()
+    logits, _ = m(ids, positions=pos, pad_mask=mask)
+    P = r.prompt_ids.size(1)
+    logp = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(r.logprobs, logp * r.completion_mask, atol=1e-5, rtol=1e-5)
+    assert r.completion_mask.sum() > 0
+
+
+def test_groups_are_contiguous_copies():
+    m = build()
+    prompts = random_prompts(4, [3, 6])
+    r = rollout.generate(m, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=4, num_generations=3,
+                         generator=torch.Generator().manual_seed(0))
+    for i, p in enumerate(prompts):
+        for j in range(3):
+            row = r.prompt_ids[3 * i + j][r.prompt_mask[3 * i + j]].tolist()
+            assert row == p
+
+
+def test_mask_stops_after_first_eos_and_flags_truncation():
+    m = build(seed=5)
+    with torch.no_grad():  # make the end token likely so that some rows end early and some do not
+        m.head.weight[EOS] += 0.6 * m.head.weight.std() * 50 / m.cfg.dim ** 0.5
+    r = rollout.generate(m, random_prompts(5, [3] * 16), eos_id=EOS, pad_id=PAD, max_new_tokens=6,
+                         generator=torch.Generator().manual_seed(3))
+    ids, mask = r.completion_ids, r.completion_mask
+    assert r.ended.any() and (~r.ended).any(), "the test needs both ended and truncated rows"
+    for row, mrow, ended in zip(ids.tolist(), mask.tolist(), r.ended.tolist()):
+        if EOS in row:
+            e = row.index(EOS)
+            assert mrow[:e + 1] == [1.0] * (e + 1)  # the end token itself counts
+            assert all(v == 0.0 for v in mrow[e + 1:])  # nothing after it
+            assert all(t == PAD for t in row[e + 1:])
+            assert ended
+        else:
+            assert not ended and all(v == 1.0 for v in mrow)
+    assert (r.logprobs[mask == 0] == 0).all()
+
+
+def test_sampling_is_seeded_and_filters_work():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(2000, 1)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a, _ = rollout.sample_next(logits, 1.0, generator=g1)
+    b, _ = rollout.sample_next(logits, 1.0, generator=g2)
+    assert torch.equal(a, b)
+    k, lp = rollout.sample_next(logits, 1.0, top_k=2, generator=g1)
+    assert set(k.tolist()) == {0, 1}
+    torch.testing.assert_close(lp, torch.log_softmax(logits[:, :2], -1).gather(1, k[:, None])[:, 0])
+    p = torch.softmax(logits[0], -1)  # top_p just above p0 keeps the two most likely tokens
+    t, _ = rollout.sample_next(logits, 1.0, top_p=float(p[0]) + 1e-3, generator=g1)
+    assert set(t.tolist()) == {0, 1}
+    g, lg = rollout.sample_next(logits[:3], 0.0)
+    assert g.tolist() == [0, 0, 0]
+    # frequencies follow softmax(logits / T)
+    s, _ = rollout.sample_next(logits, 0.5, generator=g1)
+    freq = torch.bincount(s, minlength=5).float() / len(s)
+    assert (freq - torch.softmax(logits[0] / 0.5, -1)).abs().max() < 0.04
+
+
+def test_pass_at_k_equals_brute_force():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert math.isclose(rollout.pass_at_k(n, c, k), brute, abs_tol=1e-12)
+    with pytest.raises(ValueError, match="n >= k"):
+        rollout.pass_at_k(2, 1, 3)
+
+
+def test_majority_vote_by_hand():
+    assert rollout.majority_correct([5, 7, 5, None, None, None], 5)  # malformed answers do not vote
+    assert not rollout.majority_correct([7, 7, 5], 5)
+    assert rollout.majority_correct([5, 7], 5)  # tie: the first seen wins
+    assert not rollout.majority_correct([7, 5], 5)
+    assert not rollout.majority_correct([None, None], 5)
+
+
+def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    problems = task.eval_set(12)
+    m = build()
+    metrics = rollout.evaluate(m, tok, task, problems, k=2, n_samples=4, generator=torch.Generator().manual_seed(0))
+    assert set(metrics) == {"greedy_acc", "pass@2", "maj@2"}
+    assert 0.0 <= metrics["greedy_acc"] <= metrics["pass@2"] + 1.0
+    # an oracle that writes each true answer: everything is 1
+    answers = {tuple(tasks.encode_problem(tok, p, False)[0]): tok.encode(p.completion) + [tok.eos_id] for p in problems}
+
+    def oracle(model, prompts, *, num_generations=1, max_new_tokens=8, pad_id=PAD, **_):
+        rows = [answers[tuple(p)] for p in prompts for _ in range(num_generations)]
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows])
+        return rollout.Rollout(None, None, ids, None, None, None)
+
+    monkeypatch.setattr(rollout, "generate", oracle)
+    assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
