@@ -279,12 +279,8 @@ def mtp_slices(T, k):
     return slice(0, T - k), slice(k, T), slice(k, T)
 
 
-def masked_mean(values, mask):
-    """Mean of values over mask (token mean); plain mean when mask is None."""
-    if mask is None:
-        return values.mean()
-    mask = mask.float()
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+def masked_sum(values, mask):
+    return values.sum() if mask is None else (values * mask.float()).sum()
 
 
 class Transformer(nn.Module):
@@ -322,7 +318,7 @@ class Transformer(nn.Module):
                            v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in self.layers]
 
     def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
-                cache=None, start_pos=0, return_hidden=False):
+                cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None):
         """idx: (B, T) token ids.
         targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it counts.
         positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded batches pass
@@ -330,7 +326,10 @@ class Transformer(nn.Module):
         pad_mask: (B, start_pos + T) bool, False for padding keys (default: all valid).
         cache: from new_cache(); the new tokens are written at [start_pos, start_pos + T).
         Returns (logits (B, T, V), loss or None), plus the final normed hidden states (B, T, D) if
-        return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses."""
+        return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses.
+        num_tokens / num_seqs: the counts that the CE sums and the per-sequence balance losses are
+        divided by (default: this batch's). A batch split into micro-batches or over ranks passes
+        the whole batch's counts, so that the summed gradients equal the whole batch's gradient."""
         B, T = idx.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start_pos + T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -357,10 +356,13 @@ class Transformer(nn.Module):
         logits = self.head(hidden)  # (B, T, V)
         loss = None
         if targets is not None:
-            ce = masked_mean(-token_logprobs(logits, targets), loss_mask)
-            mtp = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask)
-            loss = ce + self.cfg.mtp_lambda * mtp[0] + balance + mtp[1]
-            self.loss_parts = {"ce": ce.detach(), "mtp": mtp[0].detach(), "balance": (balance + mtp[1]).detach()}
+            if num_tokens is None:
+                num_tokens = B * T if loss_mask is None else loss_mask.sum().clamp_min(1)
+            ce = masked_sum(-token_logprobs(logits, targets), loss_mask) / num_tokens
+            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens)
+            balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)  # MoE gives a mean over B
+            loss = ce + self.cfg.mtp_lambda * mtp + balance
+            self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     def mtp_forward(self, idx, h, freqs_cis, mask=None):
@@ -375,13 +377,15 @@ class Transformer(nn.Module):
             h, aux = module(h[:, hs], self.embed(idx[:, es]), freqs_cis[:, hs], m)  # (B, T-k, D)
             yield k, self.head(module.norm(h)), aux
 
-    def _mtp_loss(self, idx, h, targets, loss_mask, freqs_cis, mask):
-        """mean_k CE_k over the MTP depths (V3 eq. 25, without lambda), and their balance losses."""
+    def _mtp_loss(self, idx, h, targets, loss_mask, freqs_cis, mask, num_tokens):
+        """mean_k CE_k over the MTP depths (V3 eq. 24-25, without lambda), and their balance losses.
+        As in V3 eq. 24, every depth divides by the main loss's token count, though depth k scores
+        the targets from position k on only."""
         total = balance = h.new_zeros((), dtype=torch.float32)
         for k, logits, aux in self.mtp_forward(idx, h, freqs_cis, mask):
             ts = mtp_slices(idx.size(1), k)[2]
-            total = total + masked_mean(-token_logprobs(logits, targets[:, ts]),
-                                        None if loss_mask is None else loss_mask[:, ts])
+            total = total + masked_sum(-token_logprobs(logits, targets[:, ts]),
+                                       None if loss_mask is None else loss_mask[:, ts]) / num_tokens
             balance = balance + aux
         return total / max(len(self.mtp), 1), balance
 

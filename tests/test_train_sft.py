@@ -1,0 +1,221 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import common
+import tasks
+import train_sft
+from conftest import tiny_config
+from dist_helpers import run_on_two_ranks
+from model import Transformer
+
+TINY_MODEL = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "16", "--n_layers", "2", "--n_heads", "2",
+              "--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "4", "--v_head_dim", "8",
+              "--n_routed_experts", "4", "--max_seq_len", "32"]
+TINY_FLAGS = TINY_MODEL + ["--task", "add", "--n_digits", "2", "--eval_size", "8", "--samples", "0", "--quiet",
+                           "--batch_size", "8", "--warmup", "2"]
+
+
+def fixed_batch(n=8, seed=0):
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    return train_sft.make_batch(task, tok, random.Random(seed), n, torch.device("cpu"))
+
+
+def fresh(seed=0, sgd=False, **kw):
+    """A tiny model and its optimiser. Equivalence tests use SGD: Adam's first step is ~lr * sign(g),
+    which turns float noise in a near-zero gradient into a full-size difference in the weights."""
+    torch.manual_seed(seed)
+    m = Transformer(tiny_config(**kw))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5) if sgd else torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    return m, opt
+
+
+def test_make_batch_masks_prompt_and_aligns_targets():
+    tok = tasks.Tokenizer()
+    idx, targets, mask = fixed_batch(4)
+    for i in range(4):
+        row = [t for t in idx[i].tolist() if t != tok.pad_id]
+        text = tok.decode(row)
+        prompt_len = text.index("=") + 2  # <bos> + up to '='
+        assert torch.equal(targets[i, :-1][idx[i, 1:] != tok.pad_id], idx[i, 1:][idx[i, 1:] != tok.pad_id])
+        masked = targets[i][mask[i] == 1].tolist()
+        assert masked[-1] == tok.eos_id  # the end token is learnt
+        assert tok.decode(masked) == str(eval_sum(text))  # only the answer (+ <eos>) is learnt
+        assert mask[i, :prompt_len - 1].sum() == 0
+
+
+def eval_sum(text):
+    a, b = text.split("=")[0].split("+")
+    return int(a) + int(b)
+
+
+def test_prompt_targets_do_not_change_the_loss():
+    m, _ = fresh()
+    idx, targets, mask = fixed_batch()
+    _, loss = m(idx, targets, mask)
+    t2 = targets.clone()
+    t2[mask == 0] = (t2[mask == 0] + 3) % 15
+    _, loss2 = m(idx, t2, mask)
+    assert torch.equal(loss, loss2)
+    t3 = targets.clone()
+    t3[mask == 1] = (t3[mask == 1] + 3) % 15
+    assert not torch.equal(m(idx, t3, mask)[1], loss)
+
+
+def test_overfit_a_fixed_batch():
+    m, opt = fresh(mtp_depth=0)
+    batch = fixed_batch(8)
+    for _ in range(150):
+        metrics = train_sft.train_step(m, m, opt, [batch], torch.device("cpu"), 1.0)
+    assert metrics["ce"] < 0.05, metrics
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """k=2 micro-batches of B/2 (of different token counts) == one step on B."""
+    idx, targets, mask = fixed_batch(8, seed=3)
+    mask[:4, -2:] = 0  # make the two halves' token counts differ, so naive averaging would be wrong
+    a, opt_a = fresh(seed=1, sgd=True)
+    train_sft.train_step(a, a, opt_a, [(idx, targets, mask)], torch.device("cpu"), 1.0)
+    b, opt_b = fresh(seed=1, sgd=True)
+    halves = [(idx[:4], targets[:4], mask[:4]), (idx[4:], targets[4:], mask[4:])]
+    train_sft.train_step(b, b, opt_b, halves, torch.device("cpu"), 1.0)
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
+
+
+def _ddp_step(rank, world, path, batch):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    m, opt = fresh(seed=1, sgd=True)
+    ddp = DDP(m, find_unused_parameters=True)
+    idx, targets, mask = batch
+    half = slice(rank * 4, rank * 4 + 4)
+    train_sft.train_step(ddp, m, opt, [(idx[half], targets[half], mask[half])], torch.device("cpu"), 1.0)
+    if rank == 0:
+        torch.save(m.state_dict(), path)
+
+
+def test_ddp_two_ranks_equal_single_process(tmp_path):
+    idx, targets, mask = fixed_batch(8, seed=4)
+    mask[:4, -2:] = 0
+    path = str(tmp_path / "ddp.pt")
+    run_on_two_ranks(_ddp_step, path, (idx, targets, mask))
+    single, opt = fresh(seed=1, sgd=True)
+    train_sft.train_step(single, single, opt, [(idx, targets, mask)], torch.device("cpu"), 1.0)
+    ddp_state = torch.load(path)
+    for n, p in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[n], p, atol=1e-6, rtol=0, msg=n)
+
+
+def run(tmp_path, *extra):
+    return train_sft.main(TINY_FLAGS + ["--out_dir", str(tmp_path)] + list(extra))
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    full, _ = run(tmp_path / "a", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100")
+    run(tmp_path / "b", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100", "--stop_at", "3")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    resumed, _ = run(tmp_path / "b", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100", "--resume")
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert os.path.exists(tmp_path / "b" / "config.json")
+
+
+def test_resume_with_other_config_names_the_fields(tmp_path, capsys):
+    run(tmp_path, "--steps", "2", "--eval_every", "100")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--steps", "4", "--eval_every", "100", "--resume", "--lr", "0.5", "--dim", "64")
+    err = capsys.readouterr().err
+    assert "does not match" in err and "lr" in err and "dim" in err
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    good = {"model": {"w": torch.ones(3)}, "model_config": {}, "config": {}, "step": 1, "tokenizer": {}}
+    common.save_checkpoint(path, good)
+
+    def killed(src, dst):  # the process dies after writing the temp file, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {**good, "step": 2, "model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    ckpt = common.load_checkpoint(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign"])
+def test_bad_checkpoint_is_a_clear_error(tmp_path, damage):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"model": {"w": torch.ones(100)}, "model_config": {}, "config": {}, "step": 1,
+                                  "tokenizer": {}})
+    data = open(path, "rb").read()
+    if damage == "truncate":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(b"not a checkpoint" * 10)
+    elif damage == "empty":
+        open(path, "wb").write(b"")
+    else:
+        torch.save({"something": 1}, path)
+    with pytest.raises(common.CheckpointError, match="corrupt or truncated|not one of ours"):
+        common.load_checkpoint(path)
+
+
+def test_missing_checkpoint_on_resume(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path / "none", "--resume")
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_forward = Transformer.forward
+
+    def poisoned(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if kw.get("num_tokens") is not None or len(a) > 1:
+            calls["n"] += 1
+            if calls["n"] > 3:
+                return out[0], out[1] * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--steps", "6", "--ckpt_every", "2", "--eval_every", "100")
+    assert "non-finite loss" in capsys.readouterr().err
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("argv,name", [(["--foo", "1"], "--foo"), (["--lr", "fast"], "--lr"),
+                                       (["--steps", "1.5"], "--steps"), (["--resume", "maybe"], "--resume")])
+def test_cli_rejects_bad_flags(argv, name, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert name in err and len(err.splitlines()) == 1
+
+
+def test_cli_forms_and_help(capsys):
+    (cfg, mcfg), given = common.parse_config([train_sft.SFTConfig, tiny_config().__class__],
+                                             ["--lr=0.5", "--steps", "7", "--resume", "--dim=64"])
+    assert cfg.lr == 0.5 and cfg.steps == 7 and cfg.resume is True and mcfg.dim == 64
+    assert given == {"lr", "steps", "resume", "dim"}
+    with pytest.raises(SystemExit):
+        train_sft.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--lr" in out and "peak learning rate (default: 0.002)" in out and "--kv_lora_rank" in out
+
+
+def test_batch_not_dividing_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--batch_size", "6", "--grad_accum", "4")
+    assert "does not divide" in capsys.readouterr().err
