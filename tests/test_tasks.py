@@ -95,11 +95,22 @@ def test_parser_accepts_plain_integers():
 
 
 def test_wrong_answer_gets_zero():
-    t = tasks.Addition(3)
+    t = tasks.Addition(3, fixed_width=False)
     p = tasks.Problem("12+30=", "42", 42)
     assert t.reward("42", p) == 1.0
     assert t.reward("43", p) == 0.0
     assert t.reward("42,", p) == 0.0
+    assert t.reward("042", p) == 0.0  # leading zeros are malformed in the plain format
+
+
+def test_fixed_width_addition_format():
+    t = tasks.Addition(3)
+    p = t.sample(random.Random(5))
+    assert len(p.prompt) == 8 and len(p.completion) == 4
+    q = tasks.Problem("012+030=", "0042", 42)
+    assert t.reward("0042", q) == 1.0
+    for bad in ("42", "042", "00042", "-042", "0043"):
+        assert t.reward(bad, q) == 0.0
 
 
 def test_multistep_step_correctness():
