@@ -72,16 +72,55 @@ def bench_rollout(args):
           f"absorbed {1e3 * times['absorbed']:.2f} ms: absorbed is {times['naive'] / times['absorbed']:.2f}x faster")
 
 
+def bench_train(args):
+    """Training tokens/s of the default MLA+MoE model against an MHA+dense model with the same
+    active parameters per token (its dense FFN width solved for), on the SFT batch."""
+    import random
+
+    import tasks
+    import train_sft
+    base = model.ModelConfig()
+    target = model.param_counts(model.Transformer(base))["active_per_token"]
+
+    def mha_dense(inter_dim):
+        return model.ModelConfig(attention="mha", n_dense_layers=base.n_layers, inter_dim=inter_dim)
+
+    inter = min(range(16, 4096, 8), key=lambda w: abs(model.param_counts(model.Transformer(mha_dense(w)))["active_per_token"] - target))
+    tok, task = tasks.Tokenizer(), tasks.Addition(3)
+    rows = []
+    for name, cfg in (("MLA + MoE (default)", base), (f"MHA + dense (inter_dim {inter})", mha_dense(inter))):
+        torch.manual_seed(0)
+        m = model.Transformer(cfg)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        rng = random.Random(0)
+        batches = [train_sft.make_batch(task, tok, rng, args.train_batch, torch.device("cpu")) for _ in range(args.train_steps + 3)]
+        for b in batches[:3]:  # warm-up
+            train_sft.train_step(m, m, opt, [b], torch.device("cpu"), 1.0)
+        t = time.perf_counter()
+        for b in batches[3:]:
+            train_sft.train_step(m, m, opt, [b], torch.device("cpu"), 1.0)
+        dt = time.perf_counter() - t
+        n_tok = sum(b[0].numel() for b in batches[3:])
+        c = model.param_counts(m)
+        rows.append((name, c["active_per_token"], c["total"], n_tok / dt, 1e3 * dt / args.train_steps))
+    print(f"SFT training step, batch {args.train_batch}, {torch.get_num_threads()} threads (MTP on in both):")
+    for name, active, total, tps, ms in rows:
+        print(f"  {name}: active/token {active:,}, total {total:,}: {tps:,.0f} tokens/s ({ms:.1f} ms/step)")
+    print(f"  MLA+MoE / MHA+dense throughput: {rows[0][3] / rows[1][3]:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["rollout"])
+    p.add_argument("what", choices=["rollout", "train"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--cached", type=int, default=1024)
     p.add_argument("--decode_batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train_batch", type=int, default=64)
+    p.add_argument("--train_steps", type=int, default=30)
     args = p.parse_args()
-    {"rollout": bench_rollout}[args.what](args)
+    {"rollout": bench_rollout, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":

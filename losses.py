@@ -1,9 +1,16 @@
 """Every loss and estimator as a pure function of tensors and masks.
 
 - `token_logprobs`: the one log-prob helper every algorithm uses.
+- `grpo_advantages`: group-relative outcome advantages (DeepSeekMath, arXiv 2402.03300, section 4.1.2),
+  with Dr. GRPO's unscaled variant (arXiv 2503.20783) and batch-level scaling.
+- `process_advantages`: process supervision (DeepSeekMath section 4.1.3).
+- `kl_k1`, `kl_k3`: per-token KL estimators (Schulman, "Approximating KL divergence", 2020).
+- `grpo_loss`: the clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3), with the
+  `loss_type` aggregations grpo / dapo (arXiv 2503.14476) / dr_grpo and DAPO's clip-higher.
 
-Shape legend: B batch (sequences), T time, V vocabulary.
+Shape legend: B batch (sequences), N = B*G sequences in groups of G, T completion time, V vocabulary.
 """
+import torch
 import torch.nn.functional as F
 
 
@@ -14,3 +21,124 @@ def token_logprobs(logits, targets):
     (The caller aligns them: for a sequence x, logits[:, :-1] predict x[:, 1:].)"""
     B, T, V = logits.shape
     return -F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), reduction="none").view(B, T)
+
+
+def grpo_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4, unbiased_std=False):
+    """Outcome-supervised group-relative advantages (DeepSeekMath section 4.1.2):
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        scale_rewards="group"
+        A_i = (r_i - mean(r_group)) / (std(r_all) + eps)          scale_rewards="batch"
+        A_i =  r_i - mean(r_group)                                scale_rewards="none" (Dr. GRPO)
+
+    rewards: (N,) ordered as N/G contiguous groups of G = num_generations -> (N,) float32.
+    std is the population std (1/G, as the lectures write it) unless unbiased_std (1/(G-1), as TRL).
+    A group whose rewards are all equal gets advantages of exactly 0 (never noise / eps)."""
+    G = num_generations
+    assert rewards.ndim == 1 and rewards.numel() % G == 0, f"{rewards.numel()} rewards do not split into groups of {G}"
+    r = rewards.float().view(-1, G)  # (N/G, G)
+    centred = r - r.mean(dim=1, keepdim=True)  # (N/G, G)
+    flat = (r.amax(1, keepdim=True) == r.amin(1, keepdim=True))  # (N/G, 1) zero-variance groups
+    centred = centred.masked_fill(flat, 0.0)  # the mean of equal floats can differ from them by rounding
+    if scale_rewards == "group":
+        std = r.std(dim=1, keepdim=True, unbiased=unbiased_std) if G > 1 else torch.zeros_like(r[:, :1])
+        adv = centred / (std + eps)
+    elif scale_rewards == "batch":
+        std = r.flatten().std(unbiased=unbiased_std) if r.numel() > 1 else r.new_zeros(())
+        adv = centred / (std + eps)
+    elif scale_rewards == "none":
+        adv = centred
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    return adv.flatten()
+
+
+def process_advantages(step_rewards, step_ends, num_generations, length, eps=1e-4, unbiased_std=False):
+    """Process-supervised advantages (DeepSeekMath section 4.1.3). For output i with steps j ending
+    at token index(j) and step rewards r_i^index(j):
+
+        r~ = (r - mean(R)) / (std(R) + eps),    R = every step reward of every output in the group
+        A_{i,t} = sum over steps j of o_i with index(j) >= t of r~_i^index(j)
+
+    step_rewards, step_ends: lists (one per output, N = B*G of them, groups contiguous) of lists of
+    floats / token indices into the completion. Returns (N, length) float32. Tokens after the last
+    step's end (the end token) get 0, as the formula gives. A group whose step rewards are all equal
+    gets 0 everywhere."""
+    G, N = num_generations, len(step_rewards)
+    assert N % G == 0 and len(step_ends) == N, f"{N} outputs do not split into groups of {G}"
+    adv = torch.zeros(N, length)
+    for g in range(0, N, G):
+        flat = torch.tensor([r for rs in step_rewards[g:g + G] for r in rs], dtype=torch.float32)
+        if flat.numel() == 0 or flat.max() == flat.min():
+            continue
+        mean, std = flat.mean(), flat.std(unbiased=unbiased_std) if flat.numel() > 1 else flat.new_zeros(())
+        for i in range(g, g + G):
+            for r, end in zip(step_rewards[i], step_ends[i]):
+                adv[i, :min(end, length - 1) + 1] += (r - mean) / (std + eps)  # reaches every t <= index(j)
+    return adv
+
+
+def kl_k1(logp, ref_logp):
+    """k1 = log pi - log pi_ref per token: unbiased for KL(pi || pi_ref) when tokens come from pi, can
+    be negative. Used as a per-token reward penalty (PPO / InstructGPT), not differentiated."""
+    return logp - ref_logp
+
+
+def kl_k3(logp, ref_logp):
+    """k3 = pi_ref/pi - log(pi_ref/pi) - 1 per token (DeepSeekMath eq. 4): >= 0, unbiased for
+    KL(pi || pi_ref) under samples from pi, low variance. Its gradient, taken in the loss as GRPO
+    does, is not the gradient of the KL when samples come from pi_old (see tests/test_losses.py)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None, beta=0.04,
+              loss_type="grpo", logits=None, max_completion_len=None, normalizer=None):
+    """GRPO's clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3), to be minimised:
+
+        rho_t = exp(logp_t - old_logp_t)
+        l_t   = -[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t) - beta * k3_t ]
+
+    aggregated over tokens by loss_type:
+        grpo    : 1/N sum_i 1/|o_i| sum_t l_{i,t}         (DeepSeekMath: mean per sequence, then over sequences)
+        dapo    : sum_{i,t} l_{i,t} / sum_i |o_i|          (token mean over the batch)
+        dr_grpo : sum_{i,t} l_{i,t} / (N * max_completion_len)   (a constant divisor)
+
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) outcome or (N, T) process.
+    epsilon_high defaults to epsilon (DAPO's clip-higher sets it larger, e.g. 0.28).
+    normalizer: the divisor to use instead of this batch's (N for grpo, the token count for dapo,
+    N * max_completion_len for dr_grpo); pass the whole step's value when the batch is split into
+    micro-batches or over ranks, so that the summed gradients equal the whole batch's.
+    With one update per rollout, rho = 1 and clipping never binds (only its gradient matters).
+    Returns (loss, metrics) with clip fractions, mean KL, mean ratio and, given logits (N, T, V), the
+    mean entropy over masked tokens."""
+    if loss_type not in ("grpo", "dapo", "dr_grpo"):
+        raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.float()
+    adv = advantages.unsqueeze(1) if advantages.ndim == 1 else advantages  # (N, 1) or (N, T)
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    surrogate = torch.min(ratio * adv, clipped * adv)  # (N, T)
+    kl = kl_k3(logp, ref_logp)  # (N, T)
+    per_token = -(surrogate - beta * kl)  # (N, T)
+    N, T = mask.shape
+    if loss_type == "grpo":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (N,)
+        loss = per_seq.sum() / (N if normalizer is None else normalizer)
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
+    else:
+        L = T if max_completion_len is None else max_completion_len
+        loss = (per_token * mask).sum() / (N * L if normalizer is None else normalizer)
+    with torch.no_grad():
+        n_tok = mask.sum().clamp_min(1.0)
+        adv_full = adv.expand_as(ratio)
+        low = ((ratio < 1 - epsilon) & (adv_full < 0)).float()  # the clip bound that binds for A < 0
+        high = ((ratio > 1 + eps_high) & (adv_full > 0)).float()  # ... and for A > 0
+        metrics = {"clip_low": (low * mask).sum() / n_tok, "clip_high": (high * mask).sum() / n_tok,
+                   "kl": (kl * mask).sum() / n_tok, "ratio": (ratio * mask).sum() / n_tok}
+        if logits is not None:
+            logp_all = F.log_softmax(logits.float(), -1)  # (N, T, V)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
+            metrics["entropy"] = (entropy * mask).sum() / n_tok
+    return loss, {k: v.item() for k, v in metrics.items()}

@@ -1,0 +1,196 @@
+import math
+import statistics
+
+import pytest
+import torch
+
+from losses import grpo_advantages, grpo_loss, kl_k1, kl_k3, process_advantages, token_logprobs
+
+# The lectures' worked examples (shared/seeds/003_7a20ea8372669740.txt and 002_1da79691c3c5a056.txt).
+# Their printed advantages are loose or wrong: for [0.9, 0.7, 0.4, 0.2] they divide by sigma ~ 0.33,
+# but the population std is 0.269 and the sample std 0.311 (so A = +1.30/+0.56/-0.56/-1.30 with the
+# population std, not +1.06/+0.45/...); for [1, 1, 0, 1, 0, 0] they print +0.8 / -1.2, which do not
+# even sum to zero (the population-std answer is +1 / -1). We test the formula, computed here with
+# the statistics module, not the printed numbers.
+EXAMPLES = [[0.9, 0.7, 0.4, 0.2], [0.9, 0.7, 0.4, 0.8], [0.95, 0.88, 0.45, 0.42, 0.15], [1, 1, 0, 1, 0, 0]]
+
+
+def reference(rs, std):
+    mu = statistics.fmean(rs)
+    return [(r - mu) / (std + 1e-4) for r in rs]
+
+
+@pytest.mark.parametrize("rs", EXAMPLES)
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_group_advantages_on_lecture_examples(rs, unbiased):
+    std = statistics.stdev(rs) if unbiased else statistics.pstdev(rs)
+    got = grpo_advantages(torch.tensor(rs), len(rs), unbiased_std=unbiased)
+    torch.testing.assert_close(got, torch.tensor(reference(rs, std), dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    assert abs(got.sum().item()) < 1e-5
+
+
+def test_lecture_numbers_are_what_the_formula_gives():
+    a = grpo_advantages(torch.tensor([0.9, 0.7, 0.4, 0.2]), 4)
+    assert abs(statistics.pstdev([0.9, 0.7, 0.4, 0.2]) - 0.2693) < 1e-4
+    assert abs(a[0].item() - 0.35 / 0.26926) < 1e-3  # 1.30, not the lecture's 1.06
+    b = grpo_advantages(torch.tensor([1.0, 1, 0, 1, 0, 0]), 6)
+    torch.testing.assert_close(b, torch.tensor([1.0, 1, -1, 1, -1, -1]) * 0.5 / (0.5 + 1e-4))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_batch_and_none_scaling(unbiased):
+    rs = EXAMPLES[0] + EXAMPLES[1]  # two groups of 4
+    got = grpo_advantages(torch.tensor(rs), 4, scale_rewards="batch", unbiased_std=unbiased)
+    std = statistics.stdev(rs) if unbiased else statistics.pstdev(rs)
+    want = [(r - statistics.fmean(g)) / (std + 1e-4) for g in (rs[:4], rs[4:]) for r in g]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    none = grpo_advantages(torch.tensor(rs), 4, scale_rewards="none")
+    want = [r - statistics.fmean(g) for g in (rs[:4], rs[4:]) for r in g]
+    torch.testing.assert_close(none, torch.tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo_advantages(torch.tensor(rs), 4, scale_rewards="token")
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.1, 0.7, 1e-3])
+@pytest.mark.parametrize("mode", ["group", "batch", "none"])
+def test_identical_rewards_give_exact_zero_and_finite_loss(value, mode):
+    r = torch.tensor([value] * 6 + [0.0, 1.0, 1.0])
+    adv = grpo_advantages(r, 3, scale_rewards=mode)
+    assert torch.equal(adv[:6], torch.zeros(6))  # exactly 0, never rounding noise / eps
+    logp = torch.randn(9, 5, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach() - 0.1, adv, torch.ones(9, 5))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+
+
+def test_group_indexing_sums_and_shuffles():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(5 * 4, generator=g)
+    adv = grpo_advantages(r, 4)
+    assert torch.allclose(adv.view(5, 4).sum(1), torch.zeros(5), atol=1e-5)  # each group sums to 0
+    perm = torch.tensor([3, 0, 4, 1, 2])  # shuffle whole groups
+    shuffled = grpo_advantages(r.view(5, 4)[perm].flatten(), 4)
+    torch.testing.assert_close(shuffled, adv.view(5, 4)[perm].flatten())
+    assert not torch.allclose(adv, grpo_advantages(r, 4, scale_rewards="batch"))
+
+
+def test_process_advantages_by_hand():
+    # one group of two outputs: output 0 has steps ending at tokens 2 and 5 with rewards 1, 0;
+    # output 1 one step ending at token 3 with reward 1. R = [1, 0, 1]: mean 2/3, pop std sqrt(2)/3.
+    adv = process_advantages([[1.0, 0.0], [1.0]], [[2, 5], [3]], num_generations=2, length=7, eps=0.0)
+    mu, sd = 2 / 3, math.sqrt(2) / 3
+    hi, lo = (1 - mu) / sd, (0 - mu) / sd
+    want = torch.tensor([[hi + lo] * 3 + [lo] * 3 + [0.0],  # t <= 2 sees both steps; 3..5 the second only
+                         [hi] * 4 + [0.0] * 3])
+    torch.testing.assert_close(adv, want)
+    # equal step rewards -> 0; two groups are normalised separately
+    two = process_advantages([[1.0], [1.0], [1.0, 0.0], [1.0]], [[1], [2], [2, 5], [3]], 2, 7, eps=0.0)
+    assert torch.equal(two[:2], torch.zeros(2, 7))
+    torch.testing.assert_close(two[2:], want)
+
+
+def test_kl_k3_properties_and_monte_carlo():
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert (kl_k3(a, b) >= 0).all()
+    assert torch.equal(kl_k3(a, a), torch.zeros(1000))
+    g = torch.Generator().manual_seed(0)
+    pi = torch.softmax(torch.tensor([1.0, 0.2, -0.5, 0.3]), 0)
+    ref = torch.softmax(torch.tensor([0.1, 0.4, 0.2, -0.2]), 0)
+    exact = (pi * (pi / ref).log()).sum()
+    x = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    lp, lr = pi.log()[x], ref.log()[x]
+    assert abs(kl_k3(lp, lr).mean() - exact) < 3e-3
+    assert abs(kl_k1(lp, lr).mean() - exact) < 3e-3
+    assert kl_k3(lp, lr).var() < kl_k1(lp, lr).var()  # the reason GRPO uses k3
+
+
+def test_kl_estimator_gradients_pitfall_1():
+    """k3 differentiated in the loss (as GRPO does) with samples from pi has expected gradient
+    grad KL(ref || pi), not grad KL(pi || ref); k1 in the loss has expected gradient 0. Exact
+    gradients vs Monte-Carlo averages on a 4-way categorical."""
+    theta = torch.tensor([1.0, 0.2, -0.5, 0.3], requires_grad=True)
+    ref = torch.softmax(torch.tensor([0.1, 0.4, 0.2, -0.2]), 0)
+    pi = torch.softmax(theta, 0)
+    reverse = (pi * (pi / ref).log()).sum()  # KL(pi || ref)
+    forward = (ref * (ref / pi).log()).sum()  # KL(ref || pi)
+    g_reverse = torch.autograd.grad(reverse, theta, retain_graph=True)[0]
+    g_forward = torch.autograd.grad(forward, theta)[0]
+    x = torch.multinomial(pi.detach(), 400_000, replacement=True, generator=torch.Generator().manual_seed(1))
+    lp = torch.log_softmax(theta, 0)[x]
+    g_k3 = torch.autograd.grad(kl_k3(lp, ref.log()[x]).mean(), theta)[0]
+    g_k1 = torch.autograd.grad(kl_k1(torch.log_softmax(theta, 0)[x], ref.log()[x]).mean(), theta)[0]
+    torch.testing.assert_close(g_k3, g_forward, atol=5e-3, rtol=0)
+    assert (g_k3 - g_reverse).abs().max() > 0.02  # it is NOT the gradient of the reverse KL
+    torch.testing.assert_close(g_k1, torch.zeros(4), atol=5e-3, rtol=0)
+
+
+def test_clipping_zeroes_the_gradient_where_it_binds():
+    old = torch.zeros(1, 4)
+    # ratios 0.5, 0.9, 1.1, 1.5 with eps 0.2 and eps_high 0.3
+    logp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]])).requires_grad_()
+    for adv, dead in ((1.0, [False, False, False, True]), (-1.0, [True, False, False, False])):
+        logp.grad = None
+        loss, m = grpo_loss(logp, old, logp.detach(), torch.tensor([adv]), torch.ones(1, 4), epsilon=0.2,
+                            epsilon_high=0.3, beta=0.0)
+        loss.backward()
+        assert [g == 0 for g in logp.grad[0].tolist()] == dead
+        assert m["clip_high" if adv > 0 else "clip_low"] == 0.25
+    # at the first inner iteration logp == old_logp exactly: ratio 1, nothing clipped
+    lp = torch.randn(3, 5)
+    _, m = grpo_loss(lp, lp.clone(), lp, torch.tensor([1.0, -1.0, 0.5]), torch.ones(3, 5))
+    assert m["ratio"] == 1.0 and m["clip_low"] == 0.0 and m["clip_high"] == 0.0 and m["kl"] == 0.0
+
+
+def ragged():
+    mask = torch.tensor([[1.0, 1, 0, 0, 0], [1, 1, 1, 1, 0]])  # lengths 2 and 4
+    logp = torch.tensor([[-0.5, -1.0, 0, 0, 0], [-0.2, -0.3, -0.4, -0.1, 0]], requires_grad=True)
+    return logp, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_loss_type_normalisations_by_hand(loss_type):
+    logp, mask = ragged()
+    adv = torch.tensor([1.0, 1.0])
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0, loss_type=loss_type)
+    # at rho = 1 the per-token loss is -A = -1 on each valid token
+    want = {"grpo": -(2 / 2 + 4 / 4) / 2, "dapo": -6 / 6, "dr_grpo": -6 / (2 * 5)}[loss_type]
+    assert abs(loss.item() - want) < 1e-6
+    loss.backward()
+    g = logp.grad
+    short, long_ = g[0, 0].item(), g[1, 0].item()
+    if loss_type == "grpo":  # 1/|o_i| weights a short sequence's tokens more: the length bias
+        assert abs(short - (-1 / 2 / 2)) < 1e-6 and abs(long_ - (-1 / 4 / 2)) < 1e-6
+    else:
+        assert short == long_
+    assert (g * (1 - mask) == 0).all()  # padding gets no gradient
+
+
+def test_dr_grpo_constant_and_normalizer_splits():
+    logp, mask = ragged()
+    adv = torch.tensor([0.7, -0.3])
+    ref = logp.detach() - 0.05
+    full, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type="dr_grpo", max_completion_len=8)
+    assert abs(full.item() - grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type="dr_grpo", normalizer=16)[0].item()) < 1e-7
+    for lt, norm in (("grpo", 2), ("dapo", 6), ("dr_grpo", 16)):
+        whole, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type=lt, max_completion_len=8)
+        parts = sum(grpo_loss(logp[i:i + 1], logp[i:i + 1].detach(), ref[i:i + 1], adv[i:i + 1], mask[i:i + 1],
+                              loss_type=lt, max_completion_len=8, normalizer=norm)[0] for i in range(2))
+        assert abs(whole.item() - parts.item()) < 1e-6, lt
+
+
+def test_process_advantages_in_loss_and_entropy():
+    logp = torch.randn(2, 3)
+    adv = torch.tensor([[1.0, 0.5, 0.0], [-1.0, -1.0, 0.0]])
+    loss, m = grpo_loss(logp, logp, logp, adv, torch.ones(2, 3), beta=0.0, logits=torch.zeros(2, 3, 4))
+    assert abs(loss.item() - (-(1.5 / 3) - (-2 / 3)) / 2) < 1e-6
+    assert abs(m["entropy"] - math.log(4)) < 1e-6
+
+
+def test_token_logprobs_equals_slow_loop():
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    got = token_logprobs(logits, targets)
+    for b in range(2):
+        for t in range(5):
+            want = logits[b, t, targets[b, t]] - torch.logsumexp(logits[b, t], 0)
+            assert abs(got[b, t].item() - want.item()) < 1e-5

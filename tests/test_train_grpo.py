@@ -1,0 +1,201 @@
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import rollout
+import tasks
+import train_grpo
+import train_sft
+from conftest import tiny_config
+from dist_helpers import run_on_two_ranks
+from model import Transformer
+from test_train_sft import TINY_FLAGS, TINY_MODEL
+
+CPU = torch.device("cpu")
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(mtp_depth=0))
+
+
+def rollout_batch(policy, n_prompts=4, G=4, seed=0, cfg=None):
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    cfg = cfg or train_grpo.GRPOConfig(num_generations=G)
+    problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
+    r, rewards, adv, keep, zero_std, texts = train_grpo.make_rollouts(policy, task, tok, problems, cfg, 6,
+                                                                      torch.Generator().manual_seed(seed))
+    return r, rewards, adv, keep
+
+
+def logps(policy, r):
+    with torch.no_grad():
+        return train_grpo.completion_logprobs(policy, r, torch.arange(r.completion_ids.size(0)), CPU)[0]
+
+
+def test_grpo_step_moves_logprobs_with_the_advantage():
+    """Hand-set advantages +1 / -1 on two completions: one GRPO update raises the first one's
+    log-prob and lowers the second's."""
+    policy = tiny_policy()
+    r, _, _, keep = rollout_batch(policy, n_prompts=1, G=2)
+    ref = tiny_policy()
+    adv = torch.tensor([1.0, -1.0])
+    old, ref_lp = logps(policy, r), logps(ref, r)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    cfg = train_grpo.GRPOConfig(num_generations=2, beta=0.0)
+    before = (old * r.completion_mask).sum(1)
+    stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, ref_lp,
+                                        [torch.arange(2)], cfg, 6, CPU)
+    after = (logps(policy, r) * r.completion_mask).sum(1)
+    assert n == 1
+    assert after[0] > before[0] and after[1] < before[1]
+    assert stats["ratio"] == 1.0 and stats["clip_low"] == 0.0 and stats["clip_high"] == 0.0  # PITFALLS 10
+    assert stats["kl"] == 0.0  # PITFALLS 9: the policy is the reference at the start
+
+
+def test_clipping_binds_after_several_updates():
+    policy = tiny_policy()
+    r, rewards, _, keep = rollout_batch(policy, n_prompts=2, G=4)
+    adv = torch.tensor([1.0, -1.0] * 4)
+    old = logps(policy, r)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
+    cfg = train_grpo.GRPOConfig(num_generations=4, num_iterations=6)
+    stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, old.clone(),
+                                        [torch.arange(8)], cfg, 6, CPU)
+    assert n == 6 and stats["clip_low"] + stats["clip_high"] > 0 and stats["kl"] > 0
+
+
+def test_rollout_logprobs_match_the_training_forward():
+    """PITFALLS 7/8: the log-probs stored by the sampler equal the trainer's recomputed ones."""
+    policy = tiny_policy().eval()
+    r, _, _, _ = rollout_batch(policy)
+    torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_filter_zero_std_masks_flat_groups():
+    policy = tiny_policy()
+    cfg = train_grpo.GRPOConfig(num_generations=4, filter_zero_std=True)
+    r, rewards, adv, keep = rollout_batch(policy, cfg=cfg)
+    flat = rewards.view(-1, 4).amax(1) == rewards.view(-1, 4).amin(1)
+    assert torch.equal(keep, (~flat).repeat_interleave(4))
+    assert torch.equal(adv[~keep], torch.zeros(int((~keep).sum())))
+
+
+def _split_step(policy, r, adv, keep, old, ref, cfg, rows):
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # not Adam: see test_train_sft.fresh
+    mask = r.completion_mask * keep[:, None].float()
+    return train_grpo.update_policy(policy, policy, opt, r, adv, mask, keep, old, ref, rows, cfg, 6, CPU)
+
+
+def fixed_rollout():
+    """A rollout with hand-set advantages and completions of different lengths in each half."""
+    policy = tiny_policy(seed=1)
+    r, _, _, keep = rollout_batch(policy, n_prompts=4, G=2, seed=3)
+    r.completion_mask[:4, 2:] = 0  # the first half is shorter: a per-half mean would be wrong
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
+    return r, adv, keep, logps(policy, r)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grad_accumulation_equals_one_batch(loss_type):
+    r, adv, keep, old = fixed_rollout()
+    ref = old - 0.1
+    cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
+    a = tiny_policy(seed=1)
+    _split_step(a, r, adv, keep, old, ref, cfg, [torch.arange(8)])
+    b = tiny_policy(seed=1)
+    _split_step(b, r, adv, keep, old, ref, replace(cfg, grad_accum=2), [torch.arange(8)])
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
+
+
+def _ddp_grpo(rank, world, path, loss_type, batch):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    r, adv, keep, old = batch
+    half = slice(rank * 4, rank * 4 + 4)  # each rank holds two whole groups
+    local = rollout.Rollout(*(t[half] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                                 r.ended, r.logprobs)))
+    policy = tiny_policy(seed=1)
+    model = DDP(policy, find_unused_parameters=True)
+    cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    train_grpo.update_policy(model, policy, opt, local, adv[half], local.completion_mask, keep[half], old[half],
+                             old[half] - 0.1, [torch.arange(4)], cfg, 6, CPU)
+    if rank == 0:
+        torch.save(policy.state_dict(), path)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_ddp_two_ranks_equal_single_process(tmp_path, loss_type):
+    batch = fixed_rollout()
+    path = str(tmp_path / "ddp.pt")
+    run_on_two_ranks(_ddp_grpo, path, loss_type, batch)
+    r, adv, keep, old = batch
+    single = tiny_policy(seed=1)
+    _split_step(single, r, adv, keep, old, old - 0.1, train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type),
+                [torch.arange(8)])
+    got = torch.load(path)
+    for n, p in single.state_dict().items():
+        torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--num_generations", "1"], "num_generations must be >= 2"),
+    (["--epsilon", "0"], "epsilon must be > 0"),
+    (["--epsilon", "-0.1"], "epsilon must be > 0"),
+    (["--supervision", "process"], "use --task multistep"),
+    (["--loss_type", "ppo"], "loss_type must be"),
+])
+def test_bad_settings_are_one_line_errors(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_grpo.main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+GRPO_TINY = ["--eval_size", "8", "--samples", "0", "--quiet", "--batch_size", "4", "--num_generations", "4",
+             "--pass_k", "2", "--pass_n", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
+    return str(out)
+
+
+def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path):
+    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "4", "--ckpt_every", "2",
+                         "--num_iterations", "2", "--num_minibatches", "2", "--ref_reset_every", "2"]
+    full, first, last = train_grpo.main(flags + ["--out_dir", str(tmp_path / "a")])
+    assert set(first) == {"greedy_acc", "pass@2", "maj@2"} and set(last) == set(first)
+    recs = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    steps = [x for x in recs if "reward_mean" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    for key in ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_low", "clip_high", "completion_len",
+                "samples_per_s", "logprob_gap"):
+        assert key in steps[0]
+    assert steps[0]["logprob_gap"] < 1e-4
+    train_grpo.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at", "2"])
+    resumed, _, _ = train_grpo.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_process_supervision_run(tmp_path):
+    sft = tmp_path / "sft"
+    train_sft.main(TINY_MODEL + ["--task", "multistep", "--n_digits", "1", "--eval_size", "8", "--samples", "0",
+                                 "--quiet", "--batch_size", "8", "--steps", "3", "--eval_every", "100", "--out_dir", str(sft)])
+    _, first, last = train_grpo.main(GRPO_TINY + ["--task", "multistep", "--n_digits", "1", "--supervision", "process",
+                                                  "--init", str(sft), "--steps", "2", "--out_dir", str(tmp_path / "g")])
+    assert 0.0 <= last["greedy_acc"] <= 1.0
+
+
+def test_init_with_other_model_flags_is_an_error(sft_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--dim", "48", "--out_dir", str(tmp_path)])
+    assert "another model config in: dim" in capsys.readouterr().err

@@ -1,0 +1,345 @@
+"""GRPO (DeepSeekMath, arXiv 2402.03300) on an arithmetic task with exact-answer rewards.
+
+    python train_grpo.py                                    # CPU or one GPU; out/grpo/
+    torchrun --standalone --nproc_per_node=2 train_grpo.py  # DDP: prompts sharded, groups stay on one rank
+    python train_grpo.py --supervision process --task multistep      # process supervision
+    python train_grpo.py --loss_type dr_grpo --scale_rewards none    # Dr. GRPO
+    python train_grpo.py --loss_type dapo --epsilon_high 0.28 --filter_zero_std   # DAPO's pieces
+    python train_grpo.py --help
+
+One step (DeepSeekMath Algorithm 1): sample B prompts, generate G completions each with the current
+policy (pi_old), score them with the task's exact-answer reward, turn rewards into group-relative
+advantages, get log-probs under pi_old and the frozen reference pi_ref, then run `num_iterations`
+passes of minibatch updates on the clipped objective (losses.grpo_loss). `ref_reset_every` M > 0
+sets pi_ref <- pi every M steps (iterative GRPO). Without an SFT checkpoint at --init, a short SFT
+warm start (train_sft.py) makes one first.
+"""
+import copy
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import losses
+import rollout
+import tasks
+import train_sft
+from model import ModelConfig, Transformer
+
+
+@dataclass
+class GRPOConfig:
+    task: str = "add"  # add, sub, mul or multistep (process supervision needs multistep)
+    n_digits: int = 3  # digits per operand (add, sub, multistep)
+    init: str = "out/sft"  # SFT checkpoint (folder or file) to start from; made by a warm start if missing
+    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
+    warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
+    steps: int = 200  # GRPO steps (one rollout batch each)
+    batch_size: int = 32  # prompts per step, over all ranks
+    num_generations: int = 8  # G: completions per prompt (a group)
+    num_iterations: int = 1  # mu: passes over each rollout batch
+    num_minibatches: int = 1  # optimiser steps per pass (the rollout batch split in this many)
+    grad_accum: int = 1  # micro-batches per optimiser step (per rank)
+    lr: float = 5e-4  # learning rate (constant after warmup)
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    beta: float = 0.04  # KL coefficient (k3 estimator in the loss)
+    epsilon: float = 0.2  # clip range: ratio in [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.0  # upper clip (DAPO clip-higher, e.g. 0.28); 0 = epsilon
+    loss_type: str = "grpo"  # grpo (per-sequence mean), dapo (token mean), dr_grpo (constant divisor)
+    scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
+    unbiased_std: bool = False  # sample std (TRL) instead of the population std
+    supervision: str = "outcome"  # outcome or process (per-step rewards, multistep task)
+    filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    ref_reset_every: int = 0  # iterative GRPO: pi_ref <- pi every M steps (0 = never)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    max_new_tokens: int = 0  # completion length limit (0 = longest reference + 2)
+    mla_impl: str = "absorbed"  # MLA decode path of the rollouts: absorbed or naive
+    eval_every: int = 25  # steps between held-out greedy evaluations
+    eval_size: int = 256  # held-out problems per evaluation
+    pass_k: int = 4  # k of pass@k and maj@k, measured at the start and the end
+    pass_n: int = 8  # samples per prompt for pass@k (n >= k)
+    samples: int = 3  # sampled completions printed at each evaluation
+    ckpt_every: int = 50  # steps between checkpoints (and at the end)
+    seed: int = 0  # seed (rank r draws prompts from seed + r)
+    out_dir: str = "out/grpo"  # run folder: ckpt.pt, metrics.jsonl, config.json
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to the end
+    compile: bool = False  # torch.compile the policy
+    quiet: bool = False  # no progress bar or printed samples
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2: with G={self.num_generations} every advantage "
+                             "is r - mean(r) = 0 and GRPO learns nothing")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0 (got {self.epsilon}): the ratio would be clipped to exactly 1 "
+                             "and every gradient would vanish")
+        if self.epsilon_high < 0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.supervision not in ("outcome", "process"):
+            raise ValueError(f"supervision must be outcome or process, got {self.supervision!r}")
+        if self.supervision == "process" and self.task != "multistep":
+            raise ValueError("process supervision needs per-step rewards: use --task multistep")
+        if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
+            raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.pass_n < self.pass_k:
+            raise ValueError(f"pass@k needs pass_n >= pass_k, got {self.pass_n} < {self.pass_k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts and advantages
+
+
+@torch.no_grad()
+def make_rollouts(policy, task, tok, problems, cfg, max_new_tokens, generator):
+    """Generate G completions per problem and score them. Returns the Rollout, the rewards (N,), the
+    advantages ((N,) outcome or (N, L) process) and the keep mask (N,) of DAPO filtering."""
+    prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
+    r = rollout.generate(policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=cfg.num_generations,
+                         max_new_tokens=max_new_tokens, temperature=cfg.temperature, generator=generator,
+                         mla_impl=cfg.mla_impl)
+    G, texts = cfg.num_generations, rollout.decode_completions(tok, r)
+    group_of = [problems[i // G] for i in range(len(texts))]
+    rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
+    if cfg.supervision == "outcome":
+        adv = losses.grpo_advantages(rewards, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
+        flat = rewards.view(-1, G)
+    else:
+        steps = [[float(ok) for ok in task.step_correctness(c, p)] for c, p in zip(texts, group_of)]
+        ends = [task.step_ends(c) for c in texts]
+        adv = losses.process_advantages(steps, ends, G, r.completion_ids.size(1), unbiased_std=cfg.unbiased_std)
+        flat = torch.tensor([sum(s) for s in steps]).view(-1, G)  # groups with equal step totals
+    zero_std = flat.amax(1) == flat.amin(1)  # (N/G,)
+    keep = (~zero_std).repeat_interleave(G) if cfg.filter_zero_std else torch.ones(len(texts), dtype=torch.bool)
+    return r, rewards, adv, keep.to(r.completion_mask.device), zero_std, texts
+
+
+def completion_logprobs(model, r, rows, device):
+    """log pi(o_t | q, o_<t) of the completion tokens of `rows` from one full forward: (n, L) and logits."""
+    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
+    logits, _ = model(ids, positions=pos, pad_mask=mask)  # (n, P+L, V)
+    P = r.prompt_ids.size(1)
+    logits = logits[:, P - 1:-1]  # (n, L, V): position P-1+t predicts completion token t
+    return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
+
+
+def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, mb_rows, cfg, max_new, device):
+    """`num_iterations` passes over the rollout batch, one optimiser step per minibatch (rows mb_rows[i]),
+    each accumulated over `grad_accum` micro-batches. Every micro-batch divides by its whole
+    minibatch's normaliser over all ranks, so accumulation and DDP give the big batch's gradient
+    (PITFALLS 3). Returns (mean stats over the updates, number of updates), or (None, n) on a
+    non-finite gradient."""
+    world = torch.distributed.get_world_size() if common.is_dist() else 1
+    stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm"), 0.0)
+    n_updates = 0
+    for _ in range(cfg.num_iterations):
+        for rows_ in mb_rows:
+            # the divisor of the whole minibatch over all ranks: sequences, tokens, or sequences x length limit
+            kept = float(keep[rows_].sum())
+            denom = {"grpo": kept, "dapo": mask[rows_].sum().item(), "dr_grpo": kept * max_new}[cfg.loss_type]
+            denom = common.all_reduce_sum({"d": denom}, device)["d"]
+            if denom == 0:  # every group filtered everywhere: nothing to learn from this minibatch
+                continue
+            micro = rows_.chunk(cfg.grad_accum)
+            for j, mrows in enumerate(micro):
+                sync = nullcontext() if j == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
+                with sync, common.autocast(device):
+                    logp, logits = completion_logprobs(model, r, mrows, device)
+                    loss, m = losses.grpo_loss(logp, old_logp[mrows], ref_logp[mrows], adv[mrows], mask[mrows],
+                                               cfg.epsilon, cfg.epsilon_high or None, cfg.beta, cfg.loss_type,
+                                               logits=logits.detach(), max_completion_len=max_new, normalizer=denom)
+                    (loss * world).backward()  # DDP averages over ranks; denom is already global
+                stats["loss"] += loss.item()
+                for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
+                    stats[key] += m[key] / len(micro)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
+            if not torch.isfinite(grad_norm):
+                return None, n_updates
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            policy.update_router_biases()
+            stats["grad_norm"] += grad_norm.item()
+            n_updates += 1
+    return {k: v / max(n_updates, 1) for k, v in stats.items()}, n_updates
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def load_init(cfg, tok, rank, world, device, given_model_flags, mcfg):
+    """The SFT checkpoint's model; a warm start makes one first if it does not exist."""
+    path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
+    if not os.path.exists(path):
+        if rank == 0:
+            print(f"no SFT checkpoint at {path}: making one with a short SFT warm start "
+                  f"(at most {cfg.warmstart_steps} steps, stopping at {cfg.warmstart_target_acc:.0%} held-out accuracy)")
+        argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps", str(cfg.warmstart_steps),
+                "--target_acc", str(cfg.warmstart_target_acc), "--eval_every", "25", "--samples", "0",
+                "--out_dir", os.path.dirname(path), "--seed", str(cfg.seed)]
+        argv += [f"--{k}={getattr(mcfg, k)}" for k in sorted(given_model_flags)]
+        train_sft.main(argv + (["--quiet"] if cfg.quiet else []))
+    ckpt = common.load_checkpoint(path)
+    common.check_tokenizer(ckpt, tok, path)
+    saved = ModelConfig(**ckpt["model_config"])
+    bad = [k for k in given_model_flags if getattr(saved, k) != getattr(mcfg, k)]
+    if bad:
+        raise common.CheckpointError(f"--init {path} has another model config in: {', '.join(sorted(bad))}")
+    model = Transformer(saved).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, saved
+
+
+def main(argv=None):
+    (cfg, mcfg), given = common.parse_config([GRPOConfig, ModelConfig], argv, __doc__)
+    rank, world, device = common.setup_dist()
+    common.setup_torch(cfg.seed, device)
+    if cfg.batch_size % world:
+        common.die(f"batch_size {cfg.batch_size} prompts do not divide over {world} ranks (a group must stay on one rank)")
+    rows = cfg.batch_size // world * cfg.num_generations  # completions per rank per step
+    if rows % (cfg.num_minibatches * cfg.grad_accum):
+        common.die(f"{rows} completions per rank do not split into {cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches")
+    tok = tasks.Tokenizer()
+    task = tasks.get_task(cfg.task, **({} if cfg.task == "mul" else {"n_digits": cfg.n_digits}))
+    eval_problems = task.eval_set(cfg.eval_size)
+    max_new = cfg.max_new_tokens or max(len(p.completion) for p in eval_problems) + 2
+    data_rng = random.Random(cfg.seed + rank)  # each rank its own prompt stream
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    model_flags = given & {f for f in ModelConfig.__dataclass_fields__}
+    try:
+        policy, mcfg = load_init(cfg, tok, rank, world, device, model_flags, mcfg)
+    except common.CheckpointError as e:
+        common.die(str(e))
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
+    if cfg.resume:
+        try:
+            ckpt = common.load_checkpoint(ckpt_path)
+        except common.CheckpointError as e:
+            common.die(str(e))
+        ignore = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir",
+                  "init", "warmstart_steps", "warmstart_target_acc"}
+        bad = common.mismatched_fields(ckpt["config"], common.config_dict(cfg), ignore)
+        if bad:
+            common.die(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+        policy.load_state_dict(ckpt["model"])
+        ref.load_state_dict(ckpt["ref"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["rng"][rank]
+        common.set_rng_state(state, data_rng)
+        gen.set_state(state["generator"])
+        start = ckpt["step"]
+    model = torch.compile(policy) if cfg.compile else policy
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    main_proc = rank == 0
+    if main_proc:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        common.save_run_config(cfg.out_dir, grpo=cfg, model=mcfg)
+    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, append=cfg.resume)
+
+    def evaluate(step, k=0):
+        if not main_proc:
+            return {}
+        m = rollout.evaluate(policy, tok, task, eval_problems, k=k, n_samples=cfg.pass_n, temperature=cfg.temperature,
+                             generator=torch.Generator(device=device).manual_seed(step), mla_impl=cfg.mla_impl)
+        log.log({"step": step, **{f"eval_{key}": v for key, v in m.items()}})
+        if not cfg.quiet:
+            tqdm.write(f"step {step}: " + ", ".join(f"{key} {v:.3f}" for key, v in m.items()))
+        return m
+
+    def checkpoint(step):
+        state = {**common.rng_state(data_rng), "generator": gen.get_state()}
+        states = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        if main_proc:
+            common.save_checkpoint(ckpt_path, {
+                "model": policy.state_dict(), "ref": ref.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "rng": states, "config": common.config_dict(cfg), "model_config": common.config_dict(mcfg),
+                "tokenizer": tok.definition(), "kind": "grpo"})
+
+    first = evaluate(start, k=cfg.pass_k) if start == 0 else {}
+    stop = cfg.steps if cfg.stop_at <= 0 else min(cfg.steps, cfg.stop_at)
+    bar = tqdm(range(start, stop), initial=start, total=stop, disable=not main_proc or cfg.quiet, dynamic_ncols=True)
+    timer, acc = common.Timer(), first.get("greedy_acc", float("nan"))
+    for step in bar:
+        if step > start and step % cfg.eval_every == 0:
+            acc = evaluate(step).get("greedy_acc", acc)
+            timer.lap()
+        if cfg.ref_reset_every > 0 and step > 0 and step % cfg.ref_reset_every == 0:
+            ref.load_state_dict(policy.state_dict())  # iterative GRPO: the reference follows the policy
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+        # ---- rollouts with pi_old, rewards, advantages
+        problems = [task.sample(data_rng) for _ in range(cfg.batch_size // world)]
+        r, rewards, adv, keep, zero_std, texts = make_rollouts(policy, task, tok, problems, cfg, max_new, gen)
+        mask = r.completion_mask * keep[:, None].float()  # filtered groups weigh nothing
+        adv = adv.to(device)
+        N, L = mask.shape
+        mb_rows = [torch.arange(i, N, cfg.num_minibatches) for i in range(cfg.num_minibatches)]  # mixes groups
+        # ---- pi_old and pi_ref log-probs, from the same forward the update will use (ratio exactly 1 at first)
+        policy.eval()  # same numbers as train mode, but these forwards must not count router loads
+        with torch.no_grad(), common.autocast(device):
+            old_logp = torch.zeros(N, L, device=device)
+            ref_logp = torch.zeros(N, L, device=device)
+            for rows_ in mb_rows:
+                old_logp[rows_] = completion_logprobs(policy, r, rows_, device)[0]
+                ref_logp[rows_] = completion_logprobs(ref, r, rows_, device)[0]
+        policy.train()
+        gap = ((old_logp - r.logprobs.to(device)).abs() * mask).max().item()  # sampler vs trainer (PITFALLS 8)
+
+        # ---- num_iterations passes of minibatch updates
+        stats, n_updates = update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, mb_rows, cfg,
+                                         max_new, device)
+        if stats is None:
+            common.die(f"non-finite gradient norm at step {step}; the last good checkpoint ({ckpt_path}) was kept")
+        dt = timer.lap()
+        local = {"reward_sum": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "n": float(N),
+                 "zero_std": zero_std.float().sum().item(), "groups": float(zero_std.numel()),
+                 "length": r.completion_mask.sum().item(), "truncated": (~r.ended).float().sum().item(),
+                 **stats}
+        tot = common.all_reduce_sum(local, device)
+        mean_r = tot["reward_sum"] / tot["n"]
+        record = {"step": step + 1, "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
+                  "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
+                  "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
+                  "logprob_gap": gap, "updates": n_updates,
+                  **{k: tot[k] / world for k in ("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm")}}
+        if record["loss"] != record["loss"]:
+            common.die(f"non-finite loss at step {step}; the last good checkpoint ({ckpt_path}) was kept")
+        log.log(record)
+        bar.set_postfix(reward=f"{mean_r:.3f}", acc=f"{acc:.3f}", kl=f"{record['kl']:.4f}", zero_std=f"{record['zero_std_frac']:.2f}", refresh=False)
+        if main_proc and not cfg.quiet and cfg.samples and (step + 1) % cfg.eval_every == 0:
+            for i in range(0, min(cfg.samples * cfg.num_generations, N), cfg.num_generations):
+                tqdm.write(f"  sample: {problems[i // cfg.num_generations].prompt}{texts[i]}  reward {rewards[i]:.0f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == stop:
+            checkpoint(step + 1)
+    bar.close()
+    last = {}
+    if stop == cfg.steps:
+        last = evaluate(cfg.steps, k=cfg.pass_k)
+        if main_proc and not cfg.quiet and first:
+            print("before -> after GRPO: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
+    log.close()
+    common.cleanup_dist()
+    return policy, first, last
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
