@@ -33,7 +33,7 @@ class ModelConfig:
     inter_dim: int = 384  # hidden width of the dense SwiGLU FFN
     moe_inter_dim: int = 64  # hidden width of one routed expert (shared experts: n_shared_experts times this)
     n_layers: int = 4  # transformer blocks in the main model
-    n_dense_layers: int = 1  # the first blocks use a dense FFN, the rest MoE
+    n_dense_layers: int = 2  # the first blocks use a dense FFN, the rest MoE
     n_heads: int = 4  # attention heads
     q_lora_rank: int = 0  # rank of the query compression (0 = plain wq)
     kv_lora_rank: int = 32  # C: width of the cached KV latent c_kv
@@ -47,7 +47,7 @@ class ModelConfig:
     n_limited_groups: int = 1  # groups each token may route to
     score_func: str = "sigmoid"  # router scores: sigmoid (V3) or softmax (V2)
     route_scale: float = 1.0  # scale of the routed experts' gate weights
-    rope_theta: float = 10000.0  # RoPE base
+    rope_theta: float = 100.0  # RoPE base (DeepSeek uses 10000; 100 resolves positions better in a 64-token window)
     max_seq_len: int = 64  # longest sequence (prompt + completion + special tokens)
     mtp_depth: int = 1  # multi-token prediction modules (0 = off)
     mtp_lambda: float = 0.3  # weight of the MTP loss

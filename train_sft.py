@@ -31,7 +31,7 @@ class SFTConfig:
     n_digits: int = 3  # digits per operand (add, sub, multistep)
     batch_size: int = 64  # sequences per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
-    steps: int = 1500  # optimiser steps
+    steps: int = 2000  # optimiser steps
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup: int = 100  # linear warmup steps
