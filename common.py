@@ -223,10 +223,19 @@ def check_tokenizer(ckpt, tok, path):
 
 
 class MetricsLog:
-    """One JSON line per step in <run folder>/metrics.jsonl (rank 0 only)."""
+    """One JSON line per step in <run folder>/metrics.jsonl (rank 0 only). Resuming from step k keeps
+    the lines of steps <= k and drops those a killed run wrote after its last checkpoint."""
 
-    def __init__(self, path, enabled=True, append=False):
-        self.f = open(path, "a" if append else "w") if enabled else None
+    def __init__(self, path, enabled=True, resume_step=None):
+        self.f = None
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.f = open(path, "w")
+        self.f.writelines(kept)
 
     def log(self, record):
         if self.f is not None:

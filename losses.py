@@ -85,8 +85,10 @@ def kl_k1(logp, ref_logp):
 
 def kl_k3(logp, ref_logp):
     """k3 = pi_ref/pi - log(pi_ref/pi) - 1 per token (DeepSeekMath eq. 4): >= 0, unbiased for
-    KL(pi || pi_ref) under samples from pi, low variance. Its gradient, taken in the loss as GRPO
-    does, is not the gradient of the KL when samples come from pi_old (see tests/test_losses.py)."""
+    KL(pi || pi_ref) under samples from pi, lower variance than k1. Differentiated in the loss, as GRPO
+    does, its expected gradient under samples from pi is that of KL(pi_ref || pi), not of
+    KL(pi || pi_ref) (PITFALLS 1; tests/test_losses.py), and samples from pi_old add more bias. It
+    still pulls pi toward pi_ref; for the exact reverse-KL gradient use k1 as a reward penalty (PPO)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
@@ -108,7 +110,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_h
     normalizer: the divisor to use instead of this batch's (N for grpo, the token count for dapo,
     N * max_completion_len for dr_grpo); pass the whole step's value when the batch is split into
     micro-batches or over ranks, so that the summed gradients equal the whole batch's.
-    With one update per rollout, rho = 1 and clipping never binds (only its gradient matters).
+    With one update per rollout (num_iterations = num_minibatches = 1), rho = 1 and clipping never
+    binds (only its gradient matters); later minibatches or passes see rho != 1.
     Returns (loss, metrics) with clip fractions, mean KL, mean ratio and, given logits (N, T, V), the
     mean entropy over masked tokens."""
     if loss_type not in ("grpo", "dapo", "dr_grpo"):

@@ -75,6 +75,7 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update (training forwards only). A plain
         # attribute, not a buffer: DDP would overwrite buffers with rank 0's before every forward.
         self.load = None
+        self.last_indices = None
 
     def forward(self, x):
         """x: (B, T, D) -> (y (B, T, D), sequence-wise balance loss (scalar))."""
@@ -90,6 +91,7 @@ class MoE(nn.Module):
             y.index_add_(0, tok, self.experts[i](x_flat[tok]) * weights[tok, slot, None])  # (n, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_flat)
+        self.last_indices = indices.view(B, T, -1)  # for logging routing flips between forwards (RL)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
             self.load = counts if self.load is None else self.load + counts

@@ -138,7 +138,8 @@ def majority_correct(answers, truth):
 
 
 def decode_completions(tok, rollout):
-    return [tok.decode(row) for row in rollout.completion_ids.tolist()]
+    """Completion texts up to the first end token; a stray special token reads as '?' (malformed)."""
+    return [tok.decode(row, strict=True) for row in rollout.completion_ids.tolist()]
 
 
 @torch.no_grad()

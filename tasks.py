@@ -47,17 +47,21 @@ class Tokenizer:
                 raise ValueError(f"character {ch!r} is not in the task alphabet {ALPHABET!r}")
         return self.enc.encode_ordinary(text)
 
-    def decode(self, ids):
-        """Decode ids, stopping at the first end token and skipping begin/pad tokens."""
+    def decode(self, ids, strict=False):
+        """Decode ids up to the first end token. Begin/pad tokens are skipped, or, with strict (how
+        completions are read for rewards), written as '?': a completion holding one is malformed,
+        and each character still sits at its token's index."""
         out = []
         for i in ids:
             i = int(i)
             if i == self.eos_id:
                 break
             if i in (self.bos_id, self.pad_id):
+                if strict:
+                    out.append("?")
                 continue
-            out.append(i)
-        return self.enc.decode(out)
+            out.append(self.enc.decode([i]))
+        return "".join(out)
 
     def definition(self):
         """What a checkpoint stores so that a loader can check it has the same tokenizer."""

@@ -37,7 +37,7 @@ from model import ModelConfig, Transformer
 class GRPOConfig:
     task: str = "add"  # add, sub, mul or multistep (process supervision needs multistep)
     n_digits: int = 3  # digits per operand (add, sub, multistep)
-    init: str = "out/sft"  # SFT checkpoint (folder or file) to start from; made by a warm start if missing
+    init: str = ""  # SFT run folder (or .pt file) to start from; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
     warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
     steps: int = 200  # GRPO steps (one rollout batch each)
@@ -46,7 +46,8 @@ class GRPOConfig:
     num_iterations: int = 1  # mu: passes over each rollout batch
     num_minibatches: int = 1  # optimiser steps per pass (the rollout batch split in this many)
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
-    lr: float = 5e-4  # learning rate (constant after warmup)
+    lr: float = 2e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
     warmup: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm (0 = off)
@@ -92,6 +93,11 @@ class GRPOConfig:
             raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        for name in ("num_iterations", "num_minibatches", "grad_accum", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampled rollouts, got {self.temperature}")
         if self.pass_n < self.pass_k:
             raise ValueError(f"pass@k needs pass_n >= pass_k, got {self.pass_n} < {self.pass_k}")
 
@@ -103,58 +109,121 @@ class GRPOConfig:
 @torch.no_grad()
 def make_rollouts(policy, task, tok, problems, cfg, max_new_tokens, generator):
     """Generate G completions per problem and score them. Returns the Rollout, the rewards (N,), the
-    advantages ((N,) outcome or (N, L) process) and the keep mask (N,) of DAPO filtering."""
+    advantages ((N,) outcome or (N, L) process), the keep mask (N,) of DAPO filtering, the
+    zero-variance flag of each group (N/G,) and the completion texts."""
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
     r = rollout.generate(policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=cfg.num_generations,
                          max_new_tokens=max_new_tokens, temperature=cfg.temperature, generator=generator,
                          mla_impl=cfg.mla_impl)
     G, texts = cfg.num_generations, rollout.decode_completions(tok, r)
-    group_of = [problems[i // G] for i in range(len(texts))]
+    N, L = r.completion_ids.shape
+    group_of = [problems[i // G] for i in range(N)]
     rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
     if cfg.supervision == "outcome":
-        adv = losses.grpo_advantages(rewards, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
-        flat = rewards.view(-1, G)
+        # Under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std.
+        everything = all_gather_rewards(rewards)
+        adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
+        rank = torch.distributed.get_rank() if common.is_dist() else 0
+        adv = adv[rank * N:(rank + 1) * N]
+        zero_std = rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)  # (N/G,)
     else:
-        steps = [[float(ok) for ok in task.step_correctness(c, p)] for c, p in zip(texts, group_of)]
-        ends = [task.step_ends(c) for c in texts]
-        adv = losses.process_advantages(steps, ends, G, r.completion_ids.size(1), unbiased_std=cfg.unbiased_std)
-        flat = torch.tensor([sum(s) for s in steps]).view(-1, G)  # groups with equal step totals
-    zero_std = flat.amax(1) == flat.amin(1)  # (N/G,)
-    keep = (~zero_std).repeat_interleave(G) if cfg.filter_zero_std else torch.ones(len(texts), dtype=torch.bool)
+        steps, ends = step_rewards(task, texts, group_of, r.ended.tolist(), L)
+        adv = losses.process_advantages(steps, ends, G, L, unbiased_std=cfg.unbiased_std)
+        zero_std = adv.view(-1, G, L).abs().amax(dim=(1, 2)) == 0  # exactly what process_advantages zeroes
+    keep = (~zero_std).repeat_interleave(G) if cfg.filter_zero_std else torch.ones(N, dtype=torch.bool)
     return r, rewards, adv, keep.to(r.completion_mask.device), zero_std, texts
 
 
-def completion_logprobs(model, r, rows, device):
-    """log pi(o_t | q, o_<t) of the completion tokens of `rows` from one full forward: (n, L) and logits."""
+def step_rewards(task, texts, problems, ended, L):
+    """Per-step rewards (1 correct / 0 wrong) and the token index where each step ends. Steps a
+    completion never wrote count as wrong steps ending at its last token (the end token, or the
+    last one written if truncated), so that stopping early is no way to dodge a negative reward."""
+    steps, ends = [], []
+    for c, p, done in zip(texts, problems, ended):
+        ok = [float(x) for x in task.step_correctness(c, p)]
+        missing = max(0, len(task.reference_steps([int(t) for t in p.prompt[:-1].split("+")])) - len(ok))
+        last = min(len(c) if done else len(c) - 1, L - 1)
+        steps.append(ok + [0.0] * missing)
+        ends.append(task.step_ends(c) + [last] * missing)
+    return steps, ends
+
+
+def all_gather_rewards(rewards):
+    if not common.is_dist():
+        return rewards
+    out = [torch.zeros_like(rewards) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, rewards)
+    return torch.cat(out)
+
+
+def completion_logprobs(model, r, rows, device, temperature=1.0):
+    """log pi(o_t | q, o_<t) of the completion tokens of `rows` from one full forward: (n, L), and the
+    logits. Logits are divided by the sampling temperature, so pi is the distribution sampled from."""
     ids, mask, pos = (t[rows].to(device) for t in r.sequences())
     logits, _ = model(ids, positions=pos, pad_mask=mask)  # (n, P+L, V)
     P = r.prompt_ids.size(1)
-    logits = logits[:, P - 1:-1]  # (n, L, V): position P-1+t predicts completion token t
+    logits = logits[:, P - 1:-1] / temperature  # (n, L, V): position P-1+t predicts completion token t
     return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
 
 
-def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, mb_rows, cfg, max_new, device):
-    """`num_iterations` passes over the rollout batch, one optimiser step per minibatch (rows mb_rows[i]),
-    each accumulated over `grad_accum` micro-batches. Every micro-batch divides by its whole
-    minibatch's normaliser over all ranks, so accumulation and DDP give the big batch's gradient
-    (PITFALLS 3). Returns (mean stats over the updates, number of updates), or (None, n) on a
-    non-finite gradient."""
+def routed_experts(policy):
+    """The experts each MoE layer chose in the last forward: list of (n, S, K) tensors."""
+    return [m.last_indices for m in policy.moe_layers()]
+
+
+def flipped_fraction(before, after, valid):
+    """PITFALLS 12: fraction of (token, layer) routing decisions whose expert set changed. valid: (n, S)."""
+    flips = [((b.sort(-1)[0] != a.sort(-1)[0]).any(-1) & valid).sum() for b, a in zip(before, after)]
+    return float(sum(flips)) / max(1.0, float(valid.sum()) * len(flips))
+
+
+def micro_batches(N, cfg):
+    """Rows of each optimiser step (minibatch), each split into grad_accum micro-batches. Strided
+    minibatches mix groups; the micro-batches are what every forward (old, ref, update) runs on."""
+    return [torch.arange(i, N, cfg.num_minibatches).chunk(cfg.grad_accum) for i in range(cfg.num_minibatches)]
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(model, policy, ref, r, batches, cfg, device):
+    """log-probs under pi_old (the policy before this step's updates) and pi_ref, from the same
+    forwards on the same micro-batches that the update will run, so the first ratio is exactly 1;
+    also the experts the policy routed each micro-batch to (for PITFALLS 12)."""
+    N, L = r.completion_ids.shape
+    old, ref_lp, routes = torch.zeros(N, L, device=device), torch.zeros(N, L, device=device), {}
+    policy.eval()  # same numbers as train mode, but these forwards must not count router loads
+    with common.autocast(device):
+        for i, micro in enumerate(batches):
+            for j, rows in enumerate(micro):
+                old[rows] = completion_logprobs(model, r, rows, device, cfg.temperature)[0]
+                routes[i, j] = routed_experts(policy)
+                ref_lp[rows] = completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
+    policy.train()
+    return old, ref_lp, routes
+
+
+def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, batches, cfg, max_new, device,
+                  old_routes=None):
+    """`num_iterations` passes over the rollout batch, one optimiser step per minibatch, each
+    accumulated over its micro-batches (`batches`, from micro_batches). Every micro-batch divides by
+    its whole minibatch's normaliser over all ranks, so accumulation and DDP give the big batch's
+    gradient (PITFALLS 3). Returns (mean stats over the updates, number of updates), or (None, n)
+    on a non-finite gradient."""
     world = torch.distributed.get_world_size() if common.is_dist() else 1
-    stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm"), 0.0)
-    n_updates = 0
-    for _ in range(cfg.num_iterations):
-        for rows_ in mb_rows:
+    stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm", "routing_flips"), 0.0)
+    n_updates, n_flips = 0, 0
+    for it in range(cfg.num_iterations):
+        for i, micro in enumerate(batches):
+            rows_ = torch.cat(micro)
             # the divisor of the whole minibatch over all ranks: sequences, tokens, or sequences x length limit
             kept = float(keep[rows_].sum())
             denom = {"grpo": kept, "dapo": mask[rows_].sum().item(), "dr_grpo": kept * max_new}[cfg.loss_type]
             denom = common.all_reduce_sum({"d": denom}, device)["d"]
             if denom == 0:  # every group filtered everywhere: nothing to learn from this minibatch
                 continue
-            micro = rows_.chunk(cfg.grad_accum)
             for j, mrows in enumerate(micro):
                 sync = nullcontext() if j == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
                 with sync, common.autocast(device):
-                    logp, logits = completion_logprobs(model, r, mrows, device)
+                    logp, logits = completion_logprobs(model, r, mrows, device, cfg.temperature)
                     loss, m = losses.grpo_loss(logp, old_logp[mrows], ref_logp[mrows], adv[mrows], mask[mrows],
                                                cfg.epsilon, cfg.epsilon_high or None, cfg.beta, cfg.loss_type,
                                                logits=logits.detach(), max_completion_len=max_new, normalizer=denom)
@@ -162,36 +231,54 @@ def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, mb
                 stats["loss"] += loss.item()
                 for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
                     stats[key] += m[key] / len(micro)
+                if old_routes is not None and (i, j) in old_routes:
+                    valid = r.sequences()[1][mrows].to(device)  # (n, S) real tokens
+                    stats["routing_flips"] += flipped_fraction(old_routes[i, j], routed_experts(policy), valid)
+                    n_flips += 1
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
             if not torch.isfinite(grad_norm):
                 return None, n_updates
             opt.step()
             opt.zero_grad(set_to_none=True)
-            policy.update_router_biases()
             stats["grad_norm"] += grad_norm.item()
             n_updates += 1
-    return {k: v / max(n_updates, 1) for k, v in stats.items()}, n_updates
+    out = {k: v / max(n_updates, 1) for k, v in stats.items()}
+    out["loss"] = stats["loss"] / max(n_updates, 1)  # micro-batch losses already sum to their minibatch's
+    out["routing_flips"] = stats["routing_flips"] / max(n_flips, 1)
+    return out, n_updates
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 
 
-def load_init(cfg, tok, rank, world, device, given_model_flags, mcfg):
-    """The SFT checkpoint's model; a warm start makes one first if it does not exist."""
-    path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
+def init_path(cfg):
+    folder = cfg.init or ("out/sft" if cfg.task == "add" else f"out/sft_{cfg.task}")
+    return folder if folder.endswith(".pt") else os.path.join(folder, "ckpt.pt")
+
+
+def load_init(cfg, tok, rank, given_model_flags, mcfg, device):
+    """The SFT checkpoint's model config and weights; a warm start makes one first if the folder
+    has none. A checkpoint of another task, digit count or model config is an error."""
+    path = init_path(cfg)
     if not os.path.exists(path):
+        if path.endswith(".pt") and not path.endswith("ckpt.pt"):
+            raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for a run folder)")
         if rank == 0:
             print(f"no SFT checkpoint at {path}: making one with a short SFT warm start "
                   f"(at most {cfg.warmstart_steps} steps, stopping at {cfg.warmstart_target_acc:.0%} held-out accuracy)")
         argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps", str(cfg.warmstart_steps),
                 "--target_acc", str(cfg.warmstart_target_acc), "--eval_every", "25", "--samples", "0",
-                "--out_dir", os.path.dirname(path), "--seed", str(cfg.seed)]
+                "--out_dir", os.path.dirname(path) or ".", "--seed", str(cfg.seed)]
         argv += [f"--{k}={getattr(mcfg, k)}" for k in sorted(given_model_flags)]
         train_sft.main(argv + (["--quiet"] if cfg.quiet else []))
     ckpt = common.load_checkpoint(path)
     common.check_tokenizer(ckpt, tok, path)
+    trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
+    if trained["task"] != cfg.task or (cfg.task != "mul" and trained["n_digits"] != cfg.n_digits):
+        raise common.CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
+                                     f"digits, not {cfg.task} with {cfg.n_digits}: pass --init with an SFT run of this task")
     saved = ModelConfig(**ckpt["model_config"])
     bad = [k for k in given_model_flags if getattr(saved, k) != getattr(mcfg, k)]
     if bad:
@@ -217,18 +304,20 @@ def main(argv=None):
     data_rng = random.Random(cfg.seed + rank)  # each rank its own prompt stream
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     model_flags = given & {f for f in ModelConfig.__dataclass_fields__}
+    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     try:
-        policy, mcfg = load_init(cfg, tok, rank, world, device, model_flags, mcfg)
+        if cfg.resume:  # the run's own checkpoint holds everything, the model config included
+            ckpt = common.load_checkpoint(ckpt_path)
+            common.check_tokenizer(ckpt, tok, ckpt_path)
+            mcfg = ModelConfig(**ckpt["model_config"])
+            policy = Transformer(mcfg).to(device)
+        else:
+            policy, mcfg = load_init(cfg, tok, rank, model_flags, mcfg, device)
     except common.CheckpointError as e:
         common.die(str(e))
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
     if cfg.resume:
-        try:
-            ckpt = common.load_checkpoint(ckpt_path)
-        except common.CheckpointError as e:
-            common.die(str(e))
         ignore = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir",
                   "init", "warmstart_steps", "warmstart_target_acc"}
         bad = common.mismatched_fields(ckpt["config"], common.config_dict(cfg), ignore)
@@ -237,7 +326,7 @@ def main(argv=None):
         policy.load_state_dict(ckpt["model"])
         ref.load_state_dict(ckpt["ref"])
         opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["rng"][rank]
+        state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
         common.set_rng_state(state, data_rng)
         gen.set_state(state["generator"])
         start = ckpt["step"]
@@ -248,7 +337,7 @@ def main(argv=None):
     if main_proc:
         os.makedirs(cfg.out_dir, exist_ok=True)
         common.save_run_config(cfg.out_dir, grpo=cfg, model=mcfg)
-    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, append=cfg.resume)
+    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, start if cfg.resume else None)
 
     def evaluate(step, k=0):
         if not main_proc:
@@ -283,8 +372,9 @@ def main(argv=None):
             timer.lap()
         if cfg.ref_reset_every > 0 and step > 0 and step % cfg.ref_reset_every == 0:
             ref.load_state_dict(policy.state_dict())  # iterative GRPO: the reference follows the policy
+        lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            group["lr"] = lr
 
         # ---- rollouts with pi_old, rewards, advantages
         problems = [task.sample(data_rng) for _ in range(cfg.batch_size // world)]
@@ -292,23 +382,16 @@ def main(argv=None):
         mask = r.completion_mask * keep[:, None].float()  # filtered groups weigh nothing
         adv = adv.to(device)
         N, L = mask.shape
-        mb_rows = [torch.arange(i, N, cfg.num_minibatches) for i in range(cfg.num_minibatches)]  # mixes groups
-        # ---- pi_old and pi_ref log-probs, from the same forward the update will use (ratio exactly 1 at first)
-        policy.eval()  # same numbers as train mode, but these forwards must not count router loads
-        with torch.no_grad(), common.autocast(device):
-            old_logp = torch.zeros(N, L, device=device)
-            ref_logp = torch.zeros(N, L, device=device)
-            for rows_ in mb_rows:
-                old_logp[rows_] = completion_logprobs(policy, r, rows_, device)[0]
-                ref_logp[rows_] = completion_logprobs(ref, r, rows_, device)[0]
-        policy.train()
+        batches = micro_batches(N, cfg)
+        old_logp, ref_logp, routes = old_and_ref_logprobs(model, policy, ref, r, batches, cfg, device)
         gap = ((old_logp - r.logprobs.to(device)).abs() * mask).max().item()  # sampler vs trainer (PITFALLS 8)
 
-        # ---- num_iterations passes of minibatch updates
-        stats, n_updates = update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, mb_rows, cfg,
-                                         max_new, device)
+        # ---- num_iterations passes of minibatch updates, then one router-bias update for the step
+        stats, n_updates = update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, batches, cfg,
+                                         max_new, device, old_routes=routes)
         if stats is None:
             common.die(f"non-finite gradient norm at step {step}; the last good checkpoint ({ckpt_path}) was kept")
+        stats.update(policy.update_router_biases())  # once per rollout: routing stays put across its updates
         dt = timer.lap()
         local = {"reward_sum": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "n": float(N),
                  "zero_std": zero_std.float().sum().item(), "groups": float(zero_std.numel()),
@@ -320,7 +403,9 @@ def main(argv=None):
                   "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
                   "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
                   "logprob_gap": gap, "updates": n_updates,
-                  **{k: tot[k] / world for k in ("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm")}}
+                  "loss": tot["loss"],  # each rank's loss is its share of the global total
+                  **{k: tot[k] / world for k in ("kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm",
+                                                 "routing_flips", "maxvio_mean", "maxvio_max")}}
         if record["loss"] != record["loss"]:
             common.die(f"non-finite loss at step {step}; the last good checkpoint ({ckpt_path}) was kept")
         log.log(record)

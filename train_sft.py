@@ -87,9 +87,10 @@ def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
     parts = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
     for i, (x, y, m) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext(), common.autocast(device):
-            _, loss = model(x, y, m, num_tokens=counts["tokens"], num_seqs=counts["seqs"])
-        (loss * world).backward()  # DDP averages gradients over ranks; the counts are already global
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with common.autocast(device):
+                _, loss = model(x, y, m, num_tokens=counts["tokens"], num_seqs=counts["seqs"])
+            (loss * world).backward()  # DDP averages gradients over ranks; the counts are already global
         parts["loss"] += loss.item()
         for k in ("ce", "mtp", "balance"):
             parts[k] += raw_model.loss_parts[k].item()
@@ -158,7 +159,7 @@ def main(argv=None):
             c = param_counts(raw_model)
             print(f"SFT on {task.name} ({device}, world {world}): {c['total']:,} params, "
                   f"{c['active_per_token']:,} active per token; steps {start}->{cfg.steps}")
-    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, append=cfg.resume)
+    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, start if cfg.resume else None)
 
     def checkpoint(step):
         rngs = [None] * world

@@ -132,3 +132,11 @@ def test_multistep_step_correctness():
 def test_unknown_task_is_clear():
     with pytest.raises(ValueError, match="unknown task 'div'"):
         tasks.get_task("div")
+
+
+def test_strict_decode_keeps_specials_visible(tok):
+    ids = tok.encode("09") + [tok.pad_id, tok.bos_id] + tok.encode("59") + [tok.eos_id] + tok.encode("1")
+    assert tok.decode(ids) == "0959"
+    strict = tok.decode(ids, strict=True)
+    assert strict == "09??59" and len(strict) == 6  # one character per token, so step indices hold
+    assert tasks.Addition(3).reward(strict, tasks.Problem("500+459=", "0959", 959)) == 0.0

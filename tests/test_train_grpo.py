@@ -48,7 +48,7 @@ def test_grpo_step_moves_logprobs_with_the_advantage():
     cfg = train_grpo.GRPOConfig(num_generations=2, beta=0.0)
     before = (old * r.completion_mask).sum(1)
     stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, ref_lp,
-                                        [torch.arange(2)], cfg, 6, CPU)
+                                        train_grpo.micro_batches(2, cfg), cfg, 6, CPU)
     after = (logps(policy, r) * r.completion_mask).sum(1)
     assert n == 1
     assert after[0] > before[0] and after[1] < before[1]
@@ -64,7 +64,7 @@ def test_clipping_binds_after_several_updates():
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
     cfg = train_grpo.GRPOConfig(num_generations=4, num_iterations=6)
     stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, old.clone(),
-                                        [torch.arange(8)], cfg, 6, CPU)
+                                        train_grpo.micro_batches(8, cfg), cfg, 6, CPU)
     assert n == 6 and stats["clip_low"] + stats["clip_high"] > 0 and stats["kl"] > 0
 
 
@@ -84,10 +84,11 @@ def test_filter_zero_std_masks_flat_groups():
     assert torch.equal(adv[~keep], torch.zeros(int((~keep).sum())))
 
 
-def _split_step(policy, r, adv, keep, old, ref, cfg, rows):
+def _split_step(policy, r, adv, keep, old, ref, cfg):
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # not Adam: see test_train_sft.fresh
     mask = r.completion_mask * keep[:, None].float()
-    return train_grpo.update_policy(policy, policy, opt, r, adv, mask, keep, old, ref, rows, cfg, 6, CPU)
+    batches = train_grpo.micro_batches(mask.size(0), cfg)
+    return train_grpo.update_policy(policy, policy, opt, r, adv, mask, keep, old, ref, batches, cfg, 6, CPU)
 
 
 def fixed_rollout():
@@ -105,9 +106,9 @@ def test_grad_accumulation_equals_one_batch(loss_type):
     ref = old - 0.1
     cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
     a = tiny_policy(seed=1)
-    _split_step(a, r, adv, keep, old, ref, cfg, [torch.arange(8)])
+    _split_step(a, r, adv, keep, old, ref, cfg)
     b = tiny_policy(seed=1)
-    _split_step(b, r, adv, keep, old, ref, replace(cfg, grad_accum=2), [torch.arange(8)])
+    _split_step(b, r, adv, keep, old, ref, replace(cfg, grad_accum=2))
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
 
@@ -123,7 +124,7 @@ def _ddp_grpo(rank, world, path, loss_type, batch):
     cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     train_grpo.update_policy(model, policy, opt, local, adv[half], local.completion_mask, keep[half], old[half],
-                             old[half] - 0.1, [torch.arange(4)], cfg, 6, CPU)
+                             old[half] - 0.1, train_grpo.micro_batches(4, cfg), cfg, 6, CPU)
     if rank == 0:
         torch.save(policy.state_dict(), path)
 
@@ -135,8 +136,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, loss_type):
     run_on_two_ranks(_ddp_grpo, path, loss_type, batch)
     r, adv, keep, old = batch
     single = tiny_policy(seed=1)
-    _split_step(single, r, adv, keep, old, old - 0.1, train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type),
-                [torch.arange(8)])
+    _split_step(single, r, adv, keep, old, old - 0.1, train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type))
     got = torch.load(path)
     for n, p in single.state_dict().items():
         torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=n)
@@ -195,7 +195,45 @@ def test_process_supervision_run(tmp_path):
     assert 0.0 <= last["greedy_acc"] <= 1.0
 
 
+def test_init_from_another_task_is_an_error(sft_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--task", "sub", "--n_digits", "2", "--out_dir", str(tmp_path)])
+    assert "was trained on task add with 2 digits, not sub" in capsys.readouterr().err
+
+
 def test_init_with_other_model_flags_is_an_error(sft_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--dim", "48", "--out_dir", str(tmp_path)])
+        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--n_digits", "2", "--dim", "48", "--out_dir", str(tmp_path)])
     assert "another model config in: dim" in capsys.readouterr().err
+
+
+def test_old_logprobs_give_ratio_one_and_no_routing_flips_before_updates():
+    """PITFALLS 7/12: pi_old from the same micro-batches as the update: the first ratio is exactly 1
+    and no routing decision has flipped; later updates of the same rollout flip some."""
+    policy = tiny_policy()
+    ref = tiny_policy()
+    r, _, _, keep = rollout_batch(policy, n_prompts=2, G=4)
+    cfg = train_grpo.GRPOConfig(num_generations=4, grad_accum=2, num_minibatches=2, num_iterations=1)
+    batches = train_grpo.micro_batches(8, cfg)
+    old, ref_lp, routes = train_grpo.old_and_ref_logprobs(policy, policy, ref, r, batches, cfg, CPU)
+    assert set(routes) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # no movement: ratio 1, no flips
+    stats, _ = train_grpo.update_policy(policy, policy, opt, r, torch.ones(8), r.completion_mask, keep, old, ref_lp,
+                                        batches, cfg, 6, CPU, old_routes=routes)
+    assert stats["ratio"] == 1.0 and stats["routing_flips"] == 0.0
+    opt = torch.optim.SGD(policy.parameters(), lr=50.0)  # large steps: the second minibatch sees new routes
+    adv = torch.tensor([1.0, -1.0] * 4)
+    stats, _ = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, ref_lp,
+                                        batches, cfg, 6, CPU, old_routes=routes)
+    assert stats["routing_flips"] > 0
+
+
+def test_process_step_rewards_penalise_missing_steps():
+    task = tasks.MultiStep(3, 2)
+    p = tasks.Problem("12+34+56=", "12+34=46,46+56=102", 102)
+    texts = ["12+34=46,46+56=102", "12+34=46", "12+34=47,47+56=103"]
+    steps, ends = train_grpo.step_rewards(task, texts, [p] * 3, [True, True, True], L=30)
+    assert steps == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    assert ends == [[7, 17], [7, 8], [7, 17]]  # the missing step ends at the end token (index 8)
+    steps, ends = train_grpo.step_rewards(task, ["12+34=46,4"], [p], [False], L=10)  # truncated
+    assert steps == [[1.0, 0.0]] and ends == [[7, 9]]

@@ -43,7 +43,7 @@ def test_make_batch_masks_prompt_and_aligns_targets():
         assert torch.equal(targets[i, :-1][idx[i, 1:] != tok.pad_id], idx[i, 1:][idx[i, 1:] != tok.pad_id])
         masked = targets[i][mask[i] == 1].tolist()
         assert masked[-1] == tok.eos_id  # the end token is learnt
-        assert tok.decode(masked) == str(eval_sum(text))  # only the answer (+ <eos>) is learnt
+        assert int(tok.decode(masked)) == eval_sum(text)  # only the answer (+ <eos>) is learnt
         assert mask[i, :prompt_len - 1].sum() == 0
 
 
