@@ -129,9 +129,13 @@ def all_reduce_sum(values, device):
     return dict(zip(keys, t.tolist()))
 
 
-def all_reduce_mean(values, device):
-    world = dist.get_world_size() if is_dist() else 1
-    return {k: v / world for k, v in all_reduce_sum(values, device).items()}
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (a one-element list without torchrun)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def autocast(device):

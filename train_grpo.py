@@ -31,6 +31,7 @@ import rollout
 import tasks
 import train_sft
 from model import ModelConfig, Transformer
+from moe import MoE
 
 
 @dataclass
@@ -167,8 +168,9 @@ def completion_logprobs(model, r, rows, device, temperature=1.0):
 
 
 def routed_experts(policy):
-    """The experts each MoE layer chose in the last forward: list of (n, S, K) tensors."""
-    return [m.last_indices for m in policy.moe_layers()]
+    """The experts each MoE layer of the main model chose in its last forward: list of (n, S, K)
+    tensors (the MTP modules do not run without targets)."""
+    return [layer.ffn.last_indices for layer in policy.layers if isinstance(layer.ffn, MoE)]
 
 
 def flipped_fraction(before, after, valid):
@@ -350,12 +352,7 @@ def main(argv=None):
         return m
 
     def checkpoint(step):
-        state = {**common.rng_state(data_rng), "generator": gen.get_state()}
-        states = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(states, state)
-        else:
-            states = [state]
+        states = common.gather_objects({**common.rng_state(data_rng), "generator": gen.get_state()})
         if main_proc:
             common.save_checkpoint(ckpt_path, {
                 "model": policy.state_dict(), "ref": ref.state_dict(), "optimizer": opt.state_dict(), "step": step,

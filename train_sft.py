@@ -162,12 +162,7 @@ def main(argv=None):
     log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, start if cfg.resume else None)
 
     def checkpoint(step):
-        rngs = [None] * world
-        state = common.rng_state(data_rng)
-        if world > 1:
-            torch.distributed.all_gather_object(rngs, state)
-        else:
-            rngs = [state]
+        rngs = common.gather_objects(common.rng_state(data_rng))  # every rank's streams
         if main_proc:
             common.save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
