@@ -41,7 +41,7 @@ class GRPOConfig:
     init: str = ""  # SFT run folder (or .pt file) to start from; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
     warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
-    steps: int = 200  # GRPO steps (one rollout batch each)
+    steps: int = 800  # GRPO steps (one rollout batch each)
     batch_size: int = 32  # prompts per step, over all ranks
     num_generations: int = 8  # G: completions per prompt (a group)
     num_iterations: int = 1  # mu: passes over each rollout batch
