@@ -129,6 +129,15 @@ def all_reduce_sum(values, device):
     return dict(zip(keys, t.tolist()))
 
 
+def all_gather_cat(t):
+    """Concatenate an equal-shaped tensor from every rank along dim 0 (identity without torchrun)."""
+    if not is_dist():
+        return t
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out)
+
+
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] (a one-element list without torchrun)."""
     if not is_dist():
@@ -215,6 +224,26 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
         raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys {sorted(required)})")
     return ckpt
+
+
+def load_init(path, tok, task, n_digits, given_model_flags, mcfg, device):
+    """The model of an SFT checkpoint that DPO / GRPO / PPO start from (--init), with its config.
+    A checkpoint of another task or digit count, or whose model config differs from a model flag
+    given on the command line, is an error."""
+    from model import ModelConfig, Transformer
+    ckpt = load_checkpoint(path)
+    check_tokenizer(ckpt, tok, path)
+    trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
+    if trained["task"] != task or (task != "mul" and trained["n_digits"] != n_digits):
+        raise CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
+                              f"digits, not {task} with {n_digits}: pass --init with an SFT run of this task")
+    saved = ModelConfig(**ckpt["model_config"])
+    bad = [k for k in given_model_flags if getattr(saved, k) != getattr(mcfg, k)]
+    if bad:
+        raise CheckpointError(f"--init {path} has another model config in: {', '.join(sorted(bad))}")
+    model = Transformer(saved).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, saved
 
 
 def check_tokenizer(ckpt, tok, path):

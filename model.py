@@ -15,7 +15,6 @@
 Shape legend: B batch, T query time, S key time (cache length), D dim, H heads, V vocabulary,
 C kv_lora_rank, R qk_rope_head_dim, P qk_nope_head_dim, E v_head_dim.
 """
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -302,7 +301,13 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def moe_layers(self):
+        """Every MoE layer, the MTP modules' included."""
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def routed_experts(self):
+        """The experts each MoE layer of the main model chose in its last forward: a list of
+        (B, T, K) index tensors (for logging routing flips in RL, PITFALLS 12)."""
+        return [layer.ffn.last_indices for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def new_cache(self, batch_size, max_len, impl="absorbed"):
         """Preallocated per-layer caches for incremental decoding (rollout.py)."""

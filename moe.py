@@ -128,3 +128,11 @@ def max_violation(load):
     """MaxVio = (max_i load_i - mean load) / mean load (0 = perfectly balanced)."""
     mean = load.float().mean()
     return ((load.float().max() - mean) / mean.clamp_min(1e-9)).item()
+
+
+def flipped_fraction(before, after, valid):
+    """Fraction of routing decisions (token x layer) whose expert set differs between two forwards
+    of the same tokens (PITFALLS 12). before, after: lists over layers of (n, S, K) expert indices;
+    valid: (n, S) bool, the real tokens."""
+    flips = [((b.sort(-1)[0] != a.sort(-1)[0]).any(-1) & valid).sum() for b, a in zip(before, after)]
+    return float(sum(flips)) / max(1.0, float(valid.sum()) * len(flips))

@@ -30,8 +30,8 @@ import losses
 import rollout
 import tasks
 import train_sft
+import moe
 from model import ModelConfig, Transformer
-from moe import MoE
 
 
 @dataclass
@@ -122,7 +122,7 @@ def make_rollouts(policy, task, tok, problems, cfg, max_new_tokens, generator):
     rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
     if cfg.supervision == "outcome":
         # Under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std.
-        everything = all_gather_rewards(rewards)
+        everything = common.all_gather_cat(rewards)
         adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
         rank = torch.distributed.get_rank() if common.is_dist() else 0
         adv = adv[rank * N:(rank + 1) * N]
@@ -149,14 +149,6 @@ def step_rewards(task, texts, problems, ended, L):
     return steps, ends
 
 
-def all_gather_rewards(rewards):
-    if not common.is_dist():
-        return rewards
-    out = [torch.zeros_like(rewards) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(out, rewards)
-    return torch.cat(out)
-
-
 def completion_logprobs(model, r, rows, device, temperature=1.0):
     """log pi(o_t | q, o_<t) of the completion tokens of `rows` from one full forward: (n, L), and the
     logits. Logits are divided by the sampling temperature, so pi is the distribution sampled from."""
@@ -165,18 +157,6 @@ def completion_logprobs(model, r, rows, device, temperature=1.0):
     P = r.prompt_ids.size(1)
     logits = logits[:, P - 1:-1] / temperature  # (n, L, V): position P-1+t predicts completion token t
     return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
-
-
-def routed_experts(policy):
-    """The experts each MoE layer of the main model chose in its last forward: list of (n, S, K)
-    tensors (the MTP modules do not run without targets)."""
-    return [layer.ffn.last_indices for layer in policy.layers if isinstance(layer.ffn, MoE)]
-
-
-def flipped_fraction(before, after, valid):
-    """PITFALLS 12: fraction of (token, layer) routing decisions whose expert set changed. valid: (n, S)."""
-    flips = [((b.sort(-1)[0] != a.sort(-1)[0]).any(-1) & valid).sum() for b, a in zip(before, after)]
-    return float(sum(flips)) / max(1.0, float(valid.sum()) * len(flips))
 
 
 def micro_batches(N, cfg):
@@ -197,7 +177,7 @@ def old_and_ref_logprobs(model, policy, ref, r, batches, cfg, device):
         for i, micro in enumerate(batches):
             for j, rows in enumerate(micro):
                 old[rows] = completion_logprobs(model, r, rows, device, cfg.temperature)[0]
-                routes[i, j] = routed_experts(policy)
+                routes[i, j] = policy.routed_experts()
                 ref_lp[rows] = completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
     policy.train()
     return old, ref_lp, routes
@@ -235,7 +215,7 @@ def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, ba
                     stats[key] += m[key] / len(micro)
                 if old_routes is not None and (i, j) in old_routes:
                     valid = r.sequences()[1][mrows].to(device)  # (n, S) real tokens
-                    stats["routing_flips"] += flipped_fraction(old_routes[i, j], routed_experts(policy), valid)
+                    stats["routing_flips"] += moe.flipped_fraction(old_routes[i, j], policy.routed_experts(), valid)
                     n_flips += 1
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
@@ -275,19 +255,7 @@ def load_init(cfg, tok, rank, given_model_flags, mcfg, device):
                 "--out_dir", os.path.dirname(path) or ".", "--seed", str(cfg.seed)]
         argv += [f"--{k}={getattr(mcfg, k)}" for k in sorted(given_model_flags)]
         train_sft.main(argv + (["--quiet"] if cfg.quiet else []))
-    ckpt = common.load_checkpoint(path)
-    common.check_tokenizer(ckpt, tok, path)
-    trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
-    if trained["task"] != cfg.task or (cfg.task != "mul" and trained["n_digits"] != cfg.n_digits):
-        raise common.CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
-                                     f"digits, not {cfg.task} with {cfg.n_digits}: pass --init with an SFT run of this task")
-    saved = ModelConfig(**ckpt["model_config"])
-    bad = [k for k in given_model_flags if getattr(saved, k) != getattr(mcfg, k)]
-    if bad:
-        raise common.CheckpointError(f"--init {path} has another model config in: {', '.join(sorted(bad))}")
-    model = Transformer(saved).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, saved
+    return common.load_init(path, tok, cfg.task, cfg.n_digits, given_model_flags, mcfg, device)
 
 
 def main(argv=None):
