@@ -122,7 +122,7 @@ def make_rollouts(policy, task, tok, problems, cfg, max_new_tokens, generator):
     rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
     if cfg.supervision == "outcome":
         # Under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std.
-        everything = common.all_gather_cat(rewards)
+        everything = common.all_gather_cat(rewards.to(r.completion_mask.device)).cpu()  # nccl needs CUDA tensors
         adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
         rank = torch.distributed.get_rank() if common.is_dist() else 0
         adv = adv[rank * N:(rank + 1) * N]
