@@ -1,5 +1,7 @@
 import json
+import os
 import random
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -168,7 +170,10 @@ def sft_ckpt(tmp_path_factory):
     return str(out)
 
 
-def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path):
+def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path, monkeypatch):
+    # A barely trained model is never right; a reward that depends on the text (not on being right)
+    # gives the groups variance, so the policy really moves and the checks below can fail.
+    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
     flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "4", "--ckpt_every", "2",
                          "--num_iterations", "2", "--num_minibatches", "2", "--ref_reset_every", "2"]
     full, first, last = train_grpo.main(flags + ["--out_dir", str(tmp_path / "a")])
@@ -181,9 +186,17 @@ def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path):
         assert key in steps[0]
     assert steps[0]["logprob_gap"] < 1e-4
     train_grpo.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at", "2"])
+    at_2 = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert at_2["step"] == 2
     resumed, _, _ = train_grpo.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume"])
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
+    # iterative GRPO: the reference was reset to the policy of step 2, then stayed put
+    at_4 = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    init = torch.load(os.path.join(sft_ckpt, "ckpt.pt"), weights_only=False)["model"]
+    assert not all(torch.equal(at_2["model"][k], init[k]) for k in init)
+    assert all(torch.equal(at_4["ref"][k], at_2["model"][k]) for k in at_2["model"])
+    assert not all(torch.equal(at_4["ref"][k], at_4["model"][k]) for k in at_4["model"])
 
 
 def test_process_supervision_run(tmp_path):
