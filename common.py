@@ -84,6 +84,15 @@ def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+# Fields that may change between a run and its resumption: they steer the run, not the result.
+RUN_ONLY_FIELDS = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir"}
+
+
+def resume_mismatches(ckpt, cfg, extra_ignore=()):
+    """Fields of cfg (a train script's config) that differ from the resumed checkpoint's."""
+    return mismatched_fields(ckpt["config"], config_dict(cfg), RUN_ONLY_FIELDS | set(extra_ignore))
+
+
 def mismatched_fields(saved, current, ignore=()):
     """Names of fields whose values differ between two config dicts."""
     keys = (set(saved) | set(current)) - set(ignore)
@@ -186,6 +195,11 @@ def rng_state(data_rng):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def rng_for_rank(states, rank):
+    """This rank's saved RNG states (rank 0's if the run was saved with fewer ranks)."""
+    return states[rank] if rank < len(states) else states[0]
+
+
 def set_rng_state(state, data_rng):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -230,11 +244,12 @@ def load_init(path, tok, task, n_digits, given_model_flags, mcfg, device):
     """The model of an SFT checkpoint that DPO / GRPO / PPO start from (--init), with its config.
     A checkpoint of another task or digit count, or whose model config differs from a model flag
     given on the command line, is an error."""
+    import tasks
     from model import ModelConfig, Transformer
     ckpt = load_checkpoint(path)
     check_tokenizer(ckpt, tok, path)
     trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
-    if trained["task"] != task or (task != "mul" and trained["n_digits"] != n_digits):
+    if trained["task"] != task or (tasks.takes_n_digits(task) and trained["n_digits"] != n_digits):
         raise CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
                               f"digits, not {task} with {n_digits}: pass --init with an SFT run of this task")
     saved = ModelConfig(**ckpt["model_config"])

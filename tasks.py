@@ -239,9 +239,17 @@ _STEP = re.compile(r"-?[0-9]+\+-?[0-9]+=-?[0-9]+")
 TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "multistep": MultiStep}
 
 
-def get_task(name, **kwargs):
+def takes_n_digits(name):
+    """Whether a task's size is its n_digits (multiplication keeps its own 2-by-2 digits)."""
+    return name != "mul"
+
+
+def get_task(name, n_digits=None, **kwargs):
+    """A task by name; n_digits goes to the tasks that take it (see takes_n_digits)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    if n_digits is not None and takes_n_digits(name):
+        kwargs["n_digits"] = n_digits
     return TASKS[name](**kwargs)
 
 

@@ -193,7 +193,7 @@ def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, ba
     world = torch.distributed.get_world_size() if common.is_dist() else 1
     stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm", "routing_flips"), 0.0)
     n_updates, n_flips = 0, 0
-    for it in range(cfg.num_iterations):
+    for _ in range(cfg.num_iterations):
         for i, micro in enumerate(batches):
             rows_ = torch.cat(micro)
             # the divisor of the whole minibatch over all ranks: sequences, tokens, or sequences x length limit
@@ -268,7 +268,7 @@ def main(argv=None):
     if rows % (cfg.num_minibatches * cfg.grad_accum):
         common.die(f"{rows} completions per rank do not split into {cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches")
     tok = tasks.Tokenizer()
-    task = tasks.get_task(cfg.task, **({} if cfg.task == "mul" else {"n_digits": cfg.n_digits}))
+    task = tasks.get_task(cfg.task, cfg.n_digits)
     eval_problems = task.eval_set(cfg.eval_size)
     max_new = cfg.max_new_tokens or max(len(p.completion) for p in eval_problems) + 2
     data_rng = random.Random(cfg.seed + rank)  # each rank its own prompt stream
@@ -288,15 +288,13 @@ def main(argv=None):
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     if cfg.resume:
-        ignore = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir",
-                  "init", "warmstart_steps", "warmstart_target_acc"}
-        bad = common.mismatched_fields(ckpt["config"], common.config_dict(cfg), ignore)
+        bad = common.resume_mismatches(ckpt, cfg, extra_ignore=("init", "warmstart_steps", "warmstart_target_acc"))
         if bad:
             common.die(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
         policy.load_state_dict(ckpt["model"])
         ref.load_state_dict(ckpt["ref"])
         opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+        state = common.rng_for_rank(ckpt["rng"], rank)
         common.set_rng_state(state, data_rng)
         gen.set_state(state["generator"])
         start = ckpt["step"]

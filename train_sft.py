@@ -111,7 +111,7 @@ def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
 
 
 def main(argv=None):
-    (cfg, mcfg), given = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
+    (cfg, mcfg), _ = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
     owns_dist = not common.is_dist()  # a caller (train_grpo's warm start) may have set it up already
     rank, world, device = common.setup_dist()
     common.setup_torch(cfg.seed, device)
@@ -121,7 +121,7 @@ def main(argv=None):
     tok = tasks.Tokenizer()
     if mcfg.vocab_size != tok.vocab_size:
         common.die(f"vocab_size {mcfg.vocab_size} does not match the tokenizer's {tok.vocab_size}")
-    task = tasks.get_task(cfg.task, **({} if cfg.task == "mul" else {"n_digits": cfg.n_digits}))
+    task = tasks.get_task(cfg.task, cfg.n_digits)
     eval_problems = task.eval_set(cfg.eval_size)
     data_rng = random.Random(cfg.seed + rank)  # each rank its own problem stream
 
@@ -136,14 +136,13 @@ def main(argv=None):
             common.check_tokenizer(ckpt, tok, ckpt_path)
         except common.CheckpointError as e:
             common.die(str(e))
-        ignore = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir"}
-        bad = common.mismatched_fields(ckpt["config"], common.config_dict(cfg), ignore)
+        bad = common.resume_mismatches(ckpt, cfg)
         bad += common.mismatched_fields(ckpt["model_config"], common.config_dict(mcfg))
         if bad:
             common.die(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        common.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], data_rng)
+        common.set_rng_state(common.rng_for_rank(ckpt["rng"], rank), data_rng)
         start = ckpt["step"]
     raw_model = model
     if cfg.compile:

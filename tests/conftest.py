@@ -22,3 +22,13 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def one_line_cli_error(main, argv, capsys):
+    """Run a train script's main on bad flags: it must exit with code 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
