@@ -1,17 +1,22 @@
-"""Plumbing every train script shares: config flags, torchrun setup, checkpoints, metrics, schedule.
+"""Plumbing every train script shares: config flags and their checks, torchrun setup, data streams,
+checkpoints, the run folder (lock, config, metrics), graceful stop, schedule.
 
 The training loops themselves stay written out in each train_*.py; this file holds only what would
 otherwise be copied into each of them.
 """
 import argparse
 import dataclasses
+import glob
+import hashlib
 import io
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -84,6 +89,58 @@ def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None):
+    """Raise one ValueError naming every bad field of a config dataclass (each a --flag): every float
+    must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1], and
+    `choices` maps a field to its allowed values. Call it from __post_init__."""
+    errors = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            errors.append(f"--{f.name} must be a finite number, got {v}")
+        elif f.name in positive and v <= 0:
+            errors.append(f"--{f.name} must be > 0, got {v}")
+        elif f.name in non_negative and v < 0:
+            errors.append(f"--{f.name} must be >= 0, got {v}")
+        elif f.name in fractions and not 0 <= v <= 1:
+            errors.append(f"--{f.name} must be in [0, 1], got {v}")
+        elif f.name in (choices or {}) and v not in choices[f.name]:
+            errors.append(f"--{f.name} must be one of {', '.join(map(str, choices[f.name]))}; got {v!r}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def check_out_dir(path):
+    """Raise ValueError if `path` cannot hold a run: it, or a folder above it, is a file, or its
+    checkpoint path is taken by something that is not a file. Creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out_dir {path} is a file, not a folder")
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"--out_dir {path} lies under {parent}, which is a file")
+    if not os.access(parent or ".", os.W_OK):
+        raise ValueError(f"--out_dir {path}: {parent or '.'} is not writable")
+    ckpt = os.path.join(path, "ckpt.pt")
+    if os.path.exists(ckpt) and not os.path.isfile(ckpt):
+        raise ValueError(f"--out_dir {path}: {ckpt} exists and is not a file")
+
+
+def check_lengths(task, max_seq_len, max_new_tokens=None):
+    """Raise ValueError unless the task's longest sequence fits the model: `<bos> prompt completion
+    <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and max_new_tokens leaves
+    room for the longest reference answer and its end token."""
+    prompt, completion = task.max_lengths()
+    needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
+    if needed > max_seq_len:
+        raise ValueError(f"--max_seq_len {max_seq_len} is too short for task {task.name} with {task.n_digits} "
+                         f"digits: its longest sequence has {needed} tokens")
+    if max_new_tokens is not None and max_new_tokens < completion + 1:
+        raise ValueError(f"--max_new_tokens {max_new_tokens} is shorter than the longest answer of task {task.name} "
+                         f"({completion} tokens and an end token): it could never be written")
+
+
 # Fields that may change between a run and its resumption: they steer the run, not the result.
 RUN_ONLY_FIELDS = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir"}
 
@@ -128,6 +185,14 @@ def is_dist():
     return dist.is_available() and dist.is_initialized()
 
 
+def rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
 def all_reduce_sum(values, device):
     """Sum a dict of floats over ranks (identity without torchrun)."""
     if not is_dist():
@@ -170,6 +235,23 @@ def setup_torch(seed, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data streams
+
+
+def stream_seed(seed, stage, rank, part=""):
+    """A 63-bit seed for one stream of random draws, distinct for every (seed, stage, rank, part):
+    SFT, GRPO, DPO and PPO (`stage`) never replay each other's problems from the same --seed, and
+    no two ranks share a stream."""
+    digest = hashlib.sha256(f"{seed}/{stage}/{rank}/{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def data_rng(seed, stage, rank):
+    """The problem stream of one stage on one rank."""
+    return random.Random(stream_seed(seed, stage, rank))
+
+
+# ----------------------------------------------------------------------------------------------
 # Schedule
 
 
@@ -189,29 +271,54 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def rng_state(data_rng):
+def rng_state(data_rng, generator=None):
+    """This rank's random state: torch, numpy, python, its problem stream and its sampling generator."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "data": data_rng.getstate(),
+            "data": data_rng.getstate(), "generator": None if generator is None else generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def rng_for_rank(states, rank):
-    """This rank's saved RNG states (rank 0's if the run was saved with fewer ranks)."""
-    return states[rank] if rank < len(states) else states[0]
-
-
-def set_rng_state(state, data_rng):
+def set_rng_state(state, data_rng, generator=None):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     data_rng.setstate(state["data"])
+    if generator is not None:
+        generator.set_state(state["generator"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(states, rank, world, seed, stage, step, data_rng, generator=None):
+    """Resume this rank's random state from a checkpoint's per-rank `states`. On the world size the
+    run was saved with, exactly (bitwise resume). On another one the saved streams cannot be split or
+    merged: every rank starts fresh streams seeded by (seed, stage, rank, step), distinct across ranks
+    and from the run's earlier ones. Returns a note saying so in that case, else None."""
+    if len(states) == world:
+        set_rng_state(states[rank], data_rng, generator)
+        return None
+    part = f"resumed at step {step} on {world} ranks"
+    data_rng.seed(stream_seed(seed, stage, rank, part))
+    torch.manual_seed(stream_seed(seed, stage, rank, part + "/torch"))
+    if generator is not None:
+        generator.manual_seed(stream_seed(seed, stage, rank, part + "/sampling"))
+    return (f"the run was saved on {len(states)} rank(s) and resumes on {world}: every rank draws a fresh "
+            f"problem stream from step {step} on, so the run is not bitwise the one it would have been")
+
+
+def non_finite(named_tensors):
+    """The name of the first tensor holding a NaN or an infinity, or None. named_tensors: (name,
+    tensor) pairs, as from a state_dict's items()."""
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
 def save_checkpoint(path, payload):
     """Atomic: write a temporary file in the same folder, flush it to disk, then os.replace. A kill at
-    any moment leaves either the old checkpoint or the new one, never a torn file."""
+    any moment leaves either the old checkpoint or the new one, never a torn file. torch.save writes a
+    zip archive in which every record carries a CRC32: load_checkpoint verifies them."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     buf = io.BytesIO()
@@ -224,14 +331,28 @@ def save_checkpoint(path, payload):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by save_checkpoint, with one-line errors for missing or bad files."""
+    """Load a checkpoint written by save_checkpoint (a run folder means its ckpt.pt), with one-line
+    errors for missing or bad files. Every record's CRC32 is checked first: torch.load does not, and
+    a few flipped bytes would otherwise load as silently wrong weights or optimiser state."""
     if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
+        inner = os.path.join(path, "ckpt.pt")
+        if not os.path.isfile(inner):
+            raise CheckpointError(f"{path} is a folder with no checkpoint file ckpt.pt in it")
+        path = inner
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # not a zip at all: truncated, empty, random bytes
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                              f"delete it or point to another") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: record {bad} fails its CRC32 check; "
+                              f"delete it or point to another")
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, random bytes, unpickling junk: all one clear message
+    except Exception as e:  # unpickling junk: one clear message
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                               f"delete it or point to another") from None
     required = {"model", "model_config", "config", "step", "tokenizer"}
@@ -242,23 +363,36 @@ def load_checkpoint(path, map_location="cpu"):
 
 def load_init(path, tok, task, n_digits, given_model_flags, mcfg, device):
     """The model of an SFT checkpoint that DPO / GRPO / PPO start from (--init), with its config.
-    A checkpoint of another task or digit count, or whose model config differs from a model flag
-    given on the command line, is an error."""
-    import tasks
+    A checkpoint that is not an SFT run's, of another task or digit count, or whose model config
+    differs from a model flag given on the command line, is an error."""
     from model import ModelConfig, Transformer
     ckpt = load_checkpoint(path)
     check_tokenizer(ckpt, tok, path)
+    check_kind(ckpt, "sft", f"--init {path}")
     trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
-    if trained["task"] != task or (tasks.takes_n_digits(task) and trained["n_digits"] != n_digits):
+    if trained != {"task": task, "n_digits": n_digits}:
         raise CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
                               f"digits, not {task} with {n_digits}: pass --init with an SFT run of this task")
-    saved = ModelConfig(**ckpt["model_config"])
-    bad = [k for k in given_model_flags if getattr(saved, k) != getattr(mcfg, k)]
-    if bad:
-        raise CheckpointError(f"--init {path} has another model config in: {', '.join(sorted(bad))}")
-    model = Transformer(saved).to(device)
+    check_model_flags(ckpt, given_model_flags, mcfg, f"--init {path}")
+    model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
-    return model, saved
+    return model, ModelConfig(**ckpt["model_config"])
+
+
+def check_model_flags(ckpt, given_model_flags, mcfg, what):
+    """A model flag given on the command line must agree with the checkpoint's model config (the
+    checkpoint decides the model; a silently ignored flag would be a lie)."""
+    bad = sorted(k for k in given_model_flags if ckpt["model_config"].get(k) != getattr(mcfg, k))
+    if bad:
+        raise CheckpointError(f"{what} has another model config in: " +
+                              ", ".join(f"{k} ({ckpt['model_config'].get(k)}, not {getattr(mcfg, k)})" for k in bad))
+
+
+def check_kind(ckpt, kind, what):
+    """A checkpoint must come from the script that expects it (an SFT run for --init, a GRPO run for
+    train_grpo.py --resume, ...)."""
+    if ckpt.get("kind") != kind:
+        raise CheckpointError(f"{what} is a {ckpt.get('kind', 'unknown')} checkpoint, not a {kind} run's")
 
 
 def check_tokenizer(ckpt, tok, path):
@@ -267,37 +401,147 @@ def check_tokenizer(ckpt, tok, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
+# The run folder: lock, config, metrics
 
 
-class MetricsLog:
-    """One JSON line per step in <run folder>/metrics.jsonl (rank 0 only). Resuming from step k keeps
-    the lines of steps <= k and drops those a killed run wrote after its last checkpoint."""
+class RunFolderBusy(RuntimeError):
+    pass
 
-    def __init__(self, path, enabled=True, resume_step=None):
-        self.f = None
+
+def lock_run_folder(out_dir):
+    """Take an exclusive lock on out_dir/.lock (a POSIX lock: held by this process until it closes
+    the file or exits, even by kill -9). Raises RunFolderBusy naming the process that holds it."""
+    import fcntl
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFolderBusy(f"{out_dir} is in use by another run (pid {holder}): wait for it to end "
+                            f"or pass another --out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+class NonFiniteState(RuntimeError):
+    pass
+
+
+class RunFolder:
+    """Rank 0's run folder: locked for the run (a second run into it fails at once), stale temporary
+    checkpoint files of killed writes removed, config.json written and metrics.jsonl opened. Open it
+    only once every flag and input has been checked, so that a run that fails on bad input touches
+    nothing. On other ranks it writes nothing (save still checks the state is finite)."""
+
+    def __init__(self, out_dir, enabled, resume_step=None, **configs):
+        self.out_dir, self.enabled, self.lock, self.f = out_dir, enabled, None, None
+        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        self.saved_step = resume_step  # the step of the last checkpoint this run wrote or resumed from
         if not enabled:
             return
-        kept = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.f = open(path, "w")
-        self.f.writelines(kept)
+        os.makedirs(out_dir, exist_ok=True)
+        self.lock = lock_run_folder(out_dir)
+        for tmp in glob.glob(self.ckpt_path + ".tmp.*"):
+            os.remove(tmp)  # a killed write's leftovers; nothing else writes here while we hold the lock
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({k: config_dict(v) for k, v in configs.items()}, f, indent=2)
+        self.f = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resume_step)
 
-    def log(self, record):
+    def log(self, record, kind="train"):
         if self.f is not None:
-            self.f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
-            self.f.flush()
+            self.f.log(record, kind)
+
+    def save(self, step, payload):
+        """Write ckpt.pt atomically, unless a weight or an optimiser state is NaN or infinite: then
+        raise NonFiniteState and keep the last good checkpoint."""
+        bad = non_finite([*payload["model"].items(), *[(f"optimizer state of parameter {i}", t)
+                          for i, s in payload["optimizer"]["state"].items() for t in s.values()]])
+        if bad is not None:
+            raise NonFiniteState(f"non-finite values in {bad} after step {step}, not saved; {self.last_good()}")
+        if self.enabled:
+            save_checkpoint(self.ckpt_path, payload)
+        self.saved_step = step
+
+    def last_good(self):
+        if self.saved_step is None:
+            return "no checkpoint of this run was written"
+        return f"the last good checkpoint ({self.ckpt_path}, step {self.saved_step}) was kept"
 
     def close(self):
         if self.f is not None:
             self.f.close()
+        if self.lock is not None:
+            self.lock.close()
+        self.f = self.lock = None
 
 
-def save_run_config(out_dir, **configs):
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({k: config_dict(v) for k, v in configs.items()}, f, indent=2)
+class MetricsLog:
+    """One JSON line per (step, kind) in metrics.jsonl: kind "train" after each optimiser step, "eval"
+    for a held-out evaluation. Resuming from a checkpoint of step k keeps the lines of steps <= k
+    (every one of them was logged before that checkpoint was written) and drops what a killed run
+    wrote after it, a torn last line included, so the file reads the same whatever the history of
+    kills and resumes."""
+
+    def __init__(self, path, resume_step=None):
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line torn by a kill
+        self.f = open(path, "w")
+        self.f.writelines(kept)
+        self.f.flush()
+
+    def log(self, record, kind):
+        rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        self.f.write(json.dumps({"step": record["step"], "kind": kind, **rounded}) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+class GracefulStop:
+    """On SIGINT (Ctrl-C) or SIGTERM, let the current step finish, then the loop writes a checkpoint
+    and exits. A second signal stops at once. Use as a context manager around the loop; ask
+    `requested()` once per step (under torchrun every rank asks, so all stop at the same step)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, h in self.previous.items():  # the next signal gets the default behaviour: stop now
+            signal.signal(s, h)
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def requested(self, device):
+        got = float(self.signum is not None)
+        return (all_reduce_sum({"stop": got}, device)["stop"] if is_dist() else got) > 0
+
+    def exit(self, out_dir, step, hint):
+        """Print where the checkpoint is and how to go on, then exit with 128 + the signal number."""
+        name = signal.Signals(self.signum).name if self.signum else "signal"
+        print(f"stopped by {name} after step {step}: checkpoint saved in {out_dir}; {hint}", file=sys.stderr)
+        cleanup_dist()
+        sys.exit(128 + (self.signum or signal.SIGINT))
 
 
 def die(message):

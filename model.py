@@ -244,10 +244,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x, freqs_cis, mask, cache=None, start_pos=0):
+    def forward(self, x, freqs_cis, mask, cache=None, start_pos=0, token_mask=None):
         x = x + self.attn(self.attn_norm(x), freqs_cis, mask, cache, start_pos)
-        h = self.ffn(self.ffn_norm(x))
-        h, aux = h if isinstance(self.ffn, MoE) else (h, x.new_zeros((), dtype=torch.float32))
+        if isinstance(self.ffn, MoE):
+            h, aux = self.ffn(self.ffn_norm(x), token_mask)  # padding counts in no router load
+        else:
+            h, aux = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
         return x + h, aux
 
 
@@ -266,9 +268,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=cfg.n_layers > cfg.n_dense_layers)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev, emb_next, freqs_cis, mask):
+    def forward(self, h_prev, emb_next, freqs_cis, mask, token_mask=None):
         x = self.proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T-k, D)
-        return self.block(x, freqs_cis, mask)
+        return self.block(x, freqs_cis, mask, token_mask=token_mask)
 
 
 def mtp_slices(T, k):
@@ -328,7 +330,8 @@ class Transformer(nn.Module):
         targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it counts.
         positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded batches pass
         their own so that each row's first real token sits at position 0.
-        pad_mask: (B, start_pos + T) bool, False for padding keys (default: all valid).
+        pad_mask: (B, start_pos + T) bool, False for padding tokens (default: none): they are never
+        attended to, and the MoE routers count only real tokens in their loads and balance loss.
         cache: from new_cache(); the new tokens are written at [start_pos, start_pos + T).
         Returns (logits (B, T, V), loss or None), plus the final normed hidden states (B, T, D) if
         return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses.
@@ -352,10 +355,11 @@ class Transformer(nn.Module):
             # A padding query may see nothing valid; letting every query see itself avoids NaN rows.
             mask = (causal[None] & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)  # (B, 1, T, S)
 
+        real = None if pad_mask is None else pad_mask[:, start_pos:].bool()  # (B, T) the new tokens that are real
         h = self.embed(idx)  # (B, T, D)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            h, aux = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos)
+            h, aux = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos, real)
             balance = balance + aux
         hidden = self.norm(h)
         logits = self.head(hidden)  # (B, T, V)
@@ -364,30 +368,32 @@ class Transformer(nn.Module):
             if num_tokens is None:
                 num_tokens = B * T if loss_mask is None else loss_mask.sum().clamp_min(1)
             ce = masked_sum(-token_logprobs(logits, targets), loss_mask) / num_tokens
-            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens)
+            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens, real)
             balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)  # MoE gives a mean over B
             loss = ce + self.cfg.mtp_lambda * mtp + balance
             self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
-    def mtp_forward(self, idx, h, freqs_cis, mask=None):
+    def mtp_forward(self, idx, h, freqs_cis, mask=None, real=None):
         """Run the MTP depths on the main model's last hidden state h = h^0 (B, T, D, before the final
-        norm). Yields (k, logits (B, T-k, V) predicting t_{i+k+1} at position i, balance loss)."""
+        norm); real: (B, T) bool real-token mask or None. Yields (k, logits (B, T-k, V) predicting
+        t_{i+k+1} at position i, balance loss)."""
         T = idx.size(1)
         for k, module in enumerate(self.mtp, start=1):
             if T <= k:
                 return
             hs, es, _ = mtp_slices(T, k)
             m = None if mask is None else mask[:, :, hs, hs]
-            h, aux = module(h[:, hs], self.embed(idx[:, es]), freqs_cis[:, hs], m)  # (B, T-k, D)
+            r = None if real is None else real[:, hs] & real[:, es]  # (B, T-k) both inputs real
+            h, aux = module(h[:, hs], self.embed(idx[:, es]), freqs_cis[:, hs], m, r)  # (B, T-k, D)
             yield k, self.head(module.norm(h)), aux
 
-    def _mtp_loss(self, idx, h, targets, loss_mask, freqs_cis, mask, num_tokens):
+    def _mtp_loss(self, idx, h, targets, loss_mask, freqs_cis, mask, num_tokens, real=None):
         """mean_k CE_k over the MTP depths (V3 eq. 24-25, without lambda), and their balance losses.
         As in V3 eq. 24, every depth divides by the main loss's token count, though depth k scores
         the targets from position k on only."""
         total = balance = h.new_zeros((), dtype=torch.float32)
-        for k, logits, aux in self.mtp_forward(idx, h, freqs_cis, mask):
+        for k, logits, aux in self.mtp_forward(idx, h, freqs_cis, mask, real):
             ts = mtp_slices(idx.size(1), k)[2]
             total = total + masked_sum(-token_logprobs(logits, targets[:, ts]),
                                        None if loss_mask is None else loss_mask[:, ts]) / num_tokens
@@ -397,8 +403,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def update_router_biases(self):
         """Aux-loss-free bias update for every MoE layer (after an optimiser step); returns the mean
-        and the largest MaxVio of the step's loads over the layers."""
-        vios = [max_violation(m.update_bias(self.cfg.bias_update_speed)) for m in self.moe_layers()]
+        and the largest MaxVio of the step's loads over the layers that routed tokens in the step
+        (the MTP module's layer routes none in a forward without targets, as in RL: not a 0)."""
+        loads = [m.update_bias(self.cfg.bias_update_speed) for m in self.moe_layers()]
+        vios = [max_violation(load) for load in loads if load.sum() > 0]
         if not vios:
             return {"maxvio_mean": 0.0, "maxvio_max": 0.0}
         return {"maxvio_mean": sum(vios) / len(vios), "maxvio_max": max(vios)}

@@ -77,8 +77,10 @@ class MoE(nn.Module):
         self.load = None
         self.last_indices = None
 
-    def forward(self, x):
-        """x: (B, T, D) -> (y (B, T, D), sequence-wise balance loss (scalar))."""
+    def forward(self, x, token_mask=None):
+        """x: (B, T, D); token_mask: (B, T) bool, False for padding (None: every token is real).
+        -> (y (B, T, D), sequence-wise balance loss (scalar)). Padding is routed like any token (its
+        output is never read) but counts neither in the loads nor in the balance loss."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         weights, indices, scores = self.gate(x_flat)  # (N, K), (N, K), (N, E)
@@ -94,28 +96,34 @@ class MoE(nn.Module):
         self.last_indices = indices.view(B, T, -1)  # for logging routing flips between forwards (RL)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            self.load = counts if self.load is None else self.load + counts
+            real = indices if token_mask is None else indices[token_mask.reshape(-1).bool()]  # (n, K)
+            load = torch.bincount(real.flatten(), minlength=self.n_routed_experts)  # (E,) real tokens only
+            self.load = load if self.load is None else self.load + load
             if self.alpha > 0:
-                aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+                aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), token_mask)
         return y.view(B, T, D), aux
 
-    def balance_loss(self, scores, indices):
+    def balance_loss(self, scores, indices, token_mask=None):
         """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences:
             L = alpha * sum_i f_i * P_i,
             f_i = E / (K T) * sum_t 1[expert i in top-k of token t]   (no gradient),
             P_i = 1/T * sum_t s'_{i,t},   s'_{i,t} = s_{i,t} / sum_j s_{j,t}.
-        scores: (B, T, E) unbiased router scores; indices: (B, T, K). Every position counts (padding too)."""
+        scores: (B, T, E) unbiased router scores; indices: (B, T, K); token_mask: (B, T), False for
+        padding: t runs over a sequence's real tokens only and T is their count."""
         B, T, E = scores.shape
-        chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0)  # (B, T, E)
-        f = chosen.sum(1) * E / (self.n_activated_experts * T)  # (B, E)
-        P = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        real = scores.new_ones(B, T, 1) if token_mask is None else token_mask.float().view(B, T, 1)  # (B, T, 1)
+        n_real = real.sum(1).clamp_min(1.0)  # (B, 1)
+        chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0) * real  # (B, T, E)
+        f = chosen.sum(1) * E / (self.n_activated_experts * n_real)  # (B, E)
+        P = (scores / scores.sum(-1, keepdim=True) * real).sum(1) / n_real  # (B, E)
         return self.alpha * (f * P).sum(-1).mean()
 
     @torch.no_grad()
     def update_bias(self, speed):
         """Aux-loss-free balancing, after an optimiser step: b_i += speed * sign(mean(load) - load_i).
         In DDP the loads are summed over ranks first, so every rank applies the same update.
-        Returns the step's load (E,) as float, for logging."""
+        Returns the step's load (E,) as float, for logging (all zeros if the layer routed no token,
+        as the MTP module's in a forward without targets)."""
         load = torch.zeros_like(self.gate.bias) if self.load is None else self.load.float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)

@@ -33,11 +33,28 @@ class Rollout:
     logprobs: torch.Tensor         # (N, L) float32 log-probs of the sampled tokens under the sampling distribution
 
     def sequences(self):
-        """(ids (N, P+L), attention mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
-        ready for a full forward pass whose logits[:, P-1:-1] score the completion."""
+        """(ids (N, P+L), real-token mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
+        ready for a full forward pass whose logits[:, P-1:-1] score the completion. The mask is False
+        on left padding and after the end token: those tokens are not attended to and not counted by
+        the MoE routers; no scored position depends on them (causal attention)."""
         ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-        mask = torch.cat([self.prompt_mask, torch.ones_like(self.completion_ids, dtype=torch.bool)], dim=1)
+        mask = torch.cat([self.prompt_mask, self.completion_mask.bool()], dim=1)
         return ids, mask, (mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+@dataclass
+class Experience:
+    """One RL step's rollout batch and what the update derives from it (GRPO-Zero's Episode, OpenRLHF's
+    Experience): the same object feeds GRPO's and PPO's updates. Rows are N = B*G completions."""
+    rollout: Rollout                       # prompts, completions, the sampler's log-probs
+    rewards: torch.Tensor                  # (N,) the task's (or a reward model's) score of each completion
+    advantages: torch.Tensor               # (N,) outcome or (N, L) per-token advantages
+    mask: torch.Tensor                     # (N, L) completion tokens that count in the loss (filtered rows: 0)
+    old_logp: torch.Tensor = None          # (N, L) log pi_old, the policy that sampled
+    ref_logp: torch.Tensor = None          # (N, L) log pi_ref, the frozen reference
+    routes: dict = None                    # experts pi_old routed each micro-batch to (PITFALLS 12)
+    values: torch.Tensor = None            # (N, L) PPO: the critic's V_old
+    returns: torch.Tensor = None           # (N, L) PPO: GAE returns
 
 
 def left_pad(prompts, pad_id, device):
@@ -51,11 +68,18 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model produced NaN or infinite logits: its weights have diverged."""
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row. logits: (N, V) -> (tokens (N,), log-probs (N,) under the distribution
     sampled from: softmax(logits / temperature) restricted to the top-k / top-p set). Greedy when
-    temperature == 0 (its log-prob is then the model's, temperature 1)."""
+    temperature == 0 (its log-prob is then the model's, temperature 1). top-p keeps the smallest set
+    of most likely tokens whose mass reaches top_p."""
     logits = logits.float()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("the model produced non-finite logits while sampling: its weights have diverged")
     if temperature == 0:
         tok = logits.argmax(-1)  # (N,)
         return tok, F.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
@@ -66,7 +90,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one already reach top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     logp = F.log_softmax(logits, -1)  # (N, V)
     tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
@@ -80,6 +104,8 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i."""
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError("num_generations and max_new_tokens must be >= 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
     device = model.freqs_cis.device
     prompts = [p for p in prompts for _ in range(num_generations)]
     ids, mask = left_pad(prompts, pad_id, device)  # (N, P)

@@ -6,9 +6,11 @@
   numbers, and a multi-step sum that writes every intermediate result (`12+34+56=` ->
   `12+34=46,46+56=102`) so each step can be checked (process supervision, DeepSeekMath 4.1.3).
 - Each task: a seeded sampler, a fixed held-out evaluation set that never overlaps the training
-  stream (a problem is held out iff a hash of its prompt falls in a fixed bucket), a strict answer
-  parser (a regex, never `eval`), an exact-answer reward (1.0 / 0.0) and, for the multi-step task,
-  a per-step correctness list.
+  stream (a problem is held out iff a hash of its canonical form falls in a fixed bucket: `a+b` and
+  `b+a` are one problem, so a held-out problem's commuted twin is never trained on), a strict answer
+  parser (a regex, never `eval`), an exact-answer reward (1.0 / 0.0) that is 1 exactly when the
+  parsed answer is right (so pass@k and maj@k agree with the reward on what is an answer) and, for
+  the multi-step task, a per-step correctness list.
 """
 import random
 import re
@@ -71,12 +73,13 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------
 # Strict parsing
 
-_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_INT = re.compile(r"0|-?[1-9][0-9]*")  # "-0" and "007" are malformed: one spelling per integer
 MAX_DIGITS = 12  # longer numbers are malformed, never converted (no huge-int work on junk)
+MAX_N_DIGITS = 6  # digits per operand at most: the largest answer (a 6x6-digit product) fits MAX_DIGITS
 
 
 def parse_int(text):
-    """Parse a whole string as one integer (optional '-', no leading zeros); None when malformed."""
+    """Parse a whole string as one integer (optional '-', no leading zeros, no '-0'); None when malformed."""
     if not isinstance(text, str) or len(text) > MAX_DIGITS + 1 or not _INT.fullmatch(text):
         return None
     return int(text)
@@ -93,37 +96,55 @@ class Problem:
 
 
 class Task:
-    """Base class: subclasses define `_make(rng) -> Problem`. Rewards parse strictly and never raise."""
+    """Base class: subclasses define `_make(rng) -> Problem` and `max_lengths()`. Rewards parse
+    strictly and never raise."""
     name = "task"
-    holdout_mod = 10  # one prompt in holdout_mod is held out of the training stream
+    holdout_mod = 10  # one problem in holdout_mod is held out of the training stream
+
+    def __init__(self, n_digits):
+        if isinstance(n_digits, bool) or not isinstance(n_digits, int) or not 1 <= n_digits <= MAX_N_DIGITS:
+            raise ValueError(f"n_digits must be between 1 and {MAX_N_DIGITS} for task {self.name}, got {n_digits}")
+        self.n_digits = n_digits
 
     def _make(self, rng):
         raise NotImplementedError
 
+    def max_lengths(self):
+        """(characters of the longest prompt, characters of the longest reference completion)."""
+        raise NotImplementedError
+
+    def canonical(self, prompt):
+        """The form of a prompt that decides the held-out split. Prompts with one canonical form are
+        one problem (`a+b=` and `b+a=`): they fall on the same side of the split."""
+        return prompt
+
     def is_held_out(self, prompt):
-        return zlib.crc32(prompt.encode()) % self.holdout_mod == 0
+        return zlib.crc32(self.canonical(prompt).encode()) % self.holdout_mod == 0
 
     def sample(self, rng):
         """One training problem from rng (a random.Random); never a held-out one."""
-        while True:
+        for _ in range(10_000):
             p = self._make(rng)
             if not self.is_held_out(p.prompt):
                 return p
+        raise RuntimeError(f"task {self.name} with n_digits={self.n_digits} has no training problem left")
 
     def eval_set(self, n=256, seed=1234):
-        """A fixed, deduplicated list of held-out problems (deterministic for a given n and seed)."""
+        """A fixed list of up to n distinct held-out problems (deterministic for a given n and seed;
+        fewer when the task has fewer, as 1-digit tasks do)."""
         rng, seen, out = random.Random(seed), set(), []
         for _ in range(200 * n):
             p = self._make(rng)
-            if self.is_held_out(p.prompt) and p.prompt not in seen:
-                seen.add(p.prompt)
+            key = self.canonical(p.prompt)
+            if self.is_held_out(p.prompt) and key not in seen:
+                seen.add(key)
                 out.append(p)
                 if len(out) == n:
                     break
         return out
 
     def parse_answer(self, completion):
-        """The final answer written in a completion, or None if the completion is malformed."""
+        """The final answer written in a well-formed completion, or None if it is malformed."""
         return parse_int(completion)
 
     def reward(self, completion, problem):
@@ -134,6 +155,11 @@ class Task:
             return 0.0
 
 
+def sorted_operands(prompt, op):
+    """`b+a=` -> `a+b` with the operands in numeric order: the canonical form of a commutative problem."""
+    return op.join(sorted(prompt.rstrip("=").split(op), key=int))
+
+
 class Addition(Task):
     """a + b with a, b < 10^n_digits. fixed_width (the default) zero-pads the operands to n digits and
     the answer to n+1 (`042+917=0959`): every answer digit then sits at a fixed offset from the
@@ -142,8 +168,15 @@ class Addition(Task):
     name = "add"
 
     def __init__(self, n_digits=3, fixed_width=True):
-        self.n_digits, self.fixed_width = n_digits, fixed_width
+        super().__init__(n_digits)
+        self.fixed_width = fixed_width
         self._answer = re.compile(f"[0-9]{{{n_digits + 1}}}")
+
+    def max_lengths(self):
+        return 2 * self.n_digits + 2, self.n_digits + 1
+
+    def canonical(self, prompt):
+        return sorted_operands(prompt, "+")
 
     def _make(self, rng):
         a, b = rng.randrange(10 ** self.n_digits), rng.randrange(10 ** self.n_digits)
@@ -160,10 +193,15 @@ class Addition(Task):
 
 
 class Subtraction(Task):
+    """a - b with a, b < 10^n_digits; the answer may be negative. Not commutative: a-b and b-a are
+    different problems (answers of opposite sign)."""
     name = "sub"
 
     def __init__(self, n_digits=3):
-        self.n_digits = n_digits
+        super().__init__(n_digits)
+
+    def max_lengths(self):
+        return 2 * self.n_digits + 2, self.n_digits + 1  # "-999"
 
     def _make(self, rng):
         a, b = rng.randrange(10 ** self.n_digits), rng.randrange(10 ** self.n_digits)
@@ -171,14 +209,21 @@ class Subtraction(Task):
 
 
 class Multiplication(Task):
+    """a * b with a, b < 10^n_digits."""
     name = "mul"
 
-    def __init__(self, n_digits=2, m_digits=2):
-        self.n_digits, self.m_digits = n_digits, m_digits
+    def __init__(self, n_digits=2):
+        super().__init__(n_digits)
 
     def _make(self, rng):
-        a, b = rng.randrange(10 ** self.n_digits), rng.randrange(10 ** self.m_digits)
+        a, b = rng.randrange(10 ** self.n_digits), rng.randrange(10 ** self.n_digits)
         return Problem(f"{a}*{b}=", str(a * b), a * b)
+
+    def max_lengths(self):
+        return 2 * self.n_digits + 2, 2 * self.n_digits
+
+    def canonical(self, prompt):
+        return sorted_operands(prompt, "*")
 
 
 class MultiStep(Task):
@@ -186,8 +231,17 @@ class MultiStep(Task):
     name = "multistep"
 
     def __init__(self, n_terms=3, n_digits=2):
-        assert n_terms >= 2, "a multi-step sum needs at least two terms"
-        self.n_terms, self.n_digits = n_terms, n_digits
+        super().__init__(n_digits)
+        if n_terms < 2:
+            raise ValueError(f"a multi-step sum needs at least two terms, got {n_terms}")
+        self.n_terms = n_terms
+
+    def max_lengths(self):
+        top = [10 ** self.n_digits - 1] * self.n_terms  # the largest terms write the longest numbers
+        return len("+".join(map(str, top))) + 1, len(",".join(self.reference_steps(top)))
+
+    def canonical(self, prompt):
+        return sorted_operands(prompt, "+")  # the multiset of terms: the same sum in another order
 
     def _make(self, rng):
         terms = [rng.randrange(10 ** self.n_digits) for _ in range(self.n_terms)]
@@ -202,18 +256,14 @@ class MultiStep(Task):
         return steps
 
     def parse_answer(self, completion):
-        if not isinstance(completion, str) or "=" not in completion:
-            return None
-        return parse_int(completion.rsplit("=", 1)[1])
-
-    def reward(self, completion, problem):
-        """Outcome reward: the last step's result must be the sum and every step well formed."""
+        """The last step's result, if every step is well formed (`a+b=c`, comma-separated); else None.
+        The outcome reward is 1 iff this is the sum."""
         if not isinstance(completion, str) or not completion:
-            return 0.0
+            return None
         steps = completion.split(",")
         if any(_STEP.fullmatch(s) is None for s in steps):
-            return 0.0
-        return super().reward(completion, problem)
+            return None
+        return parse_int(steps[-1].rsplit("=", 1)[1])
 
     def step_correctness(self, completion, problem):
         """One bool per step the completion writes: step j is correct iff it equals the j-th
@@ -237,20 +287,14 @@ class MultiStep(Task):
 _STEP = re.compile(r"-?[0-9]+\+-?[0-9]+=-?[0-9]+")
 
 TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "multistep": MultiStep}
+DEFAULT_DIGITS = {"add": 3, "sub": 3, "mul": 2, "multistep": 2}  # what --n_digits 0 means
 
 
-def takes_n_digits(name):
-    """Whether a task's size is its n_digits (multiplication keeps its own 2-by-2 digits)."""
-    return name != "mul"
-
-
-def get_task(name, n_digits=None, **kwargs):
-    """A task by name; n_digits goes to the tasks that take it (see takes_n_digits)."""
+def get_task(name, n_digits=0, **kwargs):
+    """A task by name with n_digits digits per operand (0 or None: the task's default)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    if n_digits is not None and takes_n_digits(name):
-        kwargs["n_digits"] = n_digits
-    return TASKS[name](**kwargs)
+    return TASKS[name](n_digits=n_digits or DEFAULT_DIGITS[name], **kwargs)
 
 
 def encode_problem(tok, problem, with_completion=True):

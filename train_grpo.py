@@ -12,11 +12,11 @@ policy (pi_old), score them with the task's exact-answer reward, turn rewards in
 advantages, get log-probs under pi_old and the frozen reference pi_ref, then run `num_iterations`
 passes of minibatch updates on the clipped objective (losses.grpo_loss). `ref_reset_every` M > 0
 sets pi_ref <- pi every M steps (iterative GRPO). Without an SFT checkpoint at --init, a short SFT
-warm start (train_sft.py) makes one first.
+warm start (train_sft.py) makes one first. GRPO draws its prompts from its own stream, never the
+warm start's. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
 """
 import copy
 import os
-import random
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,17 +27,17 @@ from tqdm import tqdm
 
 import common
 import losses
+import moe
 import rollout
 import tasks
 import train_sft
-import moe
 from model import ModelConfig, Transformer
 
 
 @dataclass
 class GRPOConfig:
     task: str = "add"  # add, sub, mul or multistep (process supervision needs multistep)
-    n_digits: int = 3  # digits per operand (add, sub, multistep)
+    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # SFT run folder (or .pt file) to start from; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
     warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
@@ -62,7 +62,7 @@ class GRPOConfig:
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
     ref_reset_every: int = 0  # iterative GRPO: pi_ref <- pi every M steps (0 = never)
     temperature: float = 1.0  # sampling temperature of the rollouts
-    max_new_tokens: int = 0  # completion length limit (0 = longest reference + 2)
+    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     mla_impl: str = "absorbed"  # MLA decode path of the rollouts: absorbed or naive
     eval_every: int = 25  # steps between held-out greedy evaluations
     eval_size: int = 256  # held-out problems per evaluation
@@ -70,7 +70,8 @@ class GRPOConfig:
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
     samples: int = 3  # sampled completions printed at each evaluation
     ckpt_every: int = 50  # steps between checkpoints (and at the end)
-    seed: int = 0  # seed (rank r draws prompts from seed + r)
+    collapse_patience: int = 50  # stop with an error after this many steps in a row of zero reward and zero gradient (0 = never)
+    seed: int = 0  # seed of the problem and sampling streams (one per stage and rank)
     out_dir: str = "out/grpo"  # run folder: ckpt.pt, metrics.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to the end
@@ -78,29 +79,25 @@ class GRPOConfig:
     quiet: bool = False  # no progress bar or printed samples
 
     def __post_init__(self):
+        common.check_config(
+            self, positive=("warmstart_steps", "steps", "batch_size", "num_iterations", "num_minibatches", "grad_accum",
+                            "lr", "epsilon", "temperature", "eval_every", "eval_size", "pass_k", "ckpt_every"),
+            non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high", "ref_reset_every",
+                          "max_new_tokens", "samples", "stop_at", "collapse_patience"),
+            fractions=("warmstart_target_acc", "min_lr_ratio"),
+            choices={"task": tuple(tasks.TASKS), "loss_type": ("grpo", "dapo", "dr_grpo"),
+                     "scale_rewards": ("group", "batch", "none"), "supervision": ("outcome", "process"),
+                     "mla_impl": ("absorbed", "naive")})
         if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2: with G={self.num_generations} every advantage "
+            raise ValueError(f"--num_generations must be >= 2: with G={self.num_generations} every advantage "
                              "is r - mean(r) = 0 and GRPO learns nothing")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0 (got {self.epsilon}): the ratio would be clipped to exactly 1 "
-                             "and every gradient would vanish")
-        if self.epsilon_high < 0:
-            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
-        if self.supervision not in ("outcome", "process"):
-            raise ValueError(f"supervision must be outcome or process, got {self.supervision!r}")
         if self.supervision == "process" and self.task != "multistep":
-            raise ValueError("process supervision needs per-step rewards: use --task multistep")
-        if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
-            raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
-        for name in ("num_iterations", "num_minibatches", "grad_accum", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampled rollouts, got {self.temperature}")
+            raise ValueError("--supervision process needs per-step rewards: use --task multistep")
         if self.pass_n < self.pass_k:
-            raise ValueError(f"pass@k needs pass_n >= pass_k, got {self.pass_n} < {self.pass_k}")
+            raise ValueError(f"pass@k needs --pass_n >= --pass_k, got {self.pass_n} < {self.pass_k}")
+        task = tasks.get_task(self.task, self.n_digits)
+        self.n_digits = task.n_digits  # 0 -> the task's default
+        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2  # room for the end token and one more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,31 +105,32 @@ class GRPOConfig:
 
 
 @torch.no_grad()
-def make_rollouts(policy, task, tok, problems, cfg, max_new_tokens, generator):
-    """Generate G completions per problem and score them. Returns the Rollout, the rewards (N,), the
-    advantages ((N,) outcome or (N, L) process), the keep mask (N,) of DAPO filtering, the
-    zero-variance flag of each group (N/G,) and the completion texts."""
+def make_rollouts(policy, task, tok, problems, cfg, generator, device):
+    """Generate G completions per problem with pi_old and score them. Returns the Experience (rollout,
+    rewards (N,), advantages ((N,) outcome or (N, L) process), loss mask (N, L) with DAPO-filtered
+    groups zeroed), the zero-variance flag of each group (N/G,) and the completion texts."""
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
-    r = rollout.generate(policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=cfg.num_generations,
-                         max_new_tokens=max_new_tokens, temperature=cfg.temperature, generator=generator,
-                         mla_impl=cfg.mla_impl)
+    with common.autocast(device):  # sample in the precision the trainer scores in (bf16 on CUDA)
+        r = rollout.generate(policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=cfg.num_generations,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
+                             mla_impl=cfg.mla_impl)
     G, texts = cfg.num_generations, rollout.decode_completions(tok, r)
     N, L = r.completion_ids.shape
     group_of = [problems[i // G] for i in range(N)]
     rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
     if cfg.supervision == "outcome":
         # Under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std.
-        everything = common.all_gather_cat(rewards.to(r.completion_mask.device)).cpu()  # nccl needs CUDA tensors
+        everything = common.all_gather_cat(rewards.to(device)).cpu()  # nccl needs CUDA tensors
         adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
-        rank = torch.distributed.get_rank() if common.is_dist() else 0
-        adv = adv[rank * N:(rank + 1) * N]
+        adv = adv[common.rank() * N:(common.rank() + 1) * N]
         zero_std = rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)  # (N/G,)
     else:
         steps, ends = step_rewards(task, texts, group_of, r.ended.tolist(), L)
         adv = losses.process_advantages(steps, ends, G, L, unbiased_std=cfg.unbiased_std)
         zero_std = adv.view(-1, G, L).abs().amax(dim=(1, 2)) == 0  # exactly what process_advantages zeroes
     keep = (~zero_std).repeat_interleave(G) if cfg.filter_zero_std else torch.ones(N, dtype=torch.bool)
-    return r, rewards, adv, keep.to(r.completion_mask.device), zero_std, texts
+    mask = r.completion_mask * keep[:, None].to(device).float()  # filtered groups weigh nothing
+    return rollout.Experience(r, rewards, adv.to(device), mask), zero_std, texts
 
 
 def step_rewards(task, texts, problems, ended, L):
@@ -166,56 +164,55 @@ def micro_batches(N, cfg):
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(model, policy, ref, r, batches, cfg, device):
-    """log-probs under pi_old (the policy before this step's updates) and pi_ref, from the same
-    forwards on the same micro-batches that the update will run, so the first ratio is exactly 1;
-    also the experts the policy routed each micro-batch to (for PITFALLS 12)."""
-    N, L = r.completion_ids.shape
-    old, ref_lp, routes = torch.zeros(N, L, device=device), torch.zeros(N, L, device=device), {}
+def score_old_and_ref(model, policy, ref, exp, batches, cfg, device):
+    """Fill exp.old_logp (pi_old: the policy before this step's updates) and exp.ref_logp from the
+    same forwards on the same micro-batches that the update will run, so that the first ratio is
+    exactly 1, and exp.routes, the experts the policy routed each micro-batch to (PITFALLS 12)."""
+    r = exp.rollout
+    exp.old_logp, exp.ref_logp, exp.routes = torch.zeros_like(exp.mask), torch.zeros_like(exp.mask), {}
     policy.eval()  # same numbers as train mode, but these forwards must not count router loads
     with common.autocast(device):
         for i, micro in enumerate(batches):
             for j, rows in enumerate(micro):
-                old[rows] = completion_logprobs(model, r, rows, device, cfg.temperature)[0]
-                routes[i, j] = policy.routed_experts()
-                ref_lp[rows] = completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
+                exp.old_logp[rows] = completion_logprobs(model, r, rows, device, cfg.temperature)[0]
+                exp.routes[i, j] = policy.routed_experts()
+                exp.ref_logp[rows] = completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
     policy.train()
-    return old, ref_lp, routes
 
 
-def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, batches, cfg, max_new, device,
-                  old_routes=None):
+def update_policy(model, policy, opt, exp, batches, cfg, device):
     """`num_iterations` passes over the rollout batch, one optimiser step per minibatch, each
     accumulated over its micro-batches (`batches`, from micro_batches). Every micro-batch divides by
     its whole minibatch's normaliser over all ranks, so accumulation and DDP give the big batch's
     gradient (PITFALLS 3). Returns (mean stats over the updates, number of updates), or (None, n)
     on a non-finite gradient."""
-    world = torch.distributed.get_world_size() if common.is_dist() else 1
+    world, mask = common.world_size(), exp.mask
     stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm", "routing_flips"), 0.0)
     n_updates, n_flips = 0, 0
     for _ in range(cfg.num_iterations):
         for i, micro in enumerate(batches):
-            rows_ = torch.cat(micro)
+            rows = torch.cat(micro)
             # the divisor of the whole minibatch over all ranks: sequences, tokens, or sequences x length limit
-            kept = float(keep[rows_].sum())
-            denom = {"grpo": kept, "dapo": mask[rows_].sum().item(), "dr_grpo": kept * max_new}[cfg.loss_type]
+            kept = float(mask[rows].any(1).sum())  # a filtered row has an all-zero mask
+            denom = {"grpo": kept, "dapo": mask[rows].sum().item(), "dr_grpo": kept * cfg.max_new_tokens}[cfg.loss_type]
             denom = common.all_reduce_sum({"d": denom}, device)["d"]
             if denom == 0:  # every group filtered everywhere: nothing to learn from this minibatch
                 continue
             for j, mrows in enumerate(micro):
                 sync = nullcontext() if j == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
                 with sync, common.autocast(device):
-                    logp, logits = completion_logprobs(model, r, mrows, device, cfg.temperature)
-                    loss, m = losses.grpo_loss(logp, old_logp[mrows], ref_logp[mrows], adv[mrows], mask[mrows],
-                                               cfg.epsilon, cfg.epsilon_high or None, cfg.beta, cfg.loss_type,
-                                               logits=logits.detach(), max_completion_len=max_new, normalizer=denom)
+                    logp, logits = completion_logprobs(model, exp.rollout, mrows, device, cfg.temperature)
+                    loss, m = losses.grpo_loss(logp, exp.old_logp[mrows], exp.ref_logp[mrows], exp.advantages[mrows],
+                                               mask[mrows], cfg.epsilon, cfg.epsilon_high or None, cfg.beta,
+                                               cfg.loss_type, logits=logits.detach(),
+                                               max_completion_len=cfg.max_new_tokens, normalizer=denom)
                     (loss * world).backward()  # DDP averages over ranks; denom is already global
                 stats["loss"] += loss.item()
                 for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
                     stats[key] += m[key] / len(micro)
-                if old_routes is not None and (i, j) in old_routes:
-                    valid = r.sequences()[1][mrows].to(device)  # (n, S) real tokens
-                    stats["routing_flips"] += moe.flipped_fraction(old_routes[i, j], policy.routed_experts(), valid)
+                if exp.routes is not None and (i, j) in exp.routes:
+                    valid = exp.rollout.sequences()[1][mrows].to(device)  # (n, S) real tokens
+                    stats["routing_flips"] += moe.flipped_fraction(exp.routes[i, j], policy.routed_experts(), valid)
                     n_flips += 1
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
@@ -225,8 +222,7 @@ def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, ba
             opt.zero_grad(set_to_none=True)
             stats["grad_norm"] += grad_norm.item()
             n_updates += 1
-    out = {k: v / max(n_updates, 1) for k, v in stats.items()}
-    out["loss"] = stats["loss"] / max(n_updates, 1)  # micro-batch losses already sum to their minibatch's
+    out = {k: v / max(n_updates, 1) for k, v in stats.items()}  # micro-batch losses already sum to their minibatch's
     out["routing_flips"] = stats["routing_flips"] / max(n_flips, 1)
     return out, n_updates
 
@@ -235,157 +231,161 @@ def update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, ba
 # Main
 
 
-def init_path(cfg):
-    folder = cfg.init or ("out/sft" if cfg.task == "add" else f"out/sft_{cfg.task}")
-    return folder if folder.endswith(".pt") else os.path.join(folder, "ckpt.pt")
-
-
-def load_init(cfg, tok, rank, given_model_flags, mcfg, device):
-    """The SFT checkpoint's model config and weights; a warm start makes one first if the folder
-    has none. A checkpoint of another task, digit count or model config is an error."""
-    path = init_path(cfg)
-    if not os.path.exists(path):
-        if path.endswith(".pt") and not path.endswith("ckpt.pt"):
-            raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for a run folder)")
-        if rank == 0:
-            print(f"no SFT checkpoint at {path}: making one with a short SFT warm start "
-                  f"(at most {cfg.warmstart_steps} steps, stopping at {cfg.warmstart_target_acc:.0%} held-out accuracy)")
-        argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps", str(cfg.warmstart_steps),
-                "--target_acc", str(cfg.warmstart_target_acc), "--eval_every", "25", "--samples", "0",
-                "--out_dir", os.path.dirname(path) or ".", "--seed", str(cfg.seed)]
-        argv += [f"--{k}={getattr(mcfg, k)}" for k in sorted(given_model_flags)]
-        train_sft.main(argv + (["--quiet"] if cfg.quiet else []))
-    return common.load_init(path, tok, cfg.task, cfg.n_digits, given_model_flags, mcfg, device)
-
-
 def main(argv=None):
     (cfg, mcfg), given = common.parse_config([GRPOConfig, ModelConfig], argv, __doc__)
+    owns_dist = not common.is_dist()  # a caller may have set it up already
     rank, world, device = common.setup_dist()
     common.setup_torch(cfg.seed, device)
-    if cfg.batch_size % world:
-        common.die(f"batch_size {cfg.batch_size} prompts do not divide over {world} ranks (a group must stay on one rank)")
-    rows = cfg.batch_size // world * cfg.num_generations  # completions per rank per step
-    if rows % (cfg.num_minibatches * cfg.grad_accum):
-        common.die(f"{rows} completions per rank do not split into {cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches")
-    tok = tasks.Tokenizer()
-    task = tasks.get_task(cfg.task, cfg.n_digits)
-    eval_problems = task.eval_set(cfg.eval_size)
-    max_new = cfg.max_new_tokens or max(len(p.completion) for p in eval_problems) + 2
-    data_rng = random.Random(cfg.seed + rank)  # each rank its own prompt stream
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    model_flags = given & {f for f in ModelConfig.__dataclass_fields__}
-    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
-    try:
+    tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+    model_flags = given & set(ModelConfig.__dataclass_fields__)
+    ckpt_path, start, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), 0, None
+    try:  # every check before anything is written (the warm start writes only to its own folder)
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch_size {cfg.batch_size} prompts do not divide over {world} ranks "
+                             "(a group must stay on one rank)")
+        rows = cfg.batch_size // world * cfg.num_generations  # completions per rank per step
+        if rows % (cfg.num_minibatches * cfg.grad_accum):
+            raise ValueError(f"{rows} completions per rank do not split into --num_minibatches "
+                             f"{cfg.num_minibatches} x --grad_accum {cfg.grad_accum}")
+        common.check_lengths(task, mcfg.max_seq_len, cfg.max_new_tokens)
+        common.check_out_dir(cfg.out_dir)
         if cfg.resume:  # the run's own checkpoint holds everything, the model config included
             ckpt = common.load_checkpoint(ckpt_path)
             common.check_tokenizer(ckpt, tok, ckpt_path)
-            mcfg = ModelConfig(**ckpt["model_config"])
+            common.check_kind(ckpt, "grpo", f"checkpoint {ckpt_path}")
+            common.check_model_flags(ckpt, model_flags, mcfg, f"checkpoint {ckpt_path}")
+            bad = common.resume_mismatches(ckpt, cfg, extra_ignore=("init", "warmstart_steps", "warmstart_target_acc"))
+            if bad:
+                raise ValueError(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+            mcfg, start = ModelConfig(**ckpt["model_config"]), ckpt["step"]
             policy = Transformer(mcfg).to(device)
         else:
-            policy, mcfg = load_init(cfg, tok, rank, model_flags, mcfg, device)
-    except common.CheckpointError as e:
+            policy, mcfg = train_sft.load_or_make_init(cfg, tok, model_flags, mcfg, device)
+        common.check_lengths(task, mcfg.max_seq_len, cfg.max_new_tokens)  # the checkpoint's model decides
+    except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
+    eval_problems = task.eval_set(cfg.eval_size)
+    data_rng = common.data_rng(cfg.seed, "grpo", rank)  # GRPO's own prompts, never the warm start's
+    gen = torch.Generator(device=device).manual_seed(common.stream_seed(cfg.seed, "grpo", rank, "sampling"))
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    if cfg.resume:
-        bad = common.resume_mismatches(ckpt, cfg, extra_ignore=("init", "warmstart_steps", "warmstart_target_acc"))
-        if bad:
-            common.die(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+    note = None
+    if ckpt is not None:
         policy.load_state_dict(ckpt["model"])
         ref.load_state_dict(ckpt["ref"])
         opt.load_state_dict(ckpt["optimizer"])
-        state = common.rng_for_rank(ckpt["rng"], rank)
-        common.set_rng_state(state, data_rng)
-        gen.set_state(state["generator"])
-        start = ckpt["step"]
+        note = common.restore_rng(ckpt["rng"], rank, world, cfg.seed, "grpo", start, data_rng, gen)
     model = torch.compile(policy) if cfg.compile else policy
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     main_proc = rank == 0
-    if main_proc:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        common.save_run_config(cfg.out_dir, grpo=cfg, model=mcfg)
-    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, start if cfg.resume else None)
+    try:
+        run = common.RunFolder(cfg.out_dir, main_proc, start if cfg.resume else None, grpo=cfg, model=mcfg)
+    except common.RunFolderBusy as e:
+        common.die(str(e))
+    if main_proc and note and not cfg.quiet:
+        print(f"note: {note}")
+
+    def fail(message):
+        run.close()
+        common.die(message)
 
     def evaluate(step, k=0):
         if not main_proc:
             return {}
-        m = rollout.evaluate(policy, tok, task, eval_problems, k=k, n_samples=cfg.pass_n, temperature=cfg.temperature,
-                             generator=torch.Generator(device=device).manual_seed(step), mla_impl=cfg.mla_impl)
-        log.log({"step": step, **{f"eval_{key}": v for key, v in m.items()}})
+        try:
+            m = rollout.evaluate(policy, tok, task, eval_problems, k=k, n_samples=cfg.pass_n, temperature=cfg.temperature,
+                                 generator=torch.Generator(device=device).manual_seed(step), mla_impl=cfg.mla_impl)
+        except rollout.NonFiniteLogits as e:
+            fail(f"{e} (at step {step}); {run.last_good()}")
+        run.log({"step": step, **{f"eval_{key}": v for key, v in m.items()}}, kind="eval")
         if not cfg.quiet:
             tqdm.write(f"step {step}: " + ", ".join(f"{key} {v:.3f}" for key, v in m.items()))
         return m
 
     def checkpoint(step):
-        states = common.gather_objects({**common.rng_state(data_rng), "generator": gen.get_state()})
-        if main_proc:
-            common.save_checkpoint(ckpt_path, {
-                "model": policy.state_dict(), "ref": ref.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "rng": states, "config": common.config_dict(cfg), "model_config": common.config_dict(mcfg),
-                "tokenizer": tok.definition(), "kind": "grpo"})
+        states = common.gather_objects(common.rng_state(data_rng, gen))
+        try:
+            run.save(step, {"model": policy.state_dict(), "ref": ref.state_dict(), "optimizer": opt.state_dict(),
+                            "step": step, "rng": states, "world_size": world, "config": common.config_dict(cfg),
+                            "model_config": common.config_dict(mcfg), "tokenizer": tok.definition(), "kind": "grpo"})
+        except common.NonFiniteState as e:
+            fail(str(e))
 
-    first = evaluate(start, k=cfg.pass_k) if start == 0 else {}
+    first = evaluate(0, k=cfg.pass_k) if start == 0 else {}
     stop = cfg.steps if cfg.stop_at <= 0 else min(cfg.steps, cfg.stop_at)
     bar = tqdm(range(start, stop), initial=start, total=stop, disable=not main_proc or cfg.quiet, dynamic_ncols=True)
-    timer, acc = common.Timer(), first.get("greedy_acc", float("nan"))
-    for step in bar:
-        if step > start and step % cfg.eval_every == 0:
-            acc = evaluate(step).get("greedy_acc", acc)
-            timer.lap()
-        if cfg.ref_reset_every > 0 and step > 0 and step % cfg.ref_reset_every == 0:
-            ref.load_state_dict(policy.state_dict())  # iterative GRPO: the reference follows the policy
-        lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    timer, acc, last, dead = common.Timer(), first.get("greedy_acc", float("nan")), {}, 0
+    with common.GracefulStop() as stopper:
+        for step in bar:
+            if cfg.ref_reset_every > 0 and step > 0 and step % cfg.ref_reset_every == 0:
+                ref.load_state_dict(policy.state_dict())  # iterative GRPO: the reference follows the policy
+            lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
 
-        # ---- rollouts with pi_old, rewards, advantages
-        problems = [task.sample(data_rng) for _ in range(cfg.batch_size // world)]
-        r, rewards, adv, keep, zero_std, texts = make_rollouts(policy, task, tok, problems, cfg, max_new, gen)
-        mask = r.completion_mask * keep[:, None].float()  # filtered groups weigh nothing
-        adv = adv.to(device)
-        N, L = mask.shape
-        batches = micro_batches(N, cfg)
-        old_logp, ref_logp, routes = old_and_ref_logprobs(model, policy, ref, r, batches, cfg, device)
-        gap = ((old_logp - r.logprobs.to(device)).abs() * mask).max().item()  # sampler vs trainer (PITFALLS 8)
+            # ---- rollouts with pi_old, rewards, advantages, then log-probs under pi_old and pi_ref
+            problems = [task.sample(data_rng) for _ in range(cfg.batch_size // world)]
+            try:
+                exp, zero_std, texts = make_rollouts(policy, task, tok, problems, cfg, gen, device)
+            except rollout.NonFiniteLogits as e:
+                fail(f"{e} (at step {step + 1}; lower --lr?); {run.last_good()}")
+            r, N = exp.rollout, exp.mask.size(0)
+            batches = micro_batches(N, cfg)
+            score_old_and_ref(model, policy, ref, exp, batches, cfg, device)
+            gap = ((exp.old_logp - r.logprobs.to(device)).abs() * exp.mask).max().item()  # sampler vs trainer (PITFALLS 8)
 
-        # ---- num_iterations passes of minibatch updates, then one router-bias update for the step
-        stats, n_updates = update_policy(model, policy, opt, r, adv, mask, keep, old_logp, ref_logp, batches, cfg,
-                                         max_new, device, old_routes=routes)
-        if stats is None:
-            common.die(f"non-finite gradient norm at step {step}; the last good checkpoint ({ckpt_path}) was kept")
-        stats.update(policy.update_router_biases())  # once per rollout: routing stays put across its updates
-        dt = timer.lap()
-        local = {"reward_sum": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "n": float(N),
-                 "zero_std": zero_std.float().sum().item(), "groups": float(zero_std.numel()),
-                 "length": r.completion_mask.sum().item(), "truncated": (~r.ended).float().sum().item(),
-                 **stats}
-        tot = common.all_reduce_sum(local, device)
-        mean_r = tot["reward_sum"] / tot["n"]
-        record = {"step": step + 1, "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
-                  "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
-                  "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
-                  "logprob_gap": gap, "updates": n_updates,
-                  "loss": tot["loss"],  # each rank's loss is its share of the global total
-                  **{k: tot[k] / world for k in ("kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm",
-                                                 "routing_flips", "maxvio_mean", "maxvio_max")}}
-        if record["loss"] != record["loss"]:
-            common.die(f"non-finite loss at step {step}; the last good checkpoint ({ckpt_path}) was kept")
-        log.log(record)
-        bar.set_postfix(reward=f"{mean_r:.3f}", acc=f"{acc:.3f}", kl=f"{record['kl']:.4f}", zero_std=f"{record['zero_std_frac']:.2f}", refresh=False)
-        if main_proc and not cfg.quiet and cfg.samples and (step + 1) % cfg.eval_every == 0:
-            for i in range(0, min(cfg.samples * cfg.num_generations, N), cfg.num_generations):
-                tqdm.write(f"  sample: {problems[i // cfg.num_generations].prompt}{texts[i]}  reward {rewards[i]:.0f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == stop:
-            checkpoint(step + 1)
+            # ---- num_iterations passes of minibatch updates, then one router-bias update for the step
+            stats, n_updates = update_policy(model, policy, opt, exp, batches, cfg, device)
+            if stats is None or stats["loss"] != stats["loss"]:
+                fail(f"non-finite loss or gradient at step {step + 1} (lower --lr?); {run.last_good()}")
+            stats.update(policy.update_router_biases())  # once per rollout: routing stays put across its updates
+            dt = timer.lap()
+            rewards = exp.rewards
+            local = {"reward_sum": rewards.sum().item(), "reward_sq": (rewards ** 2).sum().item(), "n": float(N),
+                     "zero_std": zero_std.float().sum().item(), "groups": float(zero_std.numel()),
+                     "length": r.completion_mask.sum().item(), "truncated": (~r.ended).float().sum().item(), **stats}
+            tot = common.all_reduce_sum(local, device)
+            mean_r = tot["reward_sum"] / tot["n"]
+            s = step + 1
+            run.log({"step": s, "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
+                     "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
+                     "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
+                     "logprob_gap": gap, "updates": n_updates, "lr": lr,
+                     "loss": tot["loss"],  # each rank's loss is its share of the global total
+                     **{k: tot[k] / world for k in ("kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm",
+                                                    "routing_flips", "maxvio_mean", "maxvio_max")}})
+            bar.set_postfix(reward=f"{mean_r:.3f}", acc=f"{acc:.3f}", zero_std=f"{tot['zero_std'] / tot['groups']:.2f}",
+                            refresh=False)
+            # A policy that gets no reward and no gradient can never change again: say so, do not run on.
+            dead = dead + 1 if tot["reward_sum"] == 0 and tot["grad_norm"] == 0 else 0
+            if cfg.collapse_patience and dead >= cfg.collapse_patience:
+                since = s - dead + 1
+                saved = run.last_good() if (run.saved_step or 0) < since else \
+                    f"checkpoints from step {since} on ({run.ckpt_path}) hold the collapsed policy"
+                fail(f"GRPO collapsed: every completion got reward 0 and the gradient was exactly 0 for the last "
+                     f"{dead} steps (since step {since}), so the policy can no longer change (too large an --lr?); {saved}")
+            if s % cfg.eval_every == 0 or s == cfg.steps:
+                last = evaluate(s, k=cfg.pass_k if s == cfg.steps else 0)
+                acc = last.get("greedy_acc", acc)
+                if main_proc and not cfg.quiet and cfg.samples:
+                    for i in range(0, min(cfg.samples * cfg.num_generations, N), cfg.num_generations):
+                        tqdm.write(f"  sample: {problems[i // cfg.num_generations].prompt}{texts[i]}  reward {rewards[i]:.0f}")
+                timer.lap()  # evaluation time is not training time
+            interrupted = stopper.requested(device)
+            if s % cfg.ckpt_every == 0 or s == stop or interrupted:
+                checkpoint(s)
+            if interrupted:
+                bar.close()
+                run.close()
+                stopper.exit(cfg.out_dir, s, f"continue with: python train_grpo.py --resume --out_dir {cfg.out_dir} "
+                                             f"(and the same flags)")
     bar.close()
-    last = {}
-    if stop == cfg.steps:
-        last = evaluate(cfg.steps, k=cfg.pass_k)
-        if main_proc and not cfg.quiet and first:
-            print("before -> after GRPO: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
-    log.close()
-    common.cleanup_dist()
+    if main_proc and not cfg.quiet and first and stop == cfg.steps:
+        print("before -> after GRPO: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
+    run.close()
+    if owns_dist:
+        common.cleanup_dist()
     return policy, first, last
 
 

@@ -7,10 +7,10 @@
 
 Loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t); the prompt
 is masked. Plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss; the router biases
-are updated after every optimiser step (aux-loss-free balancing).
+are updated after every optimiser step (aux-loss-free balancing). Ctrl-C (or SIGTERM) finishes the
+step, writes a checkpoint and says how to resume.
 """
 import os
-import random
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from model import ModelConfig, Transformer, param_counts
 @dataclass
 class SFTConfig:
     task: str = "add"  # add, sub, mul or multistep
-    n_digits: int = 3  # digits per operand (add, sub, multistep)
+    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     batch_size: int = 64  # sequences per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     steps: int = 2000  # optimiser steps
@@ -43,7 +43,7 @@ class SFTConfig:
     eval_size: int = 256  # held-out problems per evaluation
     samples: int = 3  # sampled completions printed at each evaluation
     ckpt_every: int = 250  # steps between checkpoints (and at the end)
-    seed: int = 0  # seed for weights and data (rank r draws its problems from seed + r)
+    seed: int = 0  # seed of the weights and of the problem streams (one per stage and rank)
     out_dir: str = "out/sft"  # run folder: ckpt.pt, metrics.jsonl, config.json
     resume: bool = False  # continue from out_dir/ckpt.pt
     stop_at: int = 0  # stop (with a checkpoint) after this step, to resume later; 0 = run to the end
@@ -51,25 +51,40 @@ class SFTConfig:
     compile: bool = False  # torch.compile the model
     quiet: bool = False  # no progress bar or printed samples
 
+    def __post_init__(self):
+        common.check_config(self, positive=("batch_size", "grad_accum", "steps", "lr", "eval_every", "eval_size",
+                                            "ckpt_every"),
+                            non_negative=("warmup", "weight_decay", "grad_clip", "samples", "stop_at"),
+                            fractions=("min_lr_ratio", "target_acc"), choices={"task": tuple(tasks.TASKS)})
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        self.n_digits = tasks.get_task(self.task, self.n_digits).n_digits  # 0 -> the task's default
+
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def make_batch(task, tok, rng, n, device):
-    """n problems -> (idx (n, T), targets (n, T), loss_mask (n, T)): right-padded `<bos> prompt
-    completion <eos>`; targets[:, t] is the token after idx[:, t]; the mask keeps the completion and
-    its end token only."""
-    seqs = [tasks.encode_problem(tok, task.sample(rng)) for _ in range(n)]
-    T = max(len(s) for s, _ in seqs) - 1
-    idx = torch.full((n, T), tok.pad_id, dtype=torch.long)
-    targets = torch.full((n, T), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros(n, T)
+def encode_batch(seqs, pad_id, device):
+    """Token sequences `<bos> prompt completion <eos>` with the index where each completion starts ->
+    right-padded (idx (n, T), targets (n, T), loss_mask (n, T), pad_mask (n, T) bool): targets[:, t]
+    is the token after idx[:, t]; the loss mask keeps the completion and its end token only; the pad
+    mask marks the real input tokens."""
+    n, T = len(seqs), max(len(s) for s, _ in seqs) - 1
+    idx = torch.full((n, T), pad_id, dtype=torch.long)
+    targets = torch.full((n, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, T)
     for i, (s, start) in enumerate(seqs):
         idx[i, :len(s) - 1] = torch.tensor(s[:-1])
         targets[i, :len(s) - 1] = torch.tensor(s[1:])
-        mask[i, start - 1:len(s) - 1] = 1.0  # targets from the first completion token to <eos>
-    return idx.to(device), targets.to(device), mask.to(device)
+        loss_mask[i, start - 1:len(s) - 1] = 1.0  # targets from the first completion token to <eos>
+    return idx.to(device), targets.to(device), loss_mask.to(device), (idx != pad_id).to(device)
+
+
+def make_batch(task, tok, rng, n, device):
+    """n training problems from the stream rng, encoded by encode_batch."""
+    return encode_batch([tasks.encode_problem(tok, task.sample(rng)) for _ in range(n)], tok.pad_id, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,17 +94,18 @@ def make_batch(task, tok, rng, n, device):
 def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
     """Accumulate gradients over micro-batches (no DDP sync but on the last), normalising every
     micro-batch by the whole step's token and sequence counts (over all ranks), so the gradient
-    equals that of one big batch. Returns the step's metrics, all-reduced."""
-    world = torch.distributed.get_world_size() if common.is_dist() else 1
-    counts = common.all_reduce_sum({"tokens": sum(m.sum().item() for _, _, m in micro_batches),
-                                    "seqs": sum(x.size(0) for x, _, _ in micro_batches),
-                                    "inputs": sum(x.numel() for x, _, _ in micro_batches)}, device)
+    equals that of one big batch. Returns the step's metrics, all-reduced; without "tokens" if the
+    loss or the gradient is not finite (the optimiser then does not step)."""
+    world = common.world_size()
+    counts = common.all_reduce_sum({"tokens": sum(m.sum().item() for _, _, m, _ in micro_batches),
+                                    "seqs": sum(x.size(0) for x, _, _, _ in micro_batches),
+                                    "inputs": sum(p.sum().item() for _, _, _, p in micro_batches)}, device)
     parts = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
-    for i, (x, y, m) in enumerate(micro_batches):
+    for i, (x, y, m, pad) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with common.autocast(device):
-                _, loss = model(x, y, m, num_tokens=counts["tokens"], num_seqs=counts["seqs"])
+                _, loss = model(x, y, m, pad_mask=pad, num_tokens=counts["tokens"], num_seqs=counts["seqs"])
             (loss * world).backward()  # DDP averages gradients over ranks; the counts are already global
         parts["loss"] += loss.item()
         for k in ("ce", "mtp", "balance"):
@@ -102,48 +118,96 @@ def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
     opt.step()
     opt.zero_grad(set_to_none=True)
     metrics.update(raw_model.update_router_biases())
-    metrics["tokens"] = counts["inputs"]  # every position the model ran on, padding included
+    metrics["tokens"] = counts["inputs"]  # the real tokens the model ran on
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The SFT init that GRPO, DPO and PPO start from
+
+
+def init_path(cfg):
+    """cfg.init as a checkpoint file ("" = out/sft for add, out/sft_<task> otherwise)."""
+    folder = cfg.init or ("out/sft" if cfg.task == "add" else f"out/sft_{cfg.task}")
+    return folder if folder.endswith(".pt") else os.path.join(folder, "ckpt.pt")
+
+
+def load_or_make_init(cfg, tok, model_flags, mcfg, device):
+    """The SFT model an RL run starts from (cfg: a config with task, n_digits, init, warmstart_steps,
+    warmstart_target_acc, seed, quiet), and its ModelConfig. A run folder without a checkpoint gets
+    a short SFT warm start that stops once held-out accuracy reaches warmstart_target_acc, so that RL,
+    not SFT, does most of the work; a warm start stopped by a signal is continued. Raises
+    CheckpointError for a checkpoint that is not an SFT run of this task and model flags."""
+    path = init_path(cfg)
+    folder = os.path.dirname(path) or "."
+    argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps", str(cfg.warmstart_steps),
+            "--target_acc", str(cfg.warmstart_target_acc), "--eval_every", "25", "--samples", "0",
+            "--out_dir", folder, "--seed", str(cfg.seed)] + [f"--{k}={getattr(mcfg, k)}" for k in sorted(model_flags)]
+    argv += ["--quiet"] if cfg.quiet else []
+    hint = f"run the same command again: the SFT warm start in {folder} continues where it stopped"
+    if not os.path.exists(path):
+        if path.endswith(".pt") and not path.endswith("ckpt.pt"):
+            raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for a run folder)")
+        if common.rank() == 0:
+            print(f"no SFT checkpoint at {path}: making one with a short SFT warm start (at most "
+                  f"{cfg.warmstart_steps} steps, stopping at {cfg.warmstart_target_acc:.0%} held-out accuracy)")
+        main(argv, resume_hint=hint)
+    else:
+        ckpt = common.load_checkpoint(path)
+        warm, warm_model = common.parse_config([SFTConfig, ModelConfig], argv)[0]
+        ours = not (common.resume_mismatches(ckpt, warm) or
+                    common.mismatched_fields(ckpt["model_config"], common.config_dict(warm_model)))
+        if ckpt.get("kind") == "sft" and not ckpt.get("done", True) and ours:
+            if common.rank() == 0:
+                print(f"continuing the SFT warm start in {folder} from step {ckpt['step']}")
+            main(argv + ["--resume"], resume_hint=hint)
+    return common.load_init(path, tok, cfg.task, cfg.n_digits, model_flags, mcfg, device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 
 
-def main(argv=None):
+def main(argv=None, resume_hint=None):
+    """Run SFT. resume_hint: what to tell a user whose run was stopped by a signal (a caller that
+    runs SFT as its warm start says how to go on with itself)."""
     (cfg, mcfg), _ = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
-    owns_dist = not common.is_dist()  # a caller (train_grpo's warm start) may have set it up already
+    owns_dist = not common.is_dist()  # a caller (a warm start) may have set it up already
     rank, world, device = common.setup_dist()
     common.setup_torch(cfg.seed, device)
-    per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rem or per_rank == 0:
-        common.die(f"batch_size {cfg.batch_size} does not divide into {world} ranks x {cfg.grad_accum} micro-batches")
     tok = tasks.Tokenizer()
-    if mcfg.vocab_size != tok.vocab_size:
-        common.die(f"vocab_size {mcfg.vocab_size} does not match the tokenizer's {tok.vocab_size}")
     task = tasks.get_task(cfg.task, cfg.n_digits)
+    per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
+    ckpt_path, start, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), 0, None
+    try:  # every check before anything is written
+        if rem or per_rank == 0:
+            raise ValueError(f"--batch_size {cfg.batch_size} does not divide into {world} ranks x "
+                             f"{cfg.grad_accum} micro-batches")
+        if mcfg.vocab_size != tok.vocab_size:
+            raise ValueError(f"--vocab_size {mcfg.vocab_size} does not match the tokenizer's {tok.vocab_size}")
+        common.check_lengths(task, mcfg.max_seq_len)
+        common.check_out_dir(cfg.out_dir)
+        if cfg.resume:
+            ckpt = common.load_checkpoint(ckpt_path)
+            common.check_tokenizer(ckpt, tok, ckpt_path)
+            bad = common.resume_mismatches(ckpt, cfg)
+            bad += common.mismatched_fields(ckpt["model_config"], common.config_dict(mcfg))
+            if bad:
+                raise ValueError(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+            start = ckpt["step"]
+    except (ValueError, common.CheckpointError) as e:
+        common.die(str(e))
     eval_problems = task.eval_set(cfg.eval_size)
-    data_rng = random.Random(cfg.seed + rank)  # each rank its own problem stream
+    data_rng = common.data_rng(cfg.seed, "sft", rank)  # its own problem stream per stage and rank
 
     model = Transformer(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start = 0
-    if cfg.resume:
-        try:
-            ckpt = common.load_checkpoint(ckpt_path)
-            common.check_tokenizer(ckpt, tok, ckpt_path)
-        except common.CheckpointError as e:
-            common.die(str(e))
-        bad = common.resume_mismatches(ckpt, cfg)
-        bad += common.mismatched_fields(ckpt["model_config"], common.config_dict(mcfg))
-        if bad:
-            common.die(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+    note = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        common.set_rng_state(common.rng_for_rank(ckpt["rng"], rank), data_rng)
-        start = ckpt["step"]
+        note = common.restore_rng(ckpt["rng"], rank, world, cfg.seed, "sft", start, data_rng)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -151,78 +215,103 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     main_proc = rank == 0
-    if main_proc:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        common.save_run_config(cfg.out_dir, sft=cfg, model=mcfg)
-        if not cfg.quiet:
-            c = param_counts(raw_model)
-            print(f"SFT on {task.name} ({device}, world {world}): {c['total']:,} params, "
-                  f"{c['active_per_token']:,} active per token; steps {start}->{cfg.steps}")
-    log = common.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), main_proc, start if cfg.resume else None)
+    try:
+        run = common.RunFolder(cfg.out_dir, main_proc, start if cfg.resume else None, sft=cfg, model=mcfg)
+    except common.RunFolderBusy as e:
+        common.die(str(e))
+    if main_proc and not cfg.quiet:
+        c = param_counts(raw_model)
+        print(f"SFT on {task.name} ({device}, world {world}): {c['total']:,} params, "
+              f"{c['active_per_token']:,} active per token; steps {start}->{cfg.steps}")
+        if note:
+            print(f"note: {note}")
 
-    def checkpoint(step):
+    def fail(message):
+        run.close()
+        common.die(message)
+
+    def checkpoint(step, done):
         rngs = common.gather_objects(common.rng_state(data_rng))  # every rank's streams
-        if main_proc:
-            common.save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "rng": rngs, "config": common.config_dict(cfg), "model_config": common.config_dict(mcfg),
-                "tokenizer": tok.definition(), "kind": "sft"})
+        try:
+            run.save(step, {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                            "rng": rngs, "world_size": world, "config": common.config_dict(cfg),
+                            "model_config": common.config_dict(mcfg), "tokenizer": tok.definition(),
+                            "kind": "sft", "done": done})
+        except common.NonFiniteState as e:
+            fail(str(e))
 
     def evaluate(step):
+        """Held-out greedy accuracy on rank 0 (nan elsewhere), logged and printed with a few samples."""
         if not main_proc:
-            return {}
-        m = rollout.evaluate(raw_model, tok, task, eval_problems)
-        log.log({"step": step, **{f"eval_{k}": v for k, v in m.items()}})
+            return float("nan")
+        try:
+            m = rollout.evaluate(raw_model, tok, task, eval_problems)
+        except rollout.NonFiniteLogits as e:
+            fail(f"{e} (at step {step}); {run.last_good()}")
+        run.log({"step": step, **{f"eval_{k}": v for k, v in m.items()}}, kind="eval")
         if not cfg.quiet and cfg.samples:
             g = torch.Generator(device=device).manual_seed(step)
             probs = eval_problems[:cfg.samples]
             r = rollout.generate(raw_model, [tasks.encode_problem(tok, p, False)[0] for p in probs], eos_id=tok.eos_id,
-                                 pad_id=tok.pad_id, max_new_tokens=len(probs[0].completion) + 4, generator=g)
+                                 pad_id=tok.pad_id, max_new_tokens=task.max_lengths()[1] + 2, generator=g)
             for p, c in zip(probs, rollout.decode_completions(tok, r)):
                 tqdm.write(f"  step {step} sample: {p.prompt}{c}  ({'correct' if task.reward(c, p) else 'wrong'})")
-        return m
+        return m["greedy_acc"]
+
+    def reached_target(acc):  # rank 0 evaluates; every rank must agree to stop
+        return cfg.target_acc > 0 and common.all_reduce_sum({"hit": float(acc >= cfg.target_acc)}, device)["hit"] > 0
 
     stop = cfg.steps if cfg.stop_at <= 0 else min(cfg.steps, cfg.stop_at)
+    acc, hit = float("nan"), False
+    if start == 0:
+        acc = evaluate(0)
+        hit = reached_target(acc)
+        if hit:  # already good enough: the init itself is the result
+            checkpoint(0, done=True)
+            stop = 0
+    elif start >= cfg.steps and main_proc and not cfg.quiet:
+        print(f"{ckpt_path} is already at step {start} of {cfg.steps}: nothing to do")
     bar = tqdm(range(start, stop), initial=start, total=stop, disable=not main_proc or cfg.quiet, dynamic_ncols=True)
-    timer, acc, stopped_early = common.Timer(), float("nan"), False
-    for step in bar:
-        if step % cfg.eval_every == 0:
-            acc = evaluate(step).get("greedy_acc", acc)
-            timer.lap()  # evaluation time is not training time
-            if cfg.target_acc > 0 and common.all_reduce_sum({"hit": float(acc >= cfg.target_acc)}, device)["hit"] > 0:
+    timer = common.Timer()
+    with common.GracefulStop() as stopper:
+        for step in bar:
+            lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            micro = [make_batch(task, tok, data_rng, per_rank, device) for _ in range(cfg.grad_accum)]
+            metrics = train_step(model, raw_model, opt, micro, device, cfg.grad_clip)
+            s = step + 1  # optimiser steps taken
+            if "tokens" not in metrics:
+                fail(f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {s} "
+                     f"(lower --lr?); {run.last_good()}")
+            dt = timer.lap()
+            run.log({"step": s, "lr": lr, "tokens_per_s": metrics.pop("tokens") / dt, "step_s": dt, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{acc:.2f}", refresh=False)
+            if s % cfg.eval_every == 0 or s == cfg.steps:
+                acc = evaluate(s)
+                hit = reached_target(acc)
+                timer.lap()  # evaluation time is not training time
+            interrupted = stopper.requested(device)
+            if s % cfg.ckpt_every == 0 or s == stop or hit or interrupted:
+                checkpoint(s, done=s == cfg.steps or hit)
+            if hit:
                 if main_proc and not cfg.quiet:
-                    tqdm.write(f"held-out accuracy {acc:.3f} reached target_acc {cfg.target_acc} at step {step}: stopping")
-                if step > start:
-                    checkpoint(step)
-                stopped_early = True
+                    tqdm.write(f"held-out accuracy {acc:.3f} reached target_acc {cfg.target_acc} at step {s}: stopping")
                 break
-        lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        micro = [make_batch(task, tok, data_rng, per_rank, device) for _ in range(cfg.grad_accum)]
-        metrics = train_step(model, raw_model, opt, micro, device, cfg.grad_clip)
-        if "tokens" not in metrics:
-            common.die(f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {step}; "
-                       f"the last good checkpoint ({ckpt_path}) was kept")
-        dt = timer.lap()
-        record = {"step": step + 1, "lr": lr, "tokens_per_s": metrics.pop("tokens") / dt, "step_s": dt, **metrics}
-        log.log(record)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{acc:.2f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == stop:
-            checkpoint(step + 1)
+            if interrupted:
+                bar.close()
+                run.close()
+                stopper.exit(cfg.out_dir, s, resume_hint or f"continue with: python train_sft.py --resume "
+                                                            f"--out_dir {cfg.out_dir} (and the same flags)")
     bar.close()
-    final = {}
-    if stop == cfg.steps and not stopped_early:
-        final = evaluate(cfg.steps)
-        if main_proc:
-            if not cfg.quiet:
-                print(f"held-out greedy accuracy after {cfg.steps} steps: {final['greedy_acc']:.3f}")
-    log.close()
+    if main_proc and not cfg.quiet and start < cfg.steps and (hit or stop == cfg.steps):
+        print(f"held-out greedy accuracy after {run.saved_step} steps: {acc:.3f}")
+    run.close()
     if world > 1:
         torch.distributed.barrier()
     if owns_dist:
         common.cleanup_dist()
-    return raw_model, final
+    return raw_model, {"greedy_acc": acc}
 
 
 if __name__ == "__main__":

@@ -32,3 +32,13 @@ def one_line_cli_error(main, argv, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
+
+
+def one_line_failure(main, argv, capsys):
+    """Run a train script's main on bad input: it must exit non-zero with one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err

@@ -122,3 +122,60 @@ def test_balance_loss_matches_formula(tiny):
 def test_max_violation():
     assert max_violation(torch.tensor([4.0, 4.0, 4.0, 4.0])) == 0.0
     assert abs(max_violation(torch.tensor([10.0, 2.0, 2.0, 2.0])) - 1.5) < 1e-6
+
+
+def test_padding_counts_in_no_load_and_no_balance_loss(tiny):
+    """Loads and the balance loss of a padded batch equal those of its real tokens alone."""
+    cfg, moe = make_moe(tiny, balance_loss_alpha=0.01)
+    moe.train()
+    x = torch.randn(3, 7, cfg.dim)
+    lengths = [7, 4, 2]
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]  # (3, 7) right padding
+    mask[2] = mask[2].flip(0)  # and one left-padded row
+    y, aux = moe(x, mask)
+    padded_load = moe.update_bias(speed=0.0)
+    expected_aux, expected_load = 0.0, torch.zeros(cfg.n_routed_experts)
+    for b in range(3):
+        real = x[b][mask[b]].unsqueeze(0)  # (1, n_b, D) the sequence alone, unpadded
+        y_b, aux_b = moe(real)
+        torch.testing.assert_close(y[b][mask[b]], y_b[0], atol=1e-6, rtol=1e-5)
+        expected_aux += aux_b.item() / 3
+        expected_load += moe.update_bias(speed=0.0)
+    assert torch.equal(padded_load, expected_load)
+    assert abs(aux.item() - expected_aux) < 1e-7
+
+
+def test_padded_model_batch_routes_like_unpadded_sequences(tiny):
+    """Through the whole model (MTP module included): a left-padded batch gives the router loads of
+    its sequences run alone."""
+    import model
+    torch.manual_seed(0)
+    m = model.Transformer(tiny()).train()
+    seqs = [torch.randint(0, 15, (n,)) for n in (6, 3, 5)]
+    ids = torch.full((3, 6), 17)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, 6 - len(s):], pad[i, 6 - len(s):] = s, True
+    pos = (pad.long().cumsum(1) - 1).clamp_min(0)
+    m(ids, ids, pad.float(), positions=pos, pad_mask=pad)  # with targets: the MTP module runs too
+    batch = [moe.update_bias(0.0) for moe in m.moe_layers()]
+    alone = [torch.zeros_like(b) for b in batch]
+    for s in seqs:
+        m(s[None], s[None])
+        alone = [a + moe.update_bias(0.0) for a, moe in zip(alone, m.moe_layers())]
+    for a, b in zip(alone, batch):
+        assert torch.equal(a, b)
+
+
+def test_maxvio_averages_only_layers_that_routed_tokens(tiny):
+    """In RL the MTP module does not run (no targets): its MoE layer routes nothing, and must not
+    pull the mean MaxVio toward 0."""
+    import model
+    torch.manual_seed(0)
+    m = model.Transformer(tiny(n_layers=3, n_dense_layers=1)).train()  # 2 MoE layers + the MTP module's
+    m(torch.randint(0, 15, (4, 9)))  # no targets: the MTP module does not run
+    loads = [moe.load.float().clone() for moe in m.moe_layers() if moe.load is not None]
+    assert len(loads) == 2 and len(m.moe_layers()) == 3
+    vios = [max_violation(x) for x in loads]
+    got = m.update_router_biases()
+    assert abs(got["maxvio_mean"] - sum(vios) / 2) < 1e-6 and abs(got["maxvio_max"] - max(vios)) < 1e-6

@@ -189,3 +189,45 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
 
     monkeypatch.setattr(rollout, "generate", oracle)
     assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    """Four equally likely tokens (each exactly 0.25): top_p = 0.5 keeps two of them, not three (the
+    mass before the third token equals p exactly)."""
+    logits = torch.zeros(4000, 4)
+    tok, lp = rollout.sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert len(set(tok.tolist())) == 2
+    torch.testing.assert_close(lp, torch.full_like(lp, math.log(0.5)))
+    tok, _ = rollout.sample_next(logits, 1.0, top_p=0.51, generator=torch.Generator().manual_seed(0))
+    assert len(set(tok.tolist())) == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_a_clear_error(bad):
+    m = build()
+    with torch.no_grad():
+        m.head.weight[3, 0] = bad
+    with pytest.raises(rollout.NonFiniteLogits, match="non-finite logits"):
+        rollout.generate(m, random_prompts(0, [3, 4]), eos_id=EOS, pad_id=PAD, max_new_tokens=3,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def test_maj_at_k_votes_only_with_well_formed_answers(monkeypatch):
+    """On the multi-step task, a completion '??=<sum>' has reward 0: it must not vote either, so that
+    maj@k never counts an answer the reward rejects."""
+    tok, task = tasks.Tokenizer(), tasks.MultiStep(3, 1)
+    problems = task.eval_set(4)
+
+    def fake(model, prompts, *, num_generations=1, pad_id=PAD, **_):
+        rows = []
+        for p in prompts:
+            prob = next(q for q in problems if tasks.encode_problem(tok, q, False)[0] == p)
+            junk = [tok.pad_id, tok.pad_id] + tok.encode(f"={prob.answer}")  # decodes strictly as '??=<sum>'
+            wrong = tok.encode(prob.completion[:-1] + str((int(prob.completion[-1]) + 1) % 10))  # well formed, wrong
+            rows += [junk + [tok.eos_id]] * (num_generations - 1) + [wrong + [tok.eos_id]]
+        L = max(len(r) for r in rows)
+        return rollout.Rollout(None, None, torch.tensor([r + [pad_id] * (L - len(r)) for r in rows]), None, None, None)
+
+    monkeypatch.setattr(rollout, "generate", fake)
+    m = rollout.evaluate(None, tok, task, problems, k=3, n_samples=3)
+    assert m["pass@3"] == 0.0 and m["maj@3"] == 0.0

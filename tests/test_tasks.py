@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import pytest
@@ -10,7 +11,7 @@ def tok():
     return tasks.Tokenizer()
 
 
-ALL_TASKS = [tasks.Addition(3), tasks.Subtraction(3), tasks.Multiplication(2, 2), tasks.MultiStep(3, 2)]
+ALL_TASKS = [tasks.Addition(3), tasks.Subtraction(3), tasks.Multiplication(2), tasks.MultiStep(3, 2)]
 
 
 def test_tokenizer_is_tiktoken_and_offline(tok):
@@ -140,3 +141,82 @@ def test_strict_decode_keeps_specials_visible(tok):
     strict = tok.decode(ids, strict=True)
     assert strict == "09??59" and len(strict) == 6  # one character per token, so step indices hold
     assert tasks.Addition(3).reward(strict, tasks.Problem("500+459=", "0959", 959)) == 0.0
+
+
+@pytest.mark.parametrize("task", [tasks.Addition(3), tasks.Addition(2, fixed_width=False), tasks.Multiplication(2),
+                                  tasks.MultiStep(3, 2)], ids=lambda t: t.name)
+def test_commuted_twins_fall_on_the_same_side_of_the_split(task):
+    """Held out means unseen: a + b is held out iff b + a is (for multistep, any order of the terms),
+    and no training problem is a reordering of a held-out one."""
+    op = "*" if task.name == "mul" else "+"
+    held = task.eval_set(200)
+    for p in held:
+        terms = p.prompt[:-1].split(op)
+        for perm in itertools.permutations(terms):
+            assert task.is_held_out(op.join(perm) + "="), (p.prompt, perm)
+    keys = {task.canonical(p.prompt) for p in held}
+    rng = random.Random(3)
+    assert not keys & {task.canonical(task.sample(rng).prompt) for _ in range(5000)}
+
+
+def test_subtraction_is_not_commutative():
+    t = tasks.Subtraction(3)
+    assert t.canonical("12-34=") != t.canonical("34-12=")
+
+
+def test_parse_int_rejects_minus_zero():
+    assert tasks.parse_int("-0") is None and tasks.parse_int("0") == 0
+    p = tasks.Problem("5-5=", "0", 0)
+    assert tasks.Subtraction(1).reward("0", p) == 1.0 and tasks.Subtraction(1).reward("-0", p) == 0.0
+
+
+def completions_to_try(task, p, rng):
+    """The reference, near misses, and junk that contains answers (digits after '=', stray marks)."""
+    out = [p.completion, p.completion + ",", "??=" + str(p.answer), "=" + str(p.answer), str(p.answer),
+           f"{p.answer}={p.answer}", "-" + p.completion, p.completion[:-1], "", "?" + p.completion]
+    chars = tasks.ALPHABET + "?"
+    out += ["".join(rng.choice(chars) for _ in range(rng.randrange(1, 12))) for _ in range(50)]
+    return out
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.name)
+def test_reward_is_one_exactly_when_the_parsed_answer_is_right(task):
+    """pass@k (from rewards) and maj@k (from parsed answers) must agree on what is an answer: the
+    parser gives an answer only for a well-formed completion, and the reward is 1 iff it is right."""
+    rng = random.Random(4)
+    for _ in range(50):
+        p = task.sample(rng)
+        for c in completions_to_try(task, p, rng):
+            assert task.reward(c, p) == float(task.parse_answer(c) == p.answer), (p, c)
+    p = tasks.Problem("12+34+56=", "12+34=46,46+56=102", 102)
+    assert tasks.MultiStep(3, 2).parse_answer("??=102") is None  # '??=102' votes for nothing
+
+
+def test_n_digits_is_checked_and_honoured():
+    assert tasks.get_task("add", 0).n_digits == 3 and tasks.get_task("mul").n_digits == 2
+    for bad in (-3, 30, tasks.MAX_N_DIGITS + 1):
+        with pytest.raises(ValueError, match="n_digits must be between 1 and"):
+            tasks.get_task("add", bad)
+    t = tasks.get_task("mul", 3)  # multiplication takes n_digits like every task
+    assert max(len(x) for x in t.sample(random.Random(0)).prompt[:-1].split("*")) <= 3
+    assert any(len(t.sample(random.Random(s)).prompt) > 6 for s in range(20))
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_max_lengths_bound_every_problem(name, n):
+    task = tasks.get_task(name, n)
+    prompt, completion = task.max_lengths()
+    rng = random.Random(n)
+    problems = [task.sample(rng) for _ in range(3000)] + task.eval_set(50)
+    assert max(len(p.prompt) for p in problems) <= prompt
+    assert max(len(p.completion) for p in problems) <= completion
+    assert max(len(p.completion) for p in problems) >= completion - 1  # and the bound is tight
+
+
+def test_one_digit_tasks_do_not_hang():
+    for name in tasks.TASKS:
+        t = tasks.get_task(name, 1)
+        held = t.eval_set(256)
+        assert 0 < len(held) < 256  # fewer distinct held-out problems than asked: returned, not looped on
+        t.sample(random.Random(0))

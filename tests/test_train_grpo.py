@@ -25,12 +25,22 @@ def tiny_policy(seed=0):
 
 
 def rollout_batch(policy, n_prompts=4, G=4, seed=0, cfg=None):
+    """An Experience of n_prompts x G completions of 2-digit additions (at most 6 new tokens)."""
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
-    cfg = cfg or train_grpo.GRPOConfig(num_generations=G)
+    cfg = cfg or train_grpo.GRPOConfig(num_generations=G, n_digits=2, max_new_tokens=6)
     problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
-    r, rewards, adv, keep, zero_std, texts = train_grpo.make_rollouts(policy, task, tok, problems, cfg, 6,
-                                                                      torch.Generator().manual_seed(seed))
-    return r, rewards, adv, keep
+    exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, cfg, torch.Generator().manual_seed(seed), CPU)
+    return exp
+
+
+def config(**kw):
+    return train_grpo.GRPOConfig(n_digits=2, max_new_tokens=6, **kw)
+
+
+def with_logps(exp, advantages, old, ref, mask=None):
+    """The experience with hand-set advantages, pi_old and pi_ref log-probs (and loss mask)."""
+    return replace(exp, advantages=advantages, old_logp=old, ref_logp=ref,
+                   mask=exp.mask if mask is None else mask)
 
 
 def logps(policy, r):
@@ -42,15 +52,14 @@ def test_grpo_step_moves_logprobs_with_the_advantage():
     """Hand-set advantages +1 / -1 on two completions: one GRPO update raises the first one's
     log-prob and lowers the second's."""
     policy = tiny_policy()
-    r, _, _, keep = rollout_batch(policy, n_prompts=1, G=2)
-    ref = tiny_policy()
-    adv = torch.tensor([1.0, -1.0])
-    old, ref_lp = logps(policy, r), logps(ref, r)
+    exp = rollout_batch(policy, n_prompts=1, G=2)
+    r, ref = exp.rollout, tiny_policy()
+    old = logps(policy, r)
+    exp = with_logps(exp, torch.tensor([1.0, -1.0]), old, logps(ref, r))
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    cfg = train_grpo.GRPOConfig(num_generations=2, beta=0.0)
+    cfg = config(num_generations=2, beta=0.0)
     before = (old * r.completion_mask).sum(1)
-    stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, ref_lp,
-                                        train_grpo.micro_batches(2, cfg), cfg, 6, CPU)
+    stats, n = train_grpo.update_policy(policy, policy, opt, exp, train_grpo.micro_batches(2, cfg), cfg, CPU)
     after = (logps(policy, r) * r.completion_mask).sum(1)
     assert n == 1
     assert after[0] > before[0] and after[1] < before[1]
@@ -60,88 +69,95 @@ def test_grpo_step_moves_logprobs_with_the_advantage():
 
 def test_clipping_binds_after_several_updates():
     policy = tiny_policy()
-    r, rewards, _, keep = rollout_batch(policy, n_prompts=2, G=4)
-    adv = torch.tensor([1.0, -1.0] * 4)
-    old = logps(policy, r)
+    exp = rollout_batch(policy, n_prompts=2, G=4)
+    old = logps(policy, exp.rollout)
+    exp = with_logps(exp, torch.tensor([1.0, -1.0] * 4), old, old.clone())
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
-    cfg = train_grpo.GRPOConfig(num_generations=4, num_iterations=6)
-    stats, n = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, old.clone(),
-                                        train_grpo.micro_batches(8, cfg), cfg, 6, CPU)
+    cfg = config(num_generations=4, num_iterations=6)
+    stats, n = train_grpo.update_policy(policy, policy, opt, exp, train_grpo.micro_batches(8, cfg), cfg, CPU)
     assert n == 6 and stats["clip_low"] + stats["clip_high"] > 0 and stats["kl"] > 0
 
 
 def test_rollout_logprobs_match_the_training_forward():
     """PITFALLS 7/8: the log-probs stored by the sampler equal the trainer's recomputed ones."""
     policy = tiny_policy().eval()
-    r, _, _, _ = rollout_batch(policy)
+    r = rollout_batch(policy).rollout
     torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask, atol=1e-5, rtol=1e-5)
 
 
 def test_filter_zero_std_masks_flat_groups():
     policy = tiny_policy()
-    cfg = train_grpo.GRPOConfig(num_generations=4, filter_zero_std=True)
-    r, rewards, adv, keep = rollout_batch(policy, cfg=cfg)
-    flat = rewards.view(-1, 4).amax(1) == rewards.view(-1, 4).amin(1)
-    assert torch.equal(keep, (~flat).repeat_interleave(4))
-    assert torch.equal(adv[~keep], torch.zeros(int((~keep).sum())))
+    exp = rollout_batch(policy, cfg=config(num_generations=4, filter_zero_std=True))
+    flat = (exp.rewards.view(-1, 4).amax(1) == exp.rewards.view(-1, 4).amin(1)).repeat_interleave(4)
+    assert flat.any(), "the test needs a zero-variance group"
+    assert torch.equal(exp.mask.any(1), ~flat)
+    assert torch.equal(exp.mask[~flat], exp.rollout.completion_mask[~flat])
+    assert torch.equal(exp.advantages[flat], torch.zeros(int(flat.sum())))
 
 
-def _split_step(policy, r, adv, keep, old, ref, cfg):
+def _split_step(policy, exp, cfg, model=None):
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # not Adam: see test_train_sft.fresh
-    mask = r.completion_mask * keep[:, None].float()
-    batches = train_grpo.micro_batches(mask.size(0), cfg)
-    return train_grpo.update_policy(policy, policy, opt, r, adv, mask, keep, old, ref, batches, cfg, 6, CPU)
+    batches = train_grpo.micro_batches(exp.mask.size(0), cfg)
+    return train_grpo.update_policy(model or policy, policy, opt, exp, batches, cfg, CPU)
 
 
-def fixed_rollout():
+def fixed_experience():
     """A rollout with hand-set advantages and completions of different lengths in each half."""
     policy = tiny_policy(seed=1)
-    r, _, _, keep = rollout_batch(policy, n_prompts=4, G=2, seed=3)
-    r.completion_mask[:4, 2:] = 0  # the first half is shorter: a per-half mean would be wrong
+    exp = rollout_batch(policy, n_prompts=4, G=2, seed=3)
+    exp.rollout.completion_mask[:4, 2:] = 0  # the first half is shorter: a per-half mean would be wrong
+    old = logps(policy, exp.rollout)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
-    return r, adv, keep, logps(policy, r)
+    return with_logps(exp, adv, old, old - 0.1, mask=exp.rollout.completion_mask.clone())
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_grad_accumulation_equals_one_batch(loss_type):
-    r, adv, keep, old = fixed_rollout()
-    ref = old - 0.1
-    cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
+    exp = fixed_experience()
+    cfg = config(num_generations=2, loss_type=loss_type)
     a = tiny_policy(seed=1)
-    _split_step(a, r, adv, keep, old, ref, cfg)
+    _split_step(a, exp, cfg)
     b = tiny_policy(seed=1)
-    _split_step(b, r, adv, keep, old, ref, replace(cfg, grad_accum=2))
+    _split_step(b, exp, replace(cfg, grad_accum=2))
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
 
 
-def _ddp_grpo(rank, world, path, loss_type, batch):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    r, adv, keep, old = batch
-    half = slice(rank * 4, rank * 4 + 4)  # each rank holds two whole groups
-    local = rollout.Rollout(*(t[half] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+DDP_CASES = [("grpo", 1), ("dapo", 1), ("dr_grpo", 1), ("grpo", 2), ("dapo", 2), ("dr_grpo", 2)]
+
+
+def rows_of(exp, rows):
+    """The experience restricted to some rows (what one rank holds)."""
+    r = exp.rollout
+    local = rollout.Rollout(*(t[rows] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
                                                  r.ended, r.logprobs)))
-    policy = tiny_policy(seed=1)
-    model = DDP(policy, find_unused_parameters=True)
-    cfg = train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type)
-    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    train_grpo.update_policy(model, policy, opt, local, adv[half], local.completion_mask, keep[half], old[half],
-                             old[half] - 0.1, train_grpo.micro_batches(4, cfg), cfg, 6, CPU)
-    if rank == 0:
-        torch.save(policy.state_dict(), path)
+    return replace(exp, rollout=local, rewards=exp.rewards[rows], advantages=exp.advantages[rows], mask=exp.mask[rows],
+                   old_logp=exp.old_logp[rows], ref_logp=exp.ref_logp[rows])
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_ddp_two_ranks_equal_single_process(tmp_path, loss_type):
-    batch = fixed_rollout()
+def _ddp_grpo(rank, world, path, exp):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    local = rows_of(exp, slice(rank * 4, rank * 4 + 4))  # each rank holds two whole groups
+    for loss_type, accum in DDP_CASES:  # MoE layers, no_sync and find_unused_parameters: where DDP bugs hide
+        policy = tiny_policy(seed=1)
+        model = DDP(policy, find_unused_parameters=True)
+        _split_step(policy, local, config(num_generations=2, loss_type=loss_type, grad_accum=accum), model)
+        if rank == 0:
+            torch.save(policy.state_dict(), f"{path}.{loss_type}.{accum}")
+
+
+def test_ddp_two_ranks_equal_single_process(tmp_path):
+    """For every loss_type, with and without gradient accumulation, a 2-rank gloo step equals one
+    process on the whole batch."""
+    exp = fixed_experience()
     path = str(tmp_path / "ddp.pt")
-    run_on_two_ranks(_ddp_grpo, path, loss_type, batch)
-    r, adv, keep, old = batch
-    single = tiny_policy(seed=1)
-    _split_step(single, r, adv, keep, old, old - 0.1, train_grpo.GRPOConfig(num_generations=2, loss_type=loss_type))
-    got = torch.load(path)
-    for n, p in single.state_dict().items():
-        torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=n)
+    run_on_two_ranks(_ddp_grpo, path, exp)
+    for loss_type, accum in DDP_CASES:
+        single = tiny_policy(seed=1)
+        _split_step(single, exp, config(num_generations=2, loss_type=loss_type))
+        got = torch.load(f"{path}.{loss_type}.{accum}")
+        for n, p in single.state_dict().items():
+            torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=f"{loss_type} accum {accum}: {n}")
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -221,19 +237,17 @@ def test_old_logprobs_give_ratio_one_and_no_routing_flips_before_updates():
     and no routing decision has flipped; later updates of the same rollout flip some."""
     policy = tiny_policy()
     ref = tiny_policy()
-    r, _, _, keep = rollout_batch(policy, n_prompts=2, G=4)
-    cfg = train_grpo.GRPOConfig(num_generations=4, grad_accum=2, num_minibatches=2, num_iterations=1)
+    exp = rollout_batch(policy, n_prompts=2, G=4)
+    cfg = config(num_generations=4, grad_accum=2, num_minibatches=2, num_iterations=1)
     batches = train_grpo.micro_batches(8, cfg)
-    old, ref_lp, routes = train_grpo.old_and_ref_logprobs(policy, policy, ref, r, batches, cfg, CPU)
-    assert set(routes) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, cfg, CPU)
+    assert set(exp.routes) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # no movement: ratio 1, no flips
-    stats, _ = train_grpo.update_policy(policy, policy, opt, r, torch.ones(8), r.completion_mask, keep, old, ref_lp,
-                                        batches, cfg, 6, CPU, old_routes=routes)
+    stats, _ = train_grpo.update_policy(policy, policy, opt, replace(exp, advantages=torch.ones(8)), batches, cfg, CPU)
     assert stats["ratio"] == 1.0 and stats["routing_flips"] == 0.0
     opt = torch.optim.SGD(policy.parameters(), lr=50.0)  # large steps: the second minibatch sees new routes
-    adv = torch.tensor([1.0, -1.0] * 4)
-    stats, _ = train_grpo.update_policy(policy, policy, opt, r, adv, r.completion_mask, keep, old, ref_lp,
-                                        batches, cfg, 6, CPU, old_routes=routes)
+    exp = replace(exp, advantages=torch.tensor([1.0, -1.0] * 4))
+    stats, _ = train_grpo.update_policy(policy, policy, opt, exp, batches, cfg, CPU)
     assert stats["routing_flips"] > 0
 
 

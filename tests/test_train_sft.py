@@ -35,7 +35,8 @@ def fresh(seed=0, sgd=False, **kw):
 
 def test_make_batch_masks_prompt_and_aligns_targets():
     tok = tasks.Tokenizer()
-    idx, targets, mask = fixed_batch(4)
+    idx, targets, mask, pad = fixed_batch(4)
+    assert torch.equal(pad, idx != tok.pad_id)
     for i in range(4):
         row = [t for t in idx[i].tolist() if t != tok.pad_id]
         text = tok.decode(row)
@@ -54,7 +55,7 @@ def eval_sum(text):
 
 def test_prompt_targets_do_not_change_the_loss():
     m, _ = fresh()
-    idx, targets, mask = fixed_batch()
+    idx, targets, mask, _ = fixed_batch()
     _, loss = m(idx, targets, mask)
     t2 = targets.clone()
     t2[mask == 0] = (t2[mask == 0] + 3) % 15
@@ -75,12 +76,12 @@ def test_overfit_a_fixed_batch():
 
 def test_grad_accumulation_equals_one_big_batch():
     """k=2 micro-batches of B/2 (of different token counts) == one step on B."""
-    idx, targets, mask = fixed_batch(8, seed=3)
+    idx, targets, mask, pad = fixed_batch(8, seed=3)
     mask[:4, -2:] = 0  # make the two halves' token counts differ, so naive averaging would be wrong
     a, opt_a = fresh(seed=1, sgd=True)
-    train_sft.train_step(a, a, opt_a, [(idx, targets, mask)], torch.device("cpu"), 1.0)
+    train_sft.train_step(a, a, opt_a, [(idx, targets, mask, pad)], torch.device("cpu"), 1.0)
     b, opt_b = fresh(seed=1, sgd=True)
-    halves = [(idx[:4], targets[:4], mask[:4]), (idx[4:], targets[4:], mask[4:])]
+    halves = [(idx[:4], targets[:4], mask[:4], pad[:4]), (idx[4:], targets[4:], mask[4:], pad[4:])]
     train_sft.train_step(b, b, opt_b, halves, torch.device("cpu"), 1.0)
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
@@ -90,20 +91,19 @@ def _ddp_step(rank, world, path, batch):
     from torch.nn.parallel import DistributedDataParallel as DDP
     m, opt = fresh(seed=1, sgd=True)
     ddp = DDP(m, find_unused_parameters=True)
-    idx, targets, mask = batch
     half = slice(rank * 4, rank * 4 + 4)
-    train_sft.train_step(ddp, m, opt, [(idx[half], targets[half], mask[half])], torch.device("cpu"), 1.0)
+    train_sft.train_step(ddp, m, opt, [tuple(t[half] for t in batch)], torch.device("cpu"), 1.0)
     if rank == 0:
         torch.save(m.state_dict(), path)
 
 
 def test_ddp_two_ranks_equal_single_process(tmp_path):
-    idx, targets, mask = fixed_batch(8, seed=4)
-    mask[:4, -2:] = 0
+    batch = fixed_batch(8, seed=4)
+    batch[2][:4, -2:] = 0
     path = str(tmp_path / "ddp.pt")
-    run_on_two_ranks(_ddp_step, path, (idx, targets, mask))
+    run_on_two_ranks(_ddp_step, path, batch)
     single, opt = fresh(seed=1, sgd=True)
-    train_sft.train_step(single, single, opt, [(idx, targets, mask)], torch.device("cpu"), 1.0)
+    train_sft.train_step(single, single, opt, [batch], torch.device("cpu"), 1.0)
     ddp_state = torch.load(path)
     for n, p in single.state_dict().items():
         torch.testing.assert_close(ddp_state[n], p, atol=1e-6, rtol=0, msg=n)

@@ -1,0 +1,379 @@
+"""The train scripts as a user meets them: bad input, faults, signals, locks, resumes and data streams."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import rollout
+import tasks
+import train_grpo
+import train_sft
+from conftest import one_line_failure
+from dist_helpers import run_on_two_ranks
+from model import Transformer
+from test_train_grpo import GRPO_TINY
+from test_train_sft import TINY_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_RUN = TINY_FLAGS + ["--steps", "4", "--eval_every", "2", "--ckpt_every", "2"]
+
+
+def sft(folder, *extra, **kw):
+    return train_sft.main(SFT_RUN + ["--out_dir", str(folder)] + list(extra), **kw)
+
+
+def grpo(init, folder, *extra):
+    return train_grpo.main(GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", str(init), "--steps", "2",
+                                        "--ckpt_every", "1", "--out_dir", str(folder)] + list(extra))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A finished tiny SFT run and a GRPO run from it (module-wide: tests copy them before changing them)."""
+    root = tmp_path_factory.mktemp("runs")
+    sft(root / "sft")
+    grpo(root / "sft", root / "grpo")
+    return root
+
+
+def snapshot(folder):
+    """Every file under folder with its size, time and content: what 'nothing was touched' compares."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, folder)] = (os.path.getmtime(p), hashlib.sha256(open(p, "rb").read()).hexdigest())
+    return out
+
+
+def metrics(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+
+
+def same_weights(a, b):
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line naming the flag, a non-zero exit, nothing of an existing run touched
+
+SFT_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+           (["--weight_decay", "-5"], "--weight_decay"), (["--beta2", "2"], "--beta2"),
+           (["--grad_accum", "0"], "--grad_accum"), (["--n_digits", "-3"], "n_digits"), (["--n_digits", "30"], "n_digits"),
+           (["--eval_size", "0"], "--eval_size"), (["--eval_every", "0"], "--eval_every"),
+           (["--ckpt_every", "0"], "--ckpt_every"), (["--batch_size", "-8"], "--batch_size"),
+           (["--max_seq_len", "4"], "--max_seq_len"), (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"),
+           (["--target_acc", "2"], "--target_acc"), (["--grad_clip", "-1"], "--grad_clip"),
+           (["--lr", "inf"], "--lr"), (["--batch_size", "6", "--grad_accum", "4"], "--batch_size"),
+           (["--vocab_size", "20"], "--vocab_size"), (["--resume", "--lr", "0.5"], "lr")]
+
+GRPO_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "nan"], "--lr"), (["--beta", "-1"], "--beta"),
+            (["--pass_k", "0"], "--pass_k"), (["--max_new_tokens", "1"], "--max_new_tokens"),
+            (["--mla_impl", "bogus"], "--mla_impl"), (["--grad_clip", "-1"], "--grad_clip"),
+            (["--warmstart_target_acc", "2"], "--warmstart_target_acc"), (["--steps", "0"], "--steps"),
+            (["--eval_every", "0"], "--eval_every"), (["--batch_size", "-8"], "--batch_size"),
+            (["--max_seq_len", "4"], "--max_seq_len"), (["--n_digits", "30"], "n_digits"),
+            (["--temperature", "0"], "--temperature"), (["--num_generations", "1"], "--num_generations"),
+            (["--epsilon", "0"], "--epsilon"), (["--loss_type", "ppo"], "--loss_type"),
+            (["--supervision", "process"], "--supervision"), (["--num_minibatches", "5"], "--num_minibatches"),
+            (["--collapse_patience", "-1"], "--collapse_patience"),
+            (["--resume", "--dim", "48"], "dim"), (["--resume", "--beta", "0.5"], "beta")]
+
+
+@pytest.mark.parametrize("argv,flag", SFT_BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_sft_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
+    before = snapshot(runs)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(runs / "sft")] + argv, capsys)
+    assert flag in err
+    assert snapshot(runs) == before
+
+
+@pytest.mark.parametrize("argv,flag", GRPO_BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_grpo_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
+    before = snapshot(runs)
+    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"), "--steps", "2",
+                                                         "--out_dir", str(runs / "grpo")] + argv, capsys)
+    assert flag in err
+    assert snapshot(runs) == before
+
+
+@pytest.mark.parametrize("main", [train_sft.main, train_grpo.main])
+def test_out_dir_under_a_regular_file(tmp_path, main, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    err = one_line_failure(main, TINY_FLAGS + ["--out_dir", str(tmp_path / "file" / "run")], capsys)
+    assert "--out_dir" in err and "is a file" in err
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_a_folder_named_ckpt_pt(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").mkdir()
+    err = one_line_failure(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path), "--resume"], capsys)
+    assert "ckpt.pt" in err and "ckpt.pt/ckpt.pt" not in err
+    err = one_line_failure(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path)], capsys)
+    assert "is not a file" in err and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_init_must_be_an_sft_checkpoint(runs, tmp_path, capsys):
+    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "grpo"),
+                                                         "--out_dir", str(tmp_path / "g")], capsys)
+    assert "is a grpo checkpoint, not a sft run's" in err and not os.path.exists(tmp_path / "g")
+
+
+def test_grpo_resume_names_model_flags_that_differ(runs, capsys):
+    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--steps", "2", "--resume",
+                                                         "--out_dir", str(runs / "grpo"), "--dim", "48"], capsys)
+    assert "another model config in: dim (32, not 48)" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: divergence, corruption, signals, a second run, stale files
+
+
+def test_divergence_before_any_checkpoint_says_none_was_kept(tmp_path, monkeypatch, capsys):
+    real = Transformer.forward
+
+    def nan_loss(self, *a, **kw):
+        logits, loss = real(self, *a, **kw)
+        return logits, None if loss is None else loss * float("nan")
+
+    monkeypatch.setattr(Transformer, "forward", nan_loss)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path)], capsys)
+    assert "non-finite loss" in err and "no checkpoint of this run was written" in err and "kept" not in err
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """Weights that turn infinite after step 4's update: the checkpoint of step 4 is refused and the
+    one of step 2 stays, as the message says."""
+    real, calls = Transformer.update_router_biases, {"n": 0}
+
+    def poison(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                self.head.weight[0, 0] = float("inf")
+        return real(self)
+
+    monkeypatch.setattr(Transformer, "update_router_biases", poison)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path), "--eval_every", "100", "--steps", "6"],
+                           capsys)
+    assert "non-finite values in head.weight after step 4" in err and "step 2) was kept" in err
+    assert common.load_checkpoint(str(tmp_path))["step"] == 2
+
+
+def test_grpo_non_finite_logits_in_sampling(runs, tmp_path, monkeypatch, capsys):
+    """Diverged weights surface as NaN logits in the rollouts: one line, no traceback from multinomial."""
+    real, calls = Transformer.forward, {"n": 0}
+
+    def nan_when_sampling(self, *a, **kw):
+        logits, loss = real(self, *a, **kw)
+        if kw.get("cache") is not None and kw.get("start_pos") == 0:
+            calls["n"] += 1  # prefills: 2 for the first evaluation, then one per step's rollouts
+            if calls["n"] >= 3:
+                logits = logits * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", nan_when_sampling)
+    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"),
+                                                         "--out_dir", str(tmp_path)], capsys)
+    assert "non-finite logits" in err and "at step 1" in err and "no checkpoint of this run was written" in err
+
+
+def test_grpo_collapse_stops_the_run(runs, tmp_path, monkeypatch, capsys):
+    """A policy that no longer gets any reward and no gradient cannot change any more (the issue's
+    lr=1e4 run): it stops with an error instead of running on and exiting 0."""
+    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: 0.0)
+    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"), "--steps", "8",
+                                                         "--collapse_patience", "3", "--out_dir", str(tmp_path)], capsys)
+    assert "collapsed" in err and "3 steps" in err
+
+
+def test_flipped_bytes_are_a_clear_error(runs, tmp_path, capsys):
+    shutil.copytree(runs / "sft", tmp_path / "sft")
+    path = tmp_path / "sft" / "ckpt.pt"
+    data = bytearray(path.read_bytes())
+    rng = random.Random(0)
+    for _ in range(4):
+        data[rng.randrange(len(data) // 3, 2 * len(data) // 3)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(common.CheckpointError, match="fails its CRC32 check"):
+        common.load_checkpoint(str(path))
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"), "--resume", "--steps", "6"], capsys)
+    assert "damaged" in err
+
+
+def interrupt_at(monkeypatch, module, name, call, signum):
+    """Make module.name send `signum` to this process on its `call`-th call (mid-step)."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    full, _ = sft(tmp_path / "full", "--steps", "6", "--ckpt_every", "100")
+    interrupt_at(monkeypatch, train_sft, "make_batch", 3, signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100")
+    assert e.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after step 3" in err and "--resume" in err
+    assert common.load_checkpoint(str(tmp_path / "b"))["step"] == 3
+    monkeypatch.undo()
+    resumed, _ = sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100", "--resume")
+    same_weights(full, resumed)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_s")} for r in rs]  # noqa: E731
+    assert strip(metrics(tmp_path / "b")) == strip(metrics(tmp_path / "full"))
+
+
+def test_sigterm_stops_grpo_with_a_checkpoint_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
+    full, _, _ = grpo(runs / "sft", tmp_path / "full", "--steps", "4", "--ckpt_every", "100")
+    interrupt_at(monkeypatch, train_grpo, "make_rollouts", 2, signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        grpo(runs / "sft", tmp_path / "b", "--steps", "4", "--ckpt_every", "100")
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 2" in capsys.readouterr().err
+    monkeypatch.undo()
+    resumed, _, _ = grpo(runs / "sft", tmp_path / "b", "--steps", "4", "--ckpt_every", "100", "--resume")
+    same_weights(full, resumed)
+
+
+def test_a_second_run_into_a_locked_folder_fails_at_once(runs, tmp_path, capsys):
+    shutil.copytree(runs / "sft", tmp_path / "sft")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "f = common.lock_run_folder(sys.argv[2]); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, str(tmp_path / "sft")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tmp_path)
+        err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"), "--resume", "--steps", "6"],
+                               capsys)
+        assert f"in use by another run (pid {holder.pid})" in err
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    sft(tmp_path / "sft", "--resume", "--steps", "6")  # free again once the other run has ended
+
+
+def test_stale_temporary_checkpoints_are_removed(runs, tmp_path):
+    shutil.copytree(runs / "sft", tmp_path / "sft")
+    for pid in (11, 22):
+        (tmp_path / "sft" / f"ckpt.pt.tmp.{pid}").write_bytes(b"x" * 1000)
+    sft(tmp_path / "sft", "--resume", "--steps", "6")
+    assert not [f for f in os.listdir(tmp_path / "sft") if ".tmp." in f]
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl: one line per (step, kind), whatever the history of kills and resumes
+
+
+def keys(folder):
+    return [(r["step"], r["kind"]) for r in metrics(folder)]
+
+
+def test_sft_metrics_after_stop_crash_and_finished_resume(tmp_path, monkeypatch):
+    flags = ("--steps", "6", "--eval_every", "3", "--ckpt_every", "3")
+    sft(tmp_path / "full", *flags)
+    expected = keys(tmp_path / "full")
+    assert expected.count((6, "eval")) == 1 and expected.count((3, "eval")) == 1
+    sft(tmp_path / "b", *flags, "--stop_at", "3")
+    assert keys(tmp_path / "b") == [k for k in expected if k[0] <= 3]
+    # killed after step 6's evaluation, before its checkpoint; the kill tears the last line too
+    real_save = common.RunFolder.save
+
+    def killed(self, step, payload):
+        if step == 6:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write('{"step": 7, "ki')
+            raise KeyboardInterrupt
+        return real_save(self, step, payload)
+
+    monkeypatch.setattr(common.RunFolder, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft(tmp_path / "b", *flags, "--resume")
+    monkeypatch.undo()
+    sft(tmp_path / "b", *flags, "--resume")
+    assert keys(tmp_path / "b") == expected
+    sft(tmp_path / "b", *flags, "--resume")  # a finished run: nothing to do, nothing logged
+    assert keys(tmp_path / "b") == expected
+
+
+def test_grpo_metrics_keep_the_eval_at_stop_at(runs, tmp_path):
+    flags = ("--steps", "4", "--eval_every", "2", "--ckpt_every", "2")
+    grpo(runs / "sft", tmp_path / "full", *flags)
+    grpo(runs / "sft", tmp_path / "b", *flags, "--stop_at", "2")
+    assert (2, "eval") in keys(tmp_path / "b")
+    grpo(runs / "sft", tmp_path / "b", *flags, "--resume")
+    grpo(runs / "sft", tmp_path / "b", *flags, "--resume")
+    assert keys(tmp_path / "b") == keys(tmp_path / "full")
+    assert len(set(keys(tmp_path / "b"))) == len(keys(tmp_path / "b"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data streams: each stage its own problems, each rank its own after a resume on more ranks
+
+
+def record_prompts(monkeypatch, into):
+    real = tasks.Task.sample
+
+    def sample(self, rng):
+        p = real(self, rng)
+        into.append(p.prompt)
+        return p
+
+    monkeypatch.setattr(tasks.Task, "sample", sample)
+
+
+def test_grpo_does_not_replay_the_sft_problems(tmp_path, monkeypatch):
+    seen_sft, seen_grpo = [], []
+    record_prompts(monkeypatch, seen_sft)
+    sft(tmp_path / "sft")
+    monkeypatch.undo()
+    record_prompts(monkeypatch, seen_grpo)
+    grpo(tmp_path / "sft", tmp_path / "grpo")
+    assert len(seen_grpo) == 8 and len(seen_sft) == 32
+    assert len(set(seen_grpo) & set(seen_sft)) <= 1  # 2-digit additions: a shared problem is chance
+
+
+def _resume_on_two_ranks(rank, world, root):
+    seen = []
+    real = tasks.Task.sample
+
+    def sample(self, rng):
+        p = real(self, rng)
+        seen.append(p.prompt)
+        return p
+
+    tasks.Task.sample = sample
+    sft(os.path.join(root, "sft"), "--resume", "--steps", "6")
+    n_sft = len(seen)
+    grpo(os.path.join(root, "sft"), os.path.join(root, "grpo"), "--resume", "--steps", "4")
+    with open(os.path.join(root, f"seen.{rank}"), "w") as f:
+        json.dump([seen[:n_sft], seen[n_sft:]], f)
+
+
+def test_resume_on_more_ranks_gives_every_rank_its_own_problems(tmp_path):
+    """A run saved on 1 rank and resumed on 2: rank 1 must not replay rank 0's problems."""
+    sft(tmp_path / "sft", "--steps", "4")
+    grpo(tmp_path / "sft", tmp_path / "grpo", "--steps", "4", "--stop_at", "2")
+    run_on_two_ranks(_resume_on_two_ranks, str(tmp_path))
+    (sft0, grpo0), (sft1, grpo1) = (json.load(open(tmp_path / f"seen.{r}")) for r in (0, 1))
+    assert len(sft0) == len(sft1) > 0 and len(grpo0) == len(grpo1) > 0
+    assert len(set(sft0) & set(sft1)) <= 1 and len(set(grpo0) & set(grpo1)) <= 1
+    assert common.load_checkpoint(str(tmp_path / "grpo"))["world_size"] == 2
