@@ -539,7 +539,8 @@ class GracefulStop:
     def exit(self, out_dir, step, hint):
         """Print where the checkpoint is and how to go on, then exit with 128 + the signal number."""
         name = signal.Signals(self.signum).name if self.signum else "signal"
-        print(f"stopped by {name} after step {step}: checkpoint saved in {out_dir}; {hint}", file=sys.stderr)
+        if rank() == 0:
+            print(f"stopped by {name} after step {step}: checkpoint saved in {out_dir}; {hint}", file=sys.stderr)
         cleanup_dist()
         sys.exit(128 + (self.signum or signal.SIGINT))
 

@@ -378,8 +378,7 @@ def main(argv=None):
             if interrupted:
                 bar.close()
                 run.close()
-                stopper.exit(cfg.out_dir, s, f"continue with: python train_grpo.py --resume --out_dir {cfg.out_dir} "
-                                             f"(and the same flags)")
+                stopper.exit(cfg.out_dir, s, "to continue, run the same command with --resume")
     bar.close()
     if main_proc and not cfg.quiet and first and stop == cfg.steps:
         print("before -> after GRPO: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))

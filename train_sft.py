@@ -301,8 +301,7 @@ def main(argv=None, resume_hint=None):
             if interrupted:
                 bar.close()
                 run.close()
-                stopper.exit(cfg.out_dir, s, resume_hint or f"continue with: python train_sft.py --resume "
-                                                            f"--out_dir {cfg.out_dir} (and the same flags)")
+                stopper.exit(cfg.out_dir, s, resume_hint or "to continue, run the same command with --resume")
     bar.close()
     if main_proc and not cfg.quiet and start < cfg.steps and (hit or stop == cfg.steps):
         print(f"held-out greedy accuracy after {run.saved_step} steps: {acc:.3f}")
