@@ -143,11 +143,29 @@ def check_lengths(task, max_seq_len, max_new_tokens=None):
 
 # Fields that may change between a run and its resumption: they steer the run, not the result.
 RUN_ONLY_FIELDS = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir"}
+INIT_FIELDS = ("init", "warmstart_steps", "warmstart_target_acc")  # how an RL run got its init: irrelevant once resumed
 
 
 def resume_mismatches(ckpt, cfg, extra_ignore=()):
     """Fields of cfg (a train script's config) that differ from the resumed checkpoint's."""
     return mismatched_fields(ckpt["config"], config_dict(cfg), RUN_ONLY_FIELDS | set(extra_ignore))
+
+
+def load_for_resume(path, kind, tok, cfg, mcfg, model_flags, extra_ignore=()):
+    """The checkpoint that --resume continues, checked: readable, of this script's kind and tokenizer,
+    saved with the same config (but the fields that may change between a run and its resumption) and
+    the same values of the model flags given on the command line. Raises CheckpointError or
+    ValueError naming every field that differs. Returns (ckpt, its ModelConfig)."""
+    from model import ModelConfig
+    ckpt = load_checkpoint(path)
+    check_tokenizer(ckpt, tok, path)
+    check_kind(ckpt, kind, f"checkpoint {path}")
+    bad = resume_mismatches(ckpt, cfg, extra_ignore)
+    bad += [f"{k} ({ckpt['model_config'].get(k)}, not {getattr(mcfg, k)})" for k in sorted(model_flags)
+            if ckpt["model_config"].get(k) != getattr(mcfg, k)]
+    if bad:
+        raise ValueError(f"checkpoint {path} does not match this run's config in: {', '.join(bad)}")
+    return ckpt, ModelConfig(**ckpt["model_config"])
 
 
 def mismatched_fields(saved, current, ignore=()):
@@ -251,8 +269,30 @@ def data_rng(seed, stage, rank):
     return random.Random(stream_seed(seed, stage, rank))
 
 
+def epoch_batches(n, batch_size, epochs, seed, stage):
+    """Indices of every optimiser step's items over `epochs` shuffled passes through n items (a last
+    partial batch of each pass is dropped), the same on every rank: each rank takes its share."""
+    order = []
+    for e in range(epochs):
+        idx = list(range(n))
+        random.Random(stream_seed(seed, stage, 0, f"epoch {e}")).shuffle(idx)
+        order += [idx[b * batch_size:(b + 1) * batch_size] for b in range(n // batch_size)]
+    return order
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedule
+
+
+def optimizer_step(params, opt, grad_clip):
+    """Clip the gradient norm to grad_clip (0 = no clipping), step, zero the gradients. Returns the
+    norm before clipping, or None, without stepping, when it is not finite (the caller stops)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        return None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 def lr_at(step, lr, warmup, total, min_lr_ratio):

@@ -7,8 +7,13 @@
 - `kl_k1`, `kl_k3`: per-token KL estimators (Schulman, "Approximating KL divergence", 2020).
 - `grpo_loss`: the clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3), with the
   `loss_type` aggregations grpo / dapo (arXiv 2503.14476) / dr_grpo and DAPO's clip-higher.
+- `sequence_logprobs`: a sequence's summed (or length-averaged) completion log-prob.
+- `dpo_loss` (DPO, arXiv 2305.18290, eq. 7; label smoothing = cDPO / robust DPO), `ipo_loss`
+  (IPO, arXiv 2310.12036, eq. 17), `simpo_loss` (SimPO, arXiv 2405.14734, eq. 6),
+  `bradley_terry_loss` (the reward model's pairwise loss, InstructGPT arXiv 2203.02155 eq. 1).
 
-Shape legend: B batch (sequences), N = B*G sequences in groups of G, T completion time, V vocabulary.
+Shape legend: B batch (sequences or preference pairs), N = B*G sequences in groups of G, T completion
+time, V vocabulary.
 """
 import torch
 import torch.nn.functional as F
@@ -145,3 +150,77 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_h
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
             metrics["entropy"] = (entropy * mask).sum() / n_tok
     return loss, {k: v.item() for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference losses: DPO and its variants, and the reward model's Bradley-Terry loss
+
+
+def sequence_logprobs(token_logps, mask, average=False):
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the completion tokens (mask 1), or the mean
+    over them with average=True (length-normalised: 1/|y| log pi(y | x)).
+    token_logps, mask: (B, T) -> (B,)."""
+    mask = mask.float()
+    total = (token_logps * mask).sum(-1)  # (B,)
+    return total / mask.sum(-1).clamp_min(1.0) if average else total
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             label_smoothing=0.0):
+    """DPO (Rafailov et al., arXiv 2305.18290, eq. 7), with conservative label smoothing (cDPO,
+    Mitchell 2023; robust DPO, arXiv 2403.00409) when label_smoothing = e > 0:
+
+        h    = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
+        loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+
+    Implicit rewards (detached): beta (log pi(y_w) - log ref(y_w)) and beta (log pi(y_l) - log ref(y_l)).
+    At pi = ref, h = 0 and the loss is exactly ln 2 for any e. e = 0.5 makes the loss constant in h.
+    Inputs are sequence log-probs (B,) (summed; average them for length-normalised DPO).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,))."""
+    chosen = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen - rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+    """IPO (Azar et al., arXiv 2310.12036, eq. 17): regress the log-ratio margin onto a fixed target
+    instead of pushing it to infinity:
+
+        h    = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
+        loss = (h - 1 / (2 beta))^2
+
+    Feed it length-AVERAGED log-probs (sequence_logprobs(..., average=True)): with sums, the target
+    1/(2 beta) means a different per-token margin for every length (PITFALLS 12). Here beta is the
+    paper's tau (the regularisation strength). Returns (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,)), the rewards beta (log pi - log ref), detached, as for DPO."""
+    chosen = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected = policy_rejected_logps - ref_rejected_logps  # (B,)
+    losses = (chosen - rejected - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
+    """SimPO (Meng et al., arXiv 2405.14734, eq. 6): no reference model; the implicit reward is the
+    length-averaged log-prob, with a target margin gamma:
+
+        loss = -log sigmoid(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma)
+
+    policy_*_logps: SUMMED sequence log-probs (B,); *_lengths: completion token counts (B,).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards
+    beta / |y| log pi(y), detached."""
+    chosen = beta * policy_chosen_logps / chosen_lengths  # (B,)
+    rejected = beta * policy_rejected_logps / rejected_lengths  # (B,)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
+    """Pairwise reward-model loss from the Bradley-Terry model P(y_w > y_l) = sigmoid(r_w - r_l)
+    (InstructGPT, arXiv 2203.02155, eq. 1; a margin as in Llama 2, arXiv 2307.09288, eq. 2):
+
+        loss = mean over pairs of -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
+
+    r_chosen, r_rejected: (B,) scalar rewards -> scalar loss."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()

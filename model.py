@@ -412,6 +412,49 @@ class Transformer(nn.Module):
         return {"maxvio_mean": sum(vios) / len(vios), "maxvio_max": max(vios)}
 
 
+class ScalarModel(nn.Module):
+    """The Transformer with a scalar head on its final hidden states: the reward model (read at the
+    last real token of prompt + completion, InstructGPT section 3.5) and PPO's critic (read at every
+    position). The body is a plain Transformer (initialised from an SFT checkpoint); the head starts
+    at zero, so every first score is exactly 0 and the first Bradley-Terry loss exactly ln 2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.body = Transformer(cfg)
+        self.value_head = nn.Linear(cfg.dim, 1, bias=False)
+        nn.init.zeros_(self.value_head.weight)
+
+    def forward(self, idx, positions=None, pad_mask=None):
+        """idx, positions, pad_mask as Transformer.forward -> a scalar per position (B, T)."""
+        _, _, hidden = self.body(idx, positions=positions, pad_mask=pad_mask, return_hidden=True)  # (B, T, D)
+        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+
+    @torch.no_grad()
+    def score(self, prompts, completions, pad_id):
+        """Score a batch of (prompt, completion) token-id lists: the scalar at the last real token of
+        each `prompt + completion` (B,)."""
+        idx, pad_mask = right_pad([list(p) + list(c) for p, c in zip(prompts, completions)], pad_id,
+                                  self.value_head.weight.device)
+        return last_real(self(idx, pad_mask=pad_mask), pad_mask)
+
+
+def right_pad(seqs, pad_id, device):
+    """Token-id lists -> (idx (B, T) right-padded with pad_id, pad_mask (B, T) bool, True on real tokens)."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        idx[i, :len(x)] = torch.tensor(x)
+    return idx.to(device), (torch.arange(idx.size(1))[None, :] < lengths[:, None]).to(device)
+
+
+def last_real(values, pad_mask):
+    """values (B, T) read at each row's last real token (pad_mask True): (B,). Works for left and
+    right padding alike."""
+    last = pad_mask.long().cumsum(1).argmax(1)  # (B,) the first index where the count of real tokens peaks
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
 def param_counts(model):
     """Total parameters, the main model's (no MTP), and the main model's active per token (the
     routed experts a token does not use are left out)."""

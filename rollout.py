@@ -9,11 +9,17 @@
   training signal (a speculative-decoding draft could reuse the same caches).
 - `evaluate`: greedy exact-match accuracy, pass@k with the unbiased estimator of Chen et al. 2021
   (arXiv 2107.03374, eq. 1) and maj@k (majority vote over k sampled answers, DeepSeekMath 5.2.2).
+- `make_pairs`: preference pairs (prompt, chosen, rejected) for DPO and the reward model, from the
+  policy's own samples or from near misses of the reference; `save_pairs` / `load_pairs` keep them
+  as JSONL with the settings that made them.
 
 Shape legend: B prompts, G generations per prompt, N = B*G rows, P prompt length (padded),
 L new tokens, V vocabulary.
 """
+import json
 import math
+import os
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -198,3 +204,77 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
         metrics[f"pass@{k}"] = pass_k / len(problems)
         metrics[f"maj@{k}"] = maj_k / len(problems)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs (DPO, the reward model)
+
+
+@torch.no_grad()
+def make_pairs(model, tok, task, problems, source="policy", num_generations=8, temperature=1.0,
+               max_new_tokens=None, generator=None, rng=None, batch_size=256):
+    """Preference pairs for `problems`, each a dict of the prompt's and both completions' token ids
+    (the end token included) and text:
+    - source "policy": sample num_generations completions per problem from `model`; chosen is a
+      correct sample (the reference solution when none is), rejected an incorrect one; a problem
+      whose samples are all correct gives no pair.
+    - source "synthetic": chosen is the reference, rejected `task.near_miss` (one digit changed, off
+      by one, a dropped carry): one pair per problem.
+    Ties are broken by rng (a random.Random) so that the pairs are reproducible."""
+    rng = rng or random.Random(0)
+    prompt_ids = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
+    reference = [tok.encode(p.completion) + [tok.eos_id] for p in problems]
+    if source == "synthetic":
+        wrong = [tok.encode(task.near_miss(p, rng)) + [tok.eos_id] for p in problems]
+        return [_pair(tok, p, ids, c, r) for p, ids, c, r in zip(problems, prompt_ids, reference, wrong)]
+    if source != "policy":
+        raise ValueError(f"pair source must be policy or synthetic, got {source!r}")
+    G, pairs = num_generations, []
+    max_new_tokens = max_new_tokens or max(len(c) for c in reference) + 1
+    per = max(1, batch_size // G)
+    for i in range(0, len(problems), per):
+        r = generate(model, prompt_ids[i:i + per], eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
+                     max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+        texts = decode_completions(tok, r)
+        lengths = r.completion_mask.sum(1).long().tolist()  # up to and including the end token
+        for j, p in enumerate(problems[i:i + per]):
+            rows = range(j * G, (j + 1) * G)
+            good = [k for k in rows if task.reward(texts[k], p) == 1.0]
+            bad = [k for k in rows if task.reward(texts[k], p) == 0.0]
+            if not bad:
+                continue  # every sample right: nothing to prefer
+            ids = lambda k: r.completion_ids[k, :lengths[k]].tolist()  # noqa: E731
+            chosen = ids(rng.choice(good)) if good else reference[i + j]
+            pairs.append(_pair(tok, p, prompt_ids[i + j], chosen, ids(rng.choice(bad))))
+    return pairs
+
+
+def _pair(tok, problem, prompt_ids, chosen_ids, rejected_ids):
+    return {"prompt": problem.prompt, "answer": problem.answer, "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "chosen": tok.decode(chosen_ids, strict=True), "rejected": tok.decode(rejected_ids, strict=True)}
+
+
+def save_pairs(path, pairs, settings):
+    """JSONL: a first line {"settings": ...} (what made the pairs), then one pair per line. Atomic."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"settings": settings}) + "\n")
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    os.replace(tmp, path)
+
+
+def load_pairs(path, task=None):
+    """(pairs, settings) from a file written by save_pairs; ValueError with one line if it is not
+    one, or (given a task) if its pairs are of another task or digit count."""
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        settings, pairs = lines[0]["settings"], lines[1:]
+        assert all({"prompt_ids", "chosen_ids", "rejected_ids", "split"} <= set(p) for p in pairs)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as e:
+        raise ValueError(f"{path} is not a pairs file written by save_pairs ({type(e).__name__})") from None
+    if task is not None and (settings.get("task"), settings.get("n_digits")) != (task.name, task.n_digits):
+        raise ValueError(f"{path} holds pairs of task {settings.get('task')} with {settings.get('n_digits')} digits, "
+                         f"not {task.name} with {task.n_digits}")
+    return pairs, settings

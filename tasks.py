@@ -154,6 +154,24 @@ class Task:
         except Exception:  # a reward must never crash a training run on junk text
             return 0.0
 
+    def near_miss(self, problem, rng):
+        """A wrong but well-formed completion close to the reference: the answer off by one, with one
+        digit changed or (addition) with a carry dropped. The rejected side of synthetic preference pairs."""
+        a = problem.answer
+        digits = self.render(problem, abs(a)).rsplit("=", 1)[-1].lstrip("-")  # as written, padding included
+        i = rng.randrange(len(digits))
+        changed = digits[:i] + rng.choice([d for d in "0123456789" if d != digits[i]]) + digits[i + 1:]
+        candidates = {a - 1, a + 1, (-1 if a < 0 else 1) * int(changed)} | self._carry_slips(problem)
+        wrong = sorted(x for x in candidates if x != a and self.parse_answer(self.render(problem, x)) == x)
+        return self.render(problem, rng.choice(wrong))
+
+    def render(self, problem, answer):
+        """The reference completion of `problem` with its final answer replaced by `answer`."""
+        return str(answer)
+
+    def _carry_slips(self, problem):
+        return set()
+
 
 def sorted_operands(prompt, op):
     """`b+a=` -> `a+b` with the operands in numeric order: the canonical form of a commutative problem."""
@@ -177,6 +195,14 @@ class Addition(Task):
 
     def canonical(self, prompt):
         return sorted_operands(prompt, "+")
+
+    def render(self, problem, answer):
+        return f"{answer:0{self.n_digits + 1}d}" if self.fixed_width and answer >= 0 else str(answer)
+
+    def _carry_slips(self, problem):
+        """The sum written digit by digit with every carry dropped (a classic slip)."""
+        a, b = (int(x) for x in problem.prompt[:-1].split("+"))
+        return {int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:020d}", f"{b:020d}")))}
 
     def _make(self, rng):
         a, b = rng.randrange(10 ** self.n_digits), rng.randrange(10 ** self.n_digits)
@@ -242,6 +268,11 @@ class MultiStep(Task):
 
     def canonical(self, prompt):
         return sorted_operands(prompt, "+")  # the multiset of terms: the same sum in another order
+
+    def render(self, problem, answer):
+        """The reference steps with the last step's result replaced (every step stays well formed)."""
+        head, _ = problem.completion.rsplit("=", 1)
+        return f"{head}={answer}"
 
     def _make(self, rng):
         terms = [rng.randrange(10 ** self.n_digits) for _ in range(self.n_terms)]

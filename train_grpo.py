@@ -214,13 +214,10 @@ def update_policy(model, policy, opt, exp, batches, cfg, device):
                     valid = exp.rollout.sequences()[1][mrows].to(device)  # (n, S) real tokens
                     stats["routing_flips"] += moe.flipped_fraction(exp.routes[i, j], policy.routed_experts(), valid)
                     n_flips += 1
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
-            if not torch.isfinite(grad_norm):
+            grad_norm = common.optimizer_step(policy.parameters(), opt, cfg.grad_clip)
+            if grad_norm is None:
                 return None, n_updates
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stats["grad_norm"] += grad_norm.item()
+            stats["grad_norm"] += grad_norm
             n_updates += 1
     out = {k: v / max(n_updates, 1) for k, v in stats.items()}  # micro-batch losses already sum to their minibatch's
     out["routing_flips"] = stats["routing_flips"] / max(n_flips, 1)
@@ -250,15 +247,8 @@ def main(argv=None):
         common.check_lengths(task, mcfg.max_seq_len, cfg.max_new_tokens)
         common.check_out_dir(cfg.out_dir)
         if cfg.resume:  # the run's own checkpoint holds everything, the model config included
-            ckpt = common.load_checkpoint(ckpt_path)
-            common.check_tokenizer(ckpt, tok, ckpt_path)
-            common.check_kind(ckpt, "grpo", f"checkpoint {ckpt_path}")
-            common.check_model_flags(ckpt, model_flags, mcfg, f"checkpoint {ckpt_path}")
-            bad = common.resume_mismatches(ckpt, cfg, extra_ignore=("init", "warmstart_steps", "warmstart_target_acc"))
-            if bad:
-                raise ValueError(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
-            mcfg, start = ModelConfig(**ckpt["model_config"]), ckpt["step"]
-            policy = Transformer(mcfg).to(device)
+            ckpt, mcfg = common.load_for_resume(ckpt_path, "grpo", tok, cfg, mcfg, model_flags, common.INIT_FIELDS)
+            policy, start = Transformer(mcfg).to(device), ckpt["step"]
         else:
             policy, mcfg = train_sft.load_or_make_init(cfg, tok, model_flags, mcfg, device)
         common.check_lengths(task, mcfg.max_seq_len, cfg.max_new_tokens)  # the checkpoint's model decides

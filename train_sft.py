@@ -10,6 +10,7 @@ is masked. Plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss
 are updated after every optimiser step (aux-loss-free balancing). Ctrl-C (or SIGTERM) finishes the
 step, writes a checkpoint and says how to resume.
 """
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -110,13 +111,11 @@ def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
         parts["loss"] += loss.item()
         for k in ("ce", "mtp", "balance"):
             parts[k] += raw_model.loss_parts[k].item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     metrics = common.all_reduce_sum(parts, device)
-    metrics["grad_norm"] = grad_norm.item()
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), (metrics["loss"], metrics["grad_norm"]))):
-        return metrics  # the caller stops the run before the optimiser sees a NaN
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    grad_norm = common.optimizer_step(model.parameters(), opt, grad_clip) if math.isfinite(metrics["loss"]) else None
+    metrics["grad_norm"] = float("nan") if grad_norm is None else grad_norm
+    if grad_norm is None:
+        return metrics  # the caller stops the run; the optimiser never saw the NaN
     metrics.update(raw_model.update_router_biases())
     metrics["tokens"] = counts["inputs"]  # the real tokens the model ran on
     return metrics
@@ -187,13 +186,8 @@ def main(argv=None, resume_hint=None):
             raise ValueError(f"--vocab_size {mcfg.vocab_size} does not match the tokenizer's {tok.vocab_size}")
         common.check_lengths(task, mcfg.max_seq_len)
         common.check_out_dir(cfg.out_dir)
-        if cfg.resume:
-            ckpt = common.load_checkpoint(ckpt_path)
-            common.check_tokenizer(ckpt, tok, ckpt_path)
-            bad = common.resume_mismatches(ckpt, cfg)
-            bad += common.mismatched_fields(ckpt["model_config"], common.config_dict(mcfg))
-            if bad:
-                raise ValueError(f"checkpoint {ckpt_path} does not match this run's config in: {', '.join(bad)}")
+        if cfg.resume:  # every model flag counts: an SFT run's model comes from its flags
+            ckpt, _ = common.load_for_resume(ckpt_path, "sft", tok, cfg, mcfg, ModelConfig.__dataclass_fields__)
             start = ckpt["step"]
     except (ValueError, common.CheckpointError) as e:
         common.die(str(e))

@@ -4,6 +4,7 @@ import statistics
 import pytest
 import torch
 
+import losses
 from losses import grpo_advantages, grpo_loss, kl_k1, kl_k3, process_advantages, token_logprobs
 
 # The lectures' worked examples (shared/seeds/003_7a20ea8372669740.txt and 002_1da79691c3c5a056.txt).
@@ -194,3 +195,94 @@ def test_token_logprobs_equals_slow_loop():
         for t in range(5):
             want = logits[b, t, targets[b, t]] - torch.logsumexp(logits[b, t], 0)
             assert abs(got[b, t].item() - want.item()) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference losses: each against its formula written out in plain Python floats
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+PREFS = [(-1.0, -2.0, -1.2, -1.5), (-3.0, -0.5, -2.0, -1.0), (-0.2, -0.2, -0.7, -0.1), (-5.0, -9.0, -5.5, -4.0)]
+
+
+def as_tensors(rows):
+    return [torch.tensor(col) for col in zip(*rows)]
+
+
+@pytest.mark.parametrize("beta,e", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2), (1.0, 0.4)])
+def test_dpo_loss_against_the_formula(beta, e):
+    pc, pr, rc, rr = as_tensors(PREFS)
+    got, chosen_r, rejected_r = losses.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=e)
+    for i, (a, b, c, d) in enumerate(PREFS):
+        h = (a - c) - (b - d)
+        assert math.isclose(got[i].item(), -(1 - e) * log_sigmoid(beta * h) - e * log_sigmoid(-beta * h), rel_tol=1e-6)
+        assert math.isclose(chosen_r[i].item(), beta * (a - c), rel_tol=1e-6, abs_tol=1e-7)
+        assert math.isclose(rejected_r[i].item(), beta * (b - d), rel_tol=1e-6, abs_tol=1e-7)
+
+
+def test_dpo_worked_example_of_the_lecture():
+    """Seed 002: log pi_ref(yw) = -1.2, log pi(yw) = -1.0, log pi_ref(yl) = -1.5, log pi(yl) = -2.0,
+    beta 0.1: beta h = 0.07, loss = -log sigmoid(0.07) = 0.6583 (the lecture rounds it to 0.66)."""
+    loss, c, r = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.2]), torch.tensor([-1.5]), 0.1)
+    assert abs(loss.item() - 0.659) < 1e-3 and abs(c.item() - 0.02) < 1e-6 and abs(r.item() + 0.05) < 1e-6
+
+
+def test_dpo_rewards_are_detached_and_the_loss_differentiable():
+    pc = torch.tensor([-1.0, -2.0], requires_grad=True)
+    loss, c, r = losses.dpo_loss(pc, torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]))
+    assert not c.requires_grad and not r.requires_grad
+    loss.sum().backward()
+    assert (pc.grad < 0).all()  # raising the chosen log-prob lowers the loss
+
+
+def test_label_smoothing_one_half_treats_preferences_as_coin_flips():
+    """With e = 0.5 (half the labels assumed flipped), chosen and rejected are interchangeable: the loss
+    is symmetric in h and is smallest, ln 2, at h = 0, so it pulls every margin back to 0. (Issue 9
+    says the loss becomes constant in h; it does not: 0.5 softplus(-x) + 0.5 softplus(x) grows with |x|.)"""
+    h = torch.tensor([-4.0, -1.0, 0.0, 1.0, 4.0], requires_grad=True)
+    z = torch.zeros(5)
+    loss, _, _ = losses.dpo_loss(h, z, z, z, beta=1.0, label_smoothing=0.5)
+    swapped, _, _ = losses.dpo_loss(z, h, z, z, beta=1.0, label_smoothing=0.5)
+    torch.testing.assert_close(loss, swapped)
+    torch.testing.assert_close(loss, loss.flip(0))
+    assert loss.argmin().item() == 2 and abs(loss[2].item() - math.log(2)) < 1e-7
+    loss.sum().backward()
+    assert h.grad[2] == 0 and (h.grad[3:] > 0).all() and (h.grad[:2] < 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_ipo_loss_against_the_formula(beta):
+    pc, pr, rc, rr = as_tensors(PREFS)
+    got, chosen_r, _ = losses.ipo_loss(pc, pr, rc, rr, beta=beta)
+    for i, (a, b, c, d) in enumerate(PREFS):
+        assert math.isclose(got[i].item(), ((a - c) - (b - d) - 1 / (2 * beta)) ** 2, rel_tol=1e-6)
+        assert math.isclose(chosen_r[i].item(), beta * (a - c), rel_tol=1e-6, abs_tol=1e-7)
+
+
+def test_simpo_loss_against_the_formula_and_needs_no_reference():
+    pc, pr = torch.tensor([-4.0, -6.0, -1.0]), torch.tensor([-9.0, -3.0, -1.0])
+    lc, lr = torch.tensor([4.0, 5.0, 2.0]), torch.tensor([6.0, 2.0, 2.0])
+    got, c, r = losses.simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5)
+    for i in range(3):
+        x = 2.0 * pc[i].item() / lc[i].item() - 2.0 * pr[i].item() / lr[i].item() - 0.5
+        assert math.isclose(got[i].item(), -log_sigmoid(x), rel_tol=1e-6)
+        assert math.isclose(c[i].item(), 2.0 * pc[i].item() / lc[i].item(), rel_tol=1e-6)
+    import inspect
+    assert not [p for p in inspect.signature(losses.simpo_loss).parameters if "ref" in p]
+
+
+def test_bradley_terry_loss_against_the_formula():
+    rc, rr = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5])
+    for margin in (0.0, 0.3):
+        want = sum(-log_sigmoid(a - b - margin) for a, b in zip(rc.tolist(), rr.tolist())) / 3
+        assert math.isclose(losses.bradley_terry_loss(rc, rr, margin).item(), want, rel_tol=1e-6)
+    assert math.isclose(losses.bradley_terry_loss(torch.zeros(4), torch.zeros(4)).item(), math.log(2), rel_tol=1e-7)
+
+
+def test_sequence_logprobs_sum_and_average():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    torch.testing.assert_close(losses.sequence_logprobs(lp, mask), torch.tensor([-6.0, -1.0]))
+    torch.testing.assert_close(losses.sequence_logprobs(lp, mask, average=True), torch.tensor([-2.0, -0.5]))

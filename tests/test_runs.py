@@ -131,7 +131,7 @@ def test_init_must_be_an_sft_checkpoint(runs, tmp_path, capsys):
 def test_grpo_resume_names_model_flags_that_differ(runs, capsys):
     err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--steps", "2", "--resume",
                                                          "--out_dir", str(runs / "grpo"), "--dim", "48"], capsys)
-    assert "another model config in: dim (32, not 48)" in err
+    assert "does not match this run's config in: dim (32, not 48)" in err
 
 
 # ----------------------------------------------------------------------------------------------
