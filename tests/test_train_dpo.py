@@ -85,11 +85,12 @@ def test_length_normalised_dpo_averages_both_log_ratios():
     policy, ref = tiny(0), tiny(1)
     pairs = with_ref(ref, synthetic_pairs())
     chosen, rejected = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
-    got, _, _ = train_dpo.preference_loss(config(length_normalize=True), chosen, rejected, pairs, CPU)
+    cfg = config(length_normalize=True)
+    got, _, _ = train_dpo.preference_loss(cfg, chosen, rejected, pairs, CPU)
     lc = torch.tensor([float(len(p["chosen_ids"])) for p in pairs])
     lr = torch.tensor([float(len(p["rejected_ids"])) for p in pairs])
     rc, rr = (torch.tensor([p[k] for p in pairs]) for k in ("ref_chosen_logp", "ref_rejected_logp"))
-    want, _, _ = losses.dpo_loss(chosen / lc, rejected / lr, rc / lc, rr / lr, 0.1)
+    want, _, _ = losses.dpo_loss(chosen / lc, rejected / lr, rc / lc, rr / lr, cfg.beta)
     torch.testing.assert_close(got, want)
 
 
