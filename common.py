@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------
 # Config: CLI flags generated from dataclass fields
@@ -239,6 +240,12 @@ def gather_objects(obj):
     return out
 
 
+def no_sync_unless_last(model, last):
+    """DDP's no_sync() for every micro-batch of an optimiser step but the last (whose backward then
+    all-reduces the accumulated gradients); a plain context without DDP."""
+    return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+
+
 def autocast(device):
     """bf16 autocast on CUDA; float32 (no autocast) on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -346,12 +353,16 @@ def restore_rng(states, rank, world, seed, stage, step, data_rng, generator=None
             f"problem stream from step {step} on, so the run is not bitwise the one it would have been")
 
 
-def non_finite(named_tensors):
-    """The name of the first tensor holding a NaN or an infinity, or None. named_tensors: (name,
-    tensor) pairs, as from a state_dict's items()."""
-    for name, t in named_tensors:
-        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-            return name
+def non_finite(obj, name=""):
+    """The name (a path of keys) of the first floating tensor in obj, a tensor or nested dicts and
+    lists of them such as a checkpoint, that holds a NaN or an infinity; None if there is none."""
+    if torch.is_tensor(obj):
+        return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
     return None
 
 
@@ -498,8 +509,7 @@ class RunFolder:
     def save(self, step, payload):
         """Write ckpt.pt atomically, unless a weight or an optimiser state is NaN or infinite: then
         raise NonFiniteState and keep the last good checkpoint."""
-        bad = non_finite([*payload["model"].items(), *[(f"optimizer state of parameter {i}", t)
-                          for i, s in payload["optimizer"]["state"].items() for t in s.values()]])
+        bad = non_finite({k: v for k, v in payload.items() if k != "rng"})
         if bad is not None:
             raise NonFiniteState(f"non-finite values in {bad} after step {step}, not saved; {self.last_good()}")
         if self.enabled:

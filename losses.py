@@ -11,6 +11,10 @@
 - `dpo_loss` (DPO, arXiv 2305.18290, eq. 7; label smoothing = cDPO / robust DPO), `ipo_loss`
   (IPO, arXiv 2310.12036, eq. 17), `simpo_loss` (SimPO, arXiv 2405.14734, eq. 6),
   `bradley_terry_loss` (the reward model's pairwise loss, InstructGPT arXiv 2203.02155 eq. 1).
+- PPO for language models (InstructGPT; Ziegler et al. arXiv 1909.08593): `token_rewards` (a k1 KL
+  penalty on every token, the score on the last one), `gae` (arXiv 1506.02438 eq. 16),
+  `ppo_policy_loss` (the clipped surrogate, arXiv 1707.06347 eq. 7), `value_loss` (clipped),
+  `AdaptiveKLController` / `FixedKLController` (Ziegler et al. section 2.2).
 
 Shape legend: B batch (sequences or preference pairs), N = B*G sequences in groups of G, T completion
 time, V vocabulary.
@@ -224,3 +228,115 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
 
     r_chosen, r_rejected: (B,) scalar rewards -> scalar loss."""
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO: per-token rewards, GAE, the clipped policy and value losses, the KL controllers
+
+
+def masked_mean(x, mask, normalizer=None):
+    """sum(x * mask) / sum(mask), or / normalizer: the whole step's token count when a batch is split
+    into micro-batches or over ranks, so that the summed gradients equal the whole batch's."""
+    mask = mask.float()
+    return (x * mask).sum() / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
+
+
+def token_rewards(scores, logp, ref_logp, mask, kl_coef):
+    """The per-token reward of PPO for language models (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
+
+        r_t = -kl_coef * (log pi(o_t) - log pi_ref(o_t))             on every completion token
+            + score(q, o) on the last completion token (the end token)
+
+    The KL term is the k1 estimator (PITFALLS 1): in the reward it is not differentiated, and its
+    expectation under samples from pi is KL(pi || pi_ref). scores: (N,); logp, ref_logp, mask: (N, T)
+    with mask 1 on a prefix of each row. Padding gets 0 and never the score."""
+    mask = mask.float()
+    rewards = -kl_coef * kl_k1(logp, ref_logp) * mask  # (N, T)
+    last = (mask.sum(1).long() - 1).clamp_min(0)  # (N,) index of each row's last real token
+    return rewards.scatter_add(1, last[:, None], (scores.float() * (mask.sum(1) > 0))[:, None])
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438, eq. 16):
+
+        delta_t = r_t + gamma V_{t+1} - V_t,     V after a row's last real token = 0
+        A_t     = delta_t + gamma lam A_{t+1}
+        returns = A + V                          (the value targets)
+
+    rewards, values, mask: (N, T) over completion tokens, mask 1 on a prefix of each row. Returns
+    (advantages, returns), both 0 on padding. gamma = lam = 1 gives the Monte-Carlo return minus V."""
+    mask = mask.float()
+    N, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value, next_adv = rewards.new_zeros(N), rewards.new_zeros(N)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (N,)
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # padding: 0, and nothing flows back from it
+        advantages[:, t] = next_adv
+        next_value = values[:, t] * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, epsilon=0.2, normalizer=None):
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, eq. 7), to be minimised:
+
+        rho_t = exp(log pi(o_t) - log pi_old(o_t))
+        loss  = -masked mean of min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+
+    logp, old_logp, advantages, mask: (N, T). Returns (loss, metrics): clip_frac (tokens whose ratio
+    left the clip range), approx_kl (the k3 estimate of KL(pi_old || pi)) and the mean ratio."""
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+    loss = -masked_mean(surrogate, mask, normalizer)
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        metrics = {"clip_frac": masked_mean(((ratio - 1).abs() > epsilon).float(), mask).item(),
+                   "approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask).item(),
+                   "ratio": masked_mean(ratio, mask).item()}
+    return loss, metrics
+
+
+def value_loss(values, old_values, returns, mask, clip_range=0.2, normalizer=None):
+    """The critic's clipped value loss (OpenAI baselines' PPO2, as InstructGPT-style trainers use it):
+
+        V_clip = V_old + clip(V - V_old, -c, c)
+        loss   = masked mean of 0.5 * max((V - R)^2, (V_clip - R)^2)
+
+    values, old_values, returns, mask: (N, T). Returns (loss, metrics): value_clip_frac (tokens where
+    the clipped term is the larger one)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = masked_mean(0.5 * torch.max(unclipped_sq, clipped_sq), mask, normalizer)
+    return loss, {"value_clip_frac": masked_mean((clipped_sq > unclipped_sq).float(), mask).item()}
+
+
+class FixedKLController:
+    """A constant KL coefficient, with the adaptive controller's interface."""
+
+    def __init__(self, kl_coef):
+        self.value = kl_coef
+
+    def update(self, current_kl, n_steps):
+        pass
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019 (arXiv 1909.08593, section 2.2): steer the KL to pi_ref toward a target,
+
+        e = clip(KL / target - 1, -0.2, 0.2),     kl_coef <- kl_coef * (1 + e * n_steps / horizon)
+
+    current_kl: the measured KL per sequence; n_steps: samples since the last update."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        super().__init__(init_kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl, n_steps):
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon

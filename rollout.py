@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import losses
 import tasks
 
 
@@ -61,6 +62,26 @@ class Experience:
     routes: dict = None                    # experts pi_old routed each micro-batch to (PITFALLS 12)
     values: torch.Tensor = None            # (N, L) PPO: the critic's V_old
     returns: torch.Tensor = None           # (N, L) PPO: GAE returns
+
+
+def completion_logprobs(model, r, rows, device, temperature=1.0):
+    """log pi(o_t | q, o_<t) of the completion tokens of rollout r's `rows`, from one full forward over
+    prompt + completion: (n, L), and the logits (n, L, V). The logits are divided by the sampling
+    temperature, so that pi is the distribution the tokens were sampled from. The one log-prob helper
+    of GRPO and PPO (pi_old, pi_ref and the update)."""
+    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
+    logits, _ = model(ids, positions=pos, pad_mask=mask)  # (n, P+L, V)
+    P = r.prompt_ids.size(1)
+    logits = logits[:, P - 1:-1] / temperature  # (n, L, V): position P-1+t predicts completion token t
+    return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
+
+
+def completion_values(critic, r, rows, device):
+    """A critic's (model.ScalarModel) value of every completion position of rollout r's `rows`:
+    (n, L), V_t read where the policy's logits for token t are, so it sees q and o_<t."""
+    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
+    P = r.prompt_ids.size(1)
+    return critic(ids, positions=pos, pad_mask=mask)[:, P - 1:-1]  # (n, L)
 
 
 def left_pad(prompts, pad_id, device):

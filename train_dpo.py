@@ -23,7 +23,6 @@ import hashlib
 import os
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -187,8 +186,7 @@ def train_step(model, policy, opt, micro, cfg, n_global, pad_id, device):
     world = common.world_size()
     sums = dict.fromkeys(("loss", "accuracy", "margin", "chosen_logp", "rejected_logp"), 0.0)
     for j, pairs in enumerate(micro):
-        sync = nullcontext() if j == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync, common.autocast(device):
+        with common.no_sync_unless_last(model, j == len(micro) - 1), common.autocast(device):
             chosen, rejected = pair_logprobs(model, pairs, pad_id, device)
             loss, r_chosen, r_rejected = preference_loss(cfg, chosen, rejected, pairs, device)
             (loss.sum() / n_global * world).backward()  # DDP averages over ranks

@@ -18,7 +18,6 @@ warm start's. Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and say
 import copy
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -147,16 +146,6 @@ def step_rewards(task, texts, problems, ended, L):
     return steps, ends
 
 
-def completion_logprobs(model, r, rows, device, temperature=1.0):
-    """log pi(o_t | q, o_<t) of the completion tokens of `rows` from one full forward: (n, L), and the
-    logits. Logits are divided by the sampling temperature, so pi is the distribution sampled from."""
-    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
-    logits, _ = model(ids, positions=pos, pad_mask=mask)  # (n, P+L, V)
-    P = r.prompt_ids.size(1)
-    logits = logits[:, P - 1:-1] / temperature  # (n, L, V): position P-1+t predicts completion token t
-    return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
-
-
 def micro_batches(N, cfg):
     """Rows of each optimiser step (minibatch), each split into grad_accum micro-batches. Strided
     minibatches mix groups; the micro-batches are what every forward (old, ref, update) runs on."""
@@ -174,9 +163,9 @@ def score_old_and_ref(model, policy, ref, exp, batches, cfg, device):
     with common.autocast(device):
         for i, micro in enumerate(batches):
             for j, rows in enumerate(micro):
-                exp.old_logp[rows] = completion_logprobs(model, r, rows, device, cfg.temperature)[0]
+                exp.old_logp[rows] = rollout.completion_logprobs(model, r, rows, device, cfg.temperature)[0]
                 exp.routes[i, j] = policy.routed_experts()
-                exp.ref_logp[rows] = completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
+                exp.ref_logp[rows] = rollout.completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
     policy.train()
 
 
@@ -199,9 +188,8 @@ def update_policy(model, policy, opt, exp, batches, cfg, device):
             if denom == 0:  # every group filtered everywhere: nothing to learn from this minibatch
                 continue
             for j, mrows in enumerate(micro):
-                sync = nullcontext() if j == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
-                with sync, common.autocast(device):
-                    logp, logits = completion_logprobs(model, exp.rollout, mrows, device, cfg.temperature)
+                with common.no_sync_unless_last(model, j == len(micro) - 1), common.autocast(device):
+                    logp, logits = rollout.completion_logprobs(model, exp.rollout, mrows, device, cfg.temperature)
                     loss, m = losses.grpo_loss(logp, exp.old_logp[mrows], exp.ref_logp[mrows], exp.advantages[mrows],
                                                mask[mrows], cfg.epsilon, cfg.epsilon_high or None, cfg.beta,
                                                cfg.loss_type, logits=logits.detach(),

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -153,8 +152,7 @@ def train_step(model, rm, opt, micro, n_global, cfg, pad_id, device):
     world = common.world_size()
     sums = dict.fromkeys(("loss", "accuracy", "margin", "r_chosen", "r_rejected"), 0.0)
     for a, pairs in enumerate(micro):
-        sync = nullcontext() if a == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync, common.autocast(device):
+        with common.no_sync_unless_last(model, a == len(micro) - 1), common.autocast(device):
             r_chosen, r_rejected = pair_scores(model, pairs, pad_id, device)
             loss = losses.bradley_terry_loss(r_chosen, r_rejected, cfg.margin) * len(pairs)  # the micro-batch's sum
             (loss / n_global * world).backward()  # DDP averages over ranks

@@ -13,7 +13,6 @@ step, writes a checkpoint and says how to resume.
 import math
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +103,7 @@ def train_step(model, raw_model, opt, micro_batches, device, grad_clip):
     parts = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
     for i, (x, y, m, pad) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+        with common.no_sync_unless_last(model, last):
             with common.autocast(device):
                 _, loss = model(x, y, m, pad_mask=pad, num_tokens=counts["tokens"], num_seqs=counts["seqs"])
             (loss * world).backward()  # DDP averages gradients over ranks; the counts are already global

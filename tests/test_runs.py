@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import common
-import rollout
 import tasks
 import train_grpo
 import train_sft
@@ -166,7 +165,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Transformer, "update_router_biases", poison)
     err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path), "--eval_every", "100", "--steps", "6"],
                            capsys)
-    assert "non-finite values in head.weight after step 4" in err and "step 2) was kept" in err
+    assert "non-finite values in model.head.weight after step 4" in err and "step 2) was kept" in err
     assert common.load_checkpoint(str(tmp_path))["step"] == 2
 
 

@@ -45,7 +45,7 @@ def with_logps(exp, advantages, old, ref, mask=None):
 
 def logps(policy, r):
     with torch.no_grad():
-        return train_grpo.completion_logprobs(policy, r, torch.arange(r.completion_ids.size(0)), CPU)[0]
+        return rollout.completion_logprobs(policy, r, torch.arange(r.completion_ids.size(0)), CPU)[0]
 
 
 def test_grpo_step_moves_logprobs_with_the_advantage():
