@@ -286,3 +286,94 @@ def test_sequence_logprobs_sum_and_average():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     torch.testing.assert_close(losses.sequence_logprobs(lp, mask), torch.tensor([-6.0, -1.0]))
     torch.testing.assert_close(losses.sequence_logprobs(lp, mask, average=True), torch.tensor([-2.0, -0.5]))
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO: GAE, per-token rewards, the clipped losses, the KL controllers
+
+def gae_by_hand(rewards, values, gamma, lam):
+    """GAE for one unpadded row written out with the infinite sum: A_t = sum_l (gamma lam)^l delta_{t+l}."""
+    T = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < T else 0.0) - values[t] for t in range(T)]
+    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, T)) for t in range(T)], deltas
+
+
+def test_gae_on_the_lecture_example():
+    """Seed 002 (the issue says 004): rewards 0.5, 1.2, 2.1, values 0.8, 1.5, 1.9, gamma 0.99, lam 0.95:
+    deltas 1.185, 1.581, 0.2 and advantages 2.849, 1.769, 0.2. The lecture prints 2.836 for the first;
+    its own line reads 1.185 + 0.99 * 0.95 * 1.769, which is 2.849: an arithmetic slip."""
+    r, v = torch.tensor([[0.5, 1.2, 2.1]]), torch.tensor([[0.8, 1.5, 1.9]])
+    adv, ret = losses.gae(r, v, torch.ones(1, 3), gamma=0.99, lam=0.95)
+    want, deltas = gae_by_hand([0.5, 1.2, 2.1], [0.8, 1.5, 1.9], 0.99, 0.95)
+    assert [round(d, 3) for d in deltas] == [1.185, 1.581, 0.2]
+    torch.testing.assert_close(adv[0], torch.tensor([2.849, 1.769, 0.2]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(adv[0], torch.tensor(want), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ret, adv + v)
+
+
+def test_gae_masked_ragged_batch_equals_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 4, 1]
+    r, v = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).float()
+    adv, ret = losses.gae(r, v, mask, gamma=0.97, lam=0.9)
+    for i, n in enumerate(lengths):
+        alone, alone_ret = losses.gae(r[i:i + 1, :n], v[i:i + 1, :n], torch.ones(1, n), gamma=0.97, lam=0.9)
+        torch.testing.assert_close(adv[i, :n], alone[0])
+        torch.testing.assert_close(ret[i, :n], alone_ret[0])
+        assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()  # padding gets 0
+        want, _ = gae_by_hand(r[i, :n].tolist(), v[i, :n].tolist(), 0.97, 0.9)
+        torch.testing.assert_close(adv[i, :n], torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+def test_gae_with_gamma_and_lambda_one_is_the_monte_carlo_return_minus_the_value():
+    r, v = torch.tensor([[0.1, -0.2, 0.0, 1.0]]), torch.tensor([[0.3, 0.4, 0.5, 0.6]])
+    adv, ret = losses.gae(r, v, torch.ones(1, 4), gamma=1.0, lam=1.0)
+    mc = torch.tensor([[0.9, 0.8, 1.0, 1.0]])  # the sum of the rewards from t on
+    torch.testing.assert_close(adv, mc - v)
+    torch.testing.assert_close(ret, mc)
+
+
+def test_score_lands_on_the_last_real_token_and_never_on_padding():
+    logp = torch.tensor([[-1.0, -0.5, -2.0, -0.1], [-0.3, -0.2, -7.0, -7.0]])
+    ref = torch.tensor([[-1.5, -0.5, -1.0, -0.1], [-0.1, -0.2, -3.0, -3.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    got = losses.token_rewards(torch.tensor([1.0, 0.5]), logp, ref, mask, kl_coef=0.1)
+    want = torch.tensor([[-0.1 * 0.5, 0.0, -0.1 * -1.0, 1.0],  # k1 = logp - ref on every token; the score on the last
+                         [-0.1 * -0.2, 0.5, 0.0, 0.0]])  # padding: nothing, not even its huge log-ratio
+    torch.testing.assert_close(got, want)
+    assert torch.equal(losses.token_rewards(torch.zeros(2), logp, logp, mask, 0.1), torch.zeros(2, 4))  # pi = ref: no KL
+
+
+def test_ppo_policy_loss_by_hand():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
+    old, mask = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([[2.0, 1.0, 5.0]])
+    loss, m = losses.ppo_policy_loss(logp, old, adv, mask, epsilon=0.2)
+    # ratio 1.5 with A = 2 is clipped to 1.2 (min(3.0, 2.4)); ratio 0.5 with A = 1: min(0.5, 0.8) = 0.5
+    assert abs(loss.item() + (2.4 + 0.5) / 2) < 1e-6
+    assert m["clip_frac"] == 1.0 and abs(m["ratio"] - 1.0) < 1e-6
+
+
+def test_value_loss_clipping_by_hand():
+    v = torch.tensor([[1.0, 0.0, 2.0]])
+    old = torch.tensor([[0.5, 0.1, 2.0]])
+    ret = torch.tensor([[2.0, -1.0, 0.0]])
+    loss, m = losses.value_loss(v, old, ret, torch.ones(1, 3), clip_range=0.2)
+    # V_clip = 0.7, 0.0, 2.0; squared errors (unclipped, clipped): (1, 1.69), (1, 1), (4, 4)
+    assert abs(loss.item() - 0.5 * (1.69 + 1 + 4) / 3) < 1e-6
+    assert abs(m["value_clip_frac"] - 1 / 3) < 1e-6
+
+
+def test_adaptive_kl_controller():
+    ctl = losses.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl.update(current_kl=1.5, n_steps=10)  # above target: e = 0.5 clipped to 0.2
+    assert abs(ctl.value - 0.1 * (1 + 0.2 * 10 / 100)) < 1e-12
+    ctl.update(current_kl=0.9, n_steps=10)  # below target: e = -0.1
+    assert abs(ctl.value - 0.1 * 1.02 * (1 - 0.1 * 10 / 100)) < 1e-12
+    before = ctl.value
+    ctl.update(current_kl=0.0, n_steps=100)  # far below: clipped to -0.2, one horizon
+    assert abs(ctl.value - before * 0.8) < 1e-12
+    fixed = losses.FixedKLController(0.05)
+    fixed.update(100.0, 1000)
+    assert fixed.value == 0.05
