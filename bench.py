@@ -2,12 +2,14 @@
 
     python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes, absorbed vs naive
     python bench.py train      # training tokens/s, MLA+MoE vs MHA+dense at equal active parameters
+    python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config and the default model
 """
 import argparse
 import time
 
 import torch
 
+import common
 import model
 import rollout
 
@@ -91,7 +93,7 @@ def bench_train(args):
     for name, cfg in (("MLA + MoE (default)", base), (f"MHA + dense (inter_dim {inter})", mha_dense(inter))):
         torch.manual_seed(0)
         m = model.Transformer(cfg)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        opt = common.adamw(m.parameters(), 1e-3)
         rng = random.Random(0)
         batches = [train_sft.make_batch(task, tok, rng, args.train_batch, torch.device("cpu")) for _ in range(args.train_steps + 3)]
         for b in batches[:3]:  # warm-up
@@ -109,9 +111,64 @@ def bench_train(args):
     print(f"  MLA+MoE / MHA+dense throughput: {rows[0][3] / rows[1][3]:.2f}")
 
 
+CONTRACT = dict(attention="mha", n_layers=4, n_dense_layers=4, dim=128, n_heads=4, inter_dim=512, mtp_depth=0,
+                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)  # the dense MHA model of issue 11, ~1.05M params
+
+
+def bench_grpo(args):
+    """GRPO steps timed phase by phase, with the very functions train_grpo.main calls: sampling
+    (make_rollouts), the reference and pi_old forwards (score_old_and_ref), the update (forward,
+    backward, AdamW), on the contract config (dense MHA, 3-digit addition, 16 prompts x 8, at most 6
+    new tokens, T = 1, beta 0.04, lr 5e-5, one update per rollout, float32) and on the default
+    MLA + MoE model, each from a short SFT warm start. Prints the median seconds per step (evaluation
+    excluded) and the peak RSS."""
+    import copy
+    import random
+    import resource
+    import statistics
+
+    import tasks
+    import train_grpo
+    import train_sft
+    cpu, tok, task = torch.device("cpu"), tasks.Tokenizer(), tasks.Addition(3)
+    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {})):
+        torch.manual_seed(0)
+        cfg = model.ModelConfig(**kw)
+        policy = model.Transformer(cfg)
+        opt = common.adamw(policy.parameters(), 2e-3)
+        rng = random.Random(0)
+        for _ in range(args.warm_steps):  # a short SFT warm start: sensible completions to time
+            train_sft.train_step(policy, policy, opt, [train_sft.make_batch(task, tok, rng, 64, cpu)], cpu, 1.0)
+        gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8, max_new_tokens=6, temperature=1.0, beta=0.04,
+                                     lr=5e-5)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        opt = common.adamw(policy.parameters(), gcfg.lr)
+        gen = torch.Generator().manual_seed(0)
+        times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
+        for i in range(args.grpo_steps + 3):
+            t0 = time.perf_counter()
+            problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
+            exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, gcfg, gen, cpu)
+            t1 = time.perf_counter()
+            batches = train_grpo.micro_batches(exp.mask.size(0), gcfg)
+            train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, gcfg, cpu)
+            t2 = time.perf_counter()
+            train_grpo.update_policy(policy, policy, opt, exp, batches, gcfg, cpu)
+            policy.update_router_biases()
+            t3 = time.perf_counter()
+            if i >= 3:  # warm-up steps are not timed
+                for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    times[k].append(dt)
+        c = model.param_counts(policy)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, {torch.get_num_threads()} threads:")
+        print("  " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
+              f"; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["rollout", "train"])
+    p.add_argument("what", choices=["rollout", "train", "grpo"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--cached", type=int, default=1024)
@@ -119,8 +176,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train_batch", type=int, default=64)
     p.add_argument("--train_steps", type=int, default=30)
+    p.add_argument("--warm_steps", type=int, default=300)
+    p.add_argument("--grpo_steps", type=int, default=60)
     args = p.parse_args()
-    {"rollout": bench_rollout, "train": bench_train}[args.what](args)
+    {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo}[args.what](args)
 
 
 if __name__ == "__main__":

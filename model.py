@@ -142,6 +142,17 @@ class LayerCache:
     v: torch.Tensor = None
 
 
+def expand_cache(caches, group, extra):
+    """Per-layer caches of B prefixes (B, P, ...) gathered to N rows, row n holding prefix group[n],
+    with `extra` empty positions after them: (N, P + extra, ...). For MLA only the latent c_kv and
+    k_pe are gathered (kv_lora_rank + qk_rope_head_dim numbers per token), not per-head keys."""
+    def extend(t):
+        rows = t[group]  # (N, P, ...)
+        return torch.cat([rows, rows.new_zeros(rows.size(0), extra, *rows.shape[2:])], 1)
+    return [LayerCache(c.impl, **{k: extend(getattr(c, k)) for k in ("c_kv", "k_pe", "k", "v") if getattr(c, k) is not None})
+            for c in caches]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2 eq. 9-19)."""
 
@@ -325,7 +336,7 @@ class Transformer(nn.Module):
                            v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in self.layers]
 
     def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
-                cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None):
+                cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None, continuations=None):
         """idx: (B, T) token ids.
         targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it counts.
         positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded batches pass
@@ -337,7 +348,31 @@ class Transformer(nn.Module):
         return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses.
         num_tokens / num_seqs: the counts that the CE sums and the per-sequence balance losses are
         divided by (default: this batch's). A batch split into micro-batches or over ranks passes
-        the whole batch's counts, so that the summed gradients equal the whole batch's gradient."""
+        the whole batch's counts, so that the summed gradients equal the whole batch's gradient.
+        continuations: (group (N,), ids (N, L), mask (N, L)): score N continuations of the B
+        prefixes in idx (left-padded, pad_mask their real tokens) with forward_shared_prefix; the
+        returned logits are then (N, L, V), logits[:, t] predicting ids[:, t]."""
+        if continuations is not None:
+            logits, hidden = self.forward_shared_prefix(idx, pad_mask, *continuations)
+            return (logits, None, hidden) if return_hidden else (logits, None)
+        B, T = idx.shape
+        h, balance, freqs_cis, mask, real = self.trunk(idx, positions, pad_mask, cache, start_pos)
+        hidden = self.norm(h)
+        logits = self.head(hidden)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if num_tokens is None:
+                num_tokens = B * T if loss_mask is None else loss_mask.sum().clamp_min(1)
+            ce = masked_sum(-token_logprobs(logits, targets), loss_mask) / num_tokens
+            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens, real)
+            balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)  # MoE gives a mean over B
+            loss = ce + self.cfg.mtp_lambda * mtp + balance
+            self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
+
+    def trunk(self, idx, positions=None, pad_mask=None, cache=None, start_pos=0):
+        """Embed idx (B, T) and run the blocks. Returns (h (B, T, D) before the final norm, the
+        blocks' balance loss, the RoPE factors, the attention mask and the real-token mask)."""
         B, T = idx.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start_pos + T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -354,25 +389,40 @@ class Transformer(nn.Module):
             valid = torch.ones(B, S, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask.bool()
             # A padding query may see nothing valid; letting every query see itself avoids NaN rows.
             mask = (causal[None] & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)  # (B, 1, T, S)
-
         real = None if pad_mask is None else pad_mask[:, start_pos:].bool()  # (B, T) the new tokens that are real
         h = self.embed(idx)  # (B, T, D)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             h, aux = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos, real)
             balance = balance + aux
+        return h, balance, freqs_cis, mask, real
+
+    def forward_shared_prefix(self, prefix_ids, prefix_mask, group, cont_ids, cont_mask, impl="absorbed"):
+        """One forward over B prefixes and N continuations, continuation n following prefix group[n]
+        (the G completions of a GRPO group, DPO's chosen and rejected, ...). In a causal model the
+        prefix positions do not depend on what follows, so each prefix runs once; its per-layer
+        keys/values (for MLA the latent c_kv and k_pe: DeepSeek-V2's cache) are gathered to the rows
+        of its continuations, and only the continuation positions run on top. The result equals the
+        plain forward of `prefix + continuation` at those positions; the gradient reaches the prefix
+        computation once, summed over its continuations.
+        prefix_ids, prefix_mask: (B, P) left-padded prompts and their real tokens; group: (N,) long;
+        cont_ids, cont_mask: (N, L) continuations and their real tokens.
+        Returns (logits (N, L, V), hidden (N, L, D)): position t predicts cont_ids[:, t], the first
+        from the prefix's last token. The continuations' last token is not run (nothing reads it)."""
+        B, P = prefix_ids.shape
+        N, L = cont_ids.shape
+        prefix_mask = prefix_mask.bool()
+        caches = self.new_cache(B, P, impl)  # filled by the prefix pass, with the autograd graph
+        h, _, _, _, _ = self.trunk(prefix_ids, (prefix_mask.long().cumsum(1) - 1).clamp_min(0), prefix_mask, caches)
+        h = h[group, -1:]  # (N, 1, D) the last prompt token of each continuation's prefix (left padding)
+        if L > 1:
+            rows = expand_cache(caches, group, L - 1)  # the prefix's keys at every row, room for the continuation's
+            positions = prefix_mask.sum(1)[group][:, None] + torch.arange(L - 1, device=cont_ids.device)  # (N, L-1)
+            pad_mask = torch.cat([prefix_mask[group], cont_mask[:, :-1].bool()], 1)  # (N, P + L - 1)
+            h_cont, _, _, _, _ = self.trunk(cont_ids[:, :-1], positions, pad_mask, rows, start_pos=P)
+            h = torch.cat([h, h_cont], 1)  # (N, L, D)
         hidden = self.norm(h)
-        logits = self.head(hidden)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            if num_tokens is None:
-                num_tokens = B * T if loss_mask is None else loss_mask.sum().clamp_min(1)
-            ce = masked_sum(-token_logprobs(logits, targets), loss_mask) / num_tokens
-            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens, real)
-            balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)  # MoE gives a mean over B
-            loss = ce + self.cfg.mtp_lambda * mtp + balance
-            self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
-        return (logits, loss, hidden) if return_hidden else (logits, loss)
+        return self.head(hidden), hidden
 
     def mtp_forward(self, idx, h, freqs_cis, mask=None, real=None):
         """Run the MTP depths on the main model's last hidden state h = h^0 (B, T, D, before the final
@@ -425,10 +475,12 @@ class ScalarModel(nn.Module):
         self.value_head = nn.Linear(cfg.dim, 1, bias=False)
         nn.init.zeros_(self.value_head.weight)
 
-    def forward(self, idx, positions=None, pad_mask=None):
-        """idx, positions, pad_mask as Transformer.forward -> a scalar per position (B, T)."""
-        _, _, hidden = self.body(idx, positions=positions, pad_mask=pad_mask, return_hidden=True)  # (B, T, D)
-        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+    def forward(self, idx, positions=None, pad_mask=None, continuations=None):
+        """idx, positions, pad_mask, continuations as Transformer.forward -> a scalar per position
+        (B, T), or per continuation position (N, L) given continuations."""
+        _, _, hidden = self.body(idx, positions=positions, pad_mask=pad_mask, return_hidden=True,
+                                 continuations=continuations)  # (B, T, D) or (N, L, D)
+        return self.value_head(hidden).squeeze(-1).float()
 
     @torch.no_grad()
     def score(self, prompts, completions, pad_id):

@@ -80,17 +80,19 @@ class MoE(nn.Module):
     def forward(self, x, token_mask=None):
         """x: (B, T, D); token_mask: (B, T) bool, False for padding (None: every token is real).
         -> (y (B, T, D), sequence-wise balance loss (scalar)). Padding is routed like any token (its
-        output is never read) but counts neither in the loads nor in the balance loss."""
+        output is never read) but counts neither in the loads nor in the balance loss.
+        Dispatch: sort the N*K (token, expert) choices by expert once, gather the tokens in that order,
+        run each expert on its contiguous chunk, weight, and add every output back to its token."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         weights, indices, scores = self.gate(x_flat)  # (N, K), (N, K), (N, E)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,)
-        y = torch.zeros_like(x_flat)  # (N, D)
-        for i, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            tok, slot = torch.where(indices == i)  # (n,), (n,) tokens that chose expert i, and in which slot
-            y.index_add_(0, tok, self.experts[i](x_flat[tok]) * weights[tok, slot, None])  # (n, D)
+        flat = indices.flatten()  # (N*K,) the expert of each choice
+        order = flat.argsort(stable=True)  # (N*K,) choices grouped by expert
+        token = order // indices.size(1)  # (N*K,) the token of each sorted choice
+        counts = torch.bincount(flat, minlength=self.n_routed_experts)  # (E,)
+        chunks = x_flat.index_select(0, token).split(counts.tolist())  # E chunks of (n_e, D)
+        out = torch.cat([self.experts[e](c) for e, c in enumerate(chunks) if len(c)])  # (N*K, D)
+        y = x_flat.new_zeros(x_flat.shape).index_add_(0, token, out * weights.flatten()[order, None])  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_flat)
         self.last_indices = indices.view(B, T, -1)  # for logging routing flips between forwards (RL)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import losses
 import tasks
+from model import expand_cache
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, L) float, 1 up to and including the first end token
     ended: torch.Tensor            # (N,) bool: True if the row wrote an end token, False if truncated
     logprobs: torch.Tensor         # (N, L) float32 log-probs of the sampled tokens under the sampling distribution
+    group: torch.Tensor = None     # (N,) long: the prompt each row continues (rows of one group share it); None = its own
 
     def sequences(self):
         """(ids (N, P+L), real-token mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
@@ -64,24 +66,34 @@ class Experience:
     returns: torch.Tensor = None           # (N, L) PPO: GAE returns
 
 
+def shared_prefix_batch(r, rows, device):
+    """The forward arguments that score rollout r's `rows` with each prompt run once
+    (Transformer.forward_shared_prefix): (prompts (U, P), their masks, continuations=(group (n,),
+    completions (n, L), completion masks (n, L)))."""
+    rows = torch.as_tensor(rows)
+    group = rows if r.group is None else r.group[rows]
+    uniq, inv = torch.unique(group, return_inverse=True)  # (U,), (n,): the prompts among these rows
+    first = torch.full((len(uniq),), len(rows)).scatter_reduce(0, inv, torch.arange(len(rows)), "amin")  # (U,) a row of each
+    conts = (inv.to(device), r.completion_ids[rows].to(device), r.completion_mask[rows].bool().to(device))
+    return r.prompt_ids[rows[first]].to(device), r.prompt_mask[rows[first]].to(device), conts
+
+
 def completion_logprobs(model, r, rows, device, temperature=1.0):
-    """log pi(o_t | q, o_<t) of the completion tokens of rollout r's `rows`, from one full forward over
-    prompt + completion: (n, L), and the logits (n, L, V). The logits are divided by the sampling
-    temperature, so that pi is the distribution the tokens were sampled from. The one log-prob helper
-    of GRPO and PPO (pi_old, pi_ref and the update)."""
-    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
-    logits, _ = model(ids, positions=pos, pad_mask=mask)  # (n, P+L, V)
-    P = r.prompt_ids.size(1)
-    logits = logits[:, P - 1:-1] / temperature  # (n, L, V): position P-1+t predicts completion token t
-    return losses.token_logprobs(logits, r.completion_ids[rows].to(device)), logits
+    """log pi(o_t | q, o_<t) of the completion tokens of rollout r's `rows`: (n, L), and the logits
+    (n, L, V), from one forward in which each prompt runs once for its whole group. The logits are
+    divided by the sampling temperature, so that pi is the distribution the tokens were sampled from.
+    The one log-prob helper of GRPO and PPO (pi_old, pi_ref and the update)."""
+    prompts, prompt_mask, conts = shared_prefix_batch(r, rows, device)
+    logits, _ = model(prompts, pad_mask=prompt_mask, continuations=conts)  # (n, L, V): logits[:, t] predict token t
+    logits = logits / temperature
+    return losses.token_logprobs(logits, conts[1]), logits
 
 
 def completion_values(critic, r, rows, device):
     """A critic's (model.ScalarModel) value of every completion position of rollout r's `rows`:
     (n, L), V_t read where the policy's logits for token t are, so it sees q and o_<t."""
-    ids, mask, pos = (t[rows].to(device) for t in r.sequences())
-    P = r.prompt_ids.size(1)
-    return critic(ids, positions=pos, pad_mask=mask)[:, P - 1:-1]  # (n, L)
+    prompts, prompt_mask, conts = shared_prefix_batch(r, rows, device)
+    return critic(prompts, pad_mask=prompt_mask, continuations=conts)  # (n, L)
 
 
 def left_pad(prompts, pad_id, device):
@@ -134,18 +146,20 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
     device = model.freqs_cis.device
-    prompts = [p for p in prompts for _ in range(num_generations)]
-    ids, mask = left_pad(prompts, pad_id, device)  # (N, P)
-    N, P = ids.shape
+    ids, mask = left_pad(prompts, pad_id, device)  # (B, P) each prompt once
+    B, P = ids.shape
+    N = B * num_generations
     if P + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()  # no router load counting while sampling
-    cache = model.new_cache(N, P + max_new_tokens, impl=mla_impl)
+    prefill = model.new_cache(B, P, impl=mla_impl)
+    logits, _ = model(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask, cache=prefill)
+    group = torch.arange(N, device=device) // num_generations  # (N,) rows [i*G, (i+1)*G) continue prompt i
+    cache = expand_cache(prefill, group, max_new_tokens)  # each prompt's latent cache at each of its G rows
+    ids, mask, logits = ids[group], mask[group], logits[group]  # (N, P), (N, P), (N, P, V)
     pad_mask = torch.cat([mask, torch.ones(N, max_new_tokens, dtype=torch.bool, device=device)], dim=1)  # (N, P+L)
-    positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # (N, P) each row's first real token at 0
     next_pos = mask.long().sum(1, keepdim=True)  # (N, 1) position of the first new token
-    logits, _ = model(ids, positions=positions, pad_mask=pad_mask[:, :P], cache=cache, start_pos=0)
     out_tok = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
     ended = torch.zeros(N, dtype=torch.bool, device=device)
@@ -164,7 +178,7 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     # mask: 1 up to and including the first end token; everything after it (pads) is 0
     is_eos = (out_tok == eos_id).long()
     comp_mask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # (N, L)
-    return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask)
+    return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask, group)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def main(argv=None):
         common.die(str(e))
     eval_problems = task.eval_set(cfg.eval_size)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen SFT init
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = common.adamw(policy.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     k0, in_round, step = 0, 0, 0  # round, optimiser steps taken in it, in all
     if ckpt is not None:
         policy.load_state_dict(ckpt["model"])

@@ -152,20 +152,32 @@ def micro_batches(N, cfg):
     return [torch.arange(i, N, cfg.num_minibatches).chunk(cfg.grad_accum) for i in range(cfg.num_minibatches)]
 
 
+def one_update(cfg):
+    """One optimiser step per rollout: the update's own forward, detached, is then pi_old."""
+    return cfg.num_iterations == 1 and cfg.num_minibatches == 1
+
+
 @torch.no_grad()
 def score_old_and_ref(model, policy, ref, exp, batches, cfg, device):
-    """Fill exp.old_logp (pi_old: the policy before this step's updates) and exp.ref_logp from the
-    same forwards on the same micro-batches that the update will run, so that the first ratio is
-    exactly 1, and exp.routes, the experts the policy routed each micro-batch to (PITFALLS 12)."""
+    """Fill exp.ref_logp (pi_ref; not needed when beta = 0) and, when the rollout gets several
+    updates, exp.old_logp (pi_old: the policy before them) and exp.routes (the experts it routed
+    each micro-batch to, PITFALLS 12), from the same micro-batches the update will run, so that the
+    first ratio is exactly 1. With one update per rollout the update's own forward, detached, is
+    pi_old (as TRL does): exp.old_logp stays None and no forward is spent on it."""
     r = exp.rollout
-    exp.old_logp, exp.ref_logp, exp.routes = torch.zeros_like(exp.mask), torch.zeros_like(exp.mask), {}
+    need_old = not one_update(cfg)
+    exp.old_logp = torch.zeros_like(exp.mask) if need_old else None
+    exp.ref_logp = torch.zeros_like(exp.mask) if cfg.beta > 0 else None
+    exp.routes = {} if need_old else None
     policy.eval()  # same numbers as train mode, but these forwards must not count router loads
     with common.autocast(device):
         for i, micro in enumerate(batches):
             for j, rows in enumerate(micro):
-                exp.old_logp[rows] = rollout.completion_logprobs(model, r, rows, device, cfg.temperature)[0]
-                exp.routes[i, j] = policy.routed_experts()
-                exp.ref_logp[rows] = rollout.completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
+                if need_old:
+                    exp.old_logp[rows] = rollout.completion_logprobs(model, r, rows, device, cfg.temperature)[0]
+                    exp.routes[i, j] = policy.routed_experts()
+                if cfg.beta > 0:
+                    exp.ref_logp[rows] = rollout.completion_logprobs(ref, r, rows, device, cfg.temperature)[0]
     policy.train()
 
 
@@ -173,10 +185,13 @@ def update_policy(model, policy, opt, exp, batches, cfg, device):
     """`num_iterations` passes over the rollout batch, one optimiser step per minibatch, each
     accumulated over its micro-batches (`batches`, from micro_batches). Every micro-batch divides by
     its whole minibatch's normaliser over all ranks, so accumulation and DDP give the big batch's
-    gradient (PITFALLS 3). Returns (mean stats over the updates, number of updates), or (None, n)
-    on a non-finite gradient."""
+    gradient (PITFALLS 3). Without exp.old_logp (one update per rollout) pi_old is the update's
+    forward, detached, and the largest gap between it and the sampler's log-probs is measured there
+    (PITFALLS 8). Returns (mean stats over the updates, number of updates), or (None, n) on a
+    non-finite gradient."""
     world, mask = common.world_size(), exp.mask
     stats = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm", "routing_flips"), 0.0)
+    stats["logprob_gap"] = 0.0
     n_updates, n_flips = 0, 0
     for _ in range(cfg.num_iterations):
         for i, micro in enumerate(batches):
@@ -190,16 +205,20 @@ def update_policy(model, policy, opt, exp, batches, cfg, device):
             for j, mrows in enumerate(micro):
                 with common.no_sync_unless_last(model, j == len(micro) - 1), common.autocast(device):
                     logp, logits = rollout.completion_logprobs(model, exp.rollout, mrows, device, cfg.temperature)
-                    loss, m = losses.grpo_loss(logp, exp.old_logp[mrows], exp.ref_logp[mrows], exp.advantages[mrows],
-                                               mask[mrows], cfg.epsilon, cfg.epsilon_high or None, cfg.beta,
-                                               cfg.loss_type, logits=logits.detach(),
+                    old = logp.detach() if exp.old_logp is None else exp.old_logp[mrows]
+                    ref_logp = logp.detach() if exp.ref_logp is None else exp.ref_logp[mrows]  # beta = 0: no KL
+                    loss, m = losses.grpo_loss(logp, old, ref_logp, exp.advantages[mrows], mask[mrows], cfg.epsilon,
+                                               cfg.epsilon_high or None, cfg.beta, cfg.loss_type, logits=logits.detach(),
                                                max_completion_len=cfg.max_new_tokens, normalizer=denom)
                     (loss * world).backward()  # DDP averages over ranks; denom is already global
+                if exp.old_logp is None:  # sampler vs trainer, on the update's own forward (PITFALLS 8)
+                    sampled = exp.rollout.logprobs[mrows].to(device)
+                    stats["logprob_gap"] = max(stats["logprob_gap"], ((old - sampled).abs() * mask[mrows]).max().item())
                 stats["loss"] += loss.item()
                 for key in ("kl", "clip_low", "clip_high", "ratio", "entropy"):
                     stats[key] += m[key] / len(micro)
                 if exp.routes is not None and (i, j) in exp.routes:
-                    valid = exp.rollout.sequences()[1][mrows].to(device)  # (n, S) real tokens
+                    valid = exp.rollout.completion_mask[mrows, :-1].bool().to(device)  # (n, L-1) the completion tokens run
                     stats["routing_flips"] += moe.flipped_fraction(exp.routes[i, j], policy.routed_experts(), valid)
                     n_flips += 1
             grad_norm = common.optimizer_step(policy.parameters(), opt, cfg.grad_clip)
@@ -209,6 +228,7 @@ def update_policy(model, policy, opt, exp, batches, cfg, device):
             n_updates += 1
     out = {k: v / max(n_updates, 1) for k, v in stats.items()}  # micro-batch losses already sum to their minibatch's
     out["routing_flips"] = stats["routing_flips"] / max(n_flips, 1)
+    out["logprob_gap"] = stats["logprob_gap"]
     return out, n_updates
 
 
@@ -246,7 +266,7 @@ def main(argv=None):
     data_rng = common.data_rng(cfg.seed, "grpo", rank)  # GRPO's own prompts, never the warm start's
     gen = torch.Generator(device=device).manual_seed(common.stream_seed(cfg.seed, "grpo", rank, "sampling"))
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = common.adamw(policy.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     note = None
     if ckpt is not None:
         policy.load_state_dict(ckpt["model"])
@@ -311,12 +331,13 @@ def main(argv=None):
             r, N = exp.rollout, exp.mask.size(0)
             batches = micro_batches(N, cfg)
             score_old_and_ref(model, policy, ref, exp, batches, cfg, device)
-            gap = ((exp.old_logp - r.logprobs.to(device)).abs() * exp.mask).max().item()  # sampler vs trainer (PITFALLS 8)
 
             # ---- num_iterations passes of minibatch updates, then one router-bias update for the step
             stats, n_updates = update_policy(model, policy, opt, exp, batches, cfg, device)
             if stats is None or stats["loss"] != stats["loss"]:
                 fail(f"non-finite loss or gradient at step {step + 1} (lower --lr?); {run.last_good()}")
+            if exp.old_logp is not None:  # sampler vs trainer (PITFALLS 8)
+                stats["logprob_gap"] = ((exp.old_logp - r.logprobs.to(device)).abs() * exp.mask).max().item()
             stats.update(policy.update_router_biases())  # once per rollout: routing stays put across its updates
             dt = timer.lap()
             rewards = exp.rewards
@@ -329,7 +350,7 @@ def main(argv=None):
             run.log({"step": s, "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
                      "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
                      "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
-                     "logprob_gap": gap, "updates": n_updates, "lr": lr,
+                     "logprob_gap": common.all_reduce_max(stats.pop("logprob_gap"), device), "updates": n_updates, "lr": lr,
                      "loss": tot["loss"],  # each rank's loss is its share of the global total
                      **{k: tot[k] / world for k in ("kl", "clip_low", "clip_high", "ratio", "entropy", "grad_norm",
                                                     "routing_flips", "maxvio_mean", "maxvio_max")}})

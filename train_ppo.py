@@ -235,8 +235,7 @@ def main(argv=None):
         critic.load_state_dict(rm.state_dict())
     else:
         critic.body.load_state_dict(policy.state_dict())
-    opts = [torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-            for net, lr in ((policy, cfg.lr), (critic, cfg.critic_lr))]
+    opts = [common.adamw(net.parameters(), lr) for net, lr in ((policy, cfg.lr), (critic, cfg.critic_lr))]
     kl_ctl = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else losses.FixedKLController(cfg.kl_coef))
     note = None

@@ -213,7 +213,7 @@ def main(argv=None):
     rm = ScalarModel(mcfg).to(device)
     if sft is not None:
         rm.body.load_state_dict(sft.state_dict())
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = common.adamw(rm.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is not None:
         rm.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -194,8 +194,7 @@ def main(argv=None, resume_hint=None):
     data_rng = common.data_rng(cfg.seed, "sft", rank)  # its own problem stream per stage and rank
 
     model = Transformer(mcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = common.adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     note = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 import model
+from losses import token_logprobs
+from model import Transformer
 from conftest import tiny_config
 
 
@@ -168,3 +170,53 @@ def test_parameter_counts_and_kv_cache_size():
     assert cfg.kv_cache_elements_per_token() == 16 + 4
     mha = tiny_config(attention="mha")
     assert mha.kv_cache_elements_per_token() == 2 * (8 + 4) + 2 * 8
+
+
+def shared_prefix_case(seed=0):
+    """Three left-padded prompts of different lengths with 3, 1 and 4 continuations (groups of
+    different sizes) of different lengths, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[15] + torch.randint(0, 15, (n,), generator=g).tolist() for n in (4, 1, 6)]
+    group = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])
+    conts = [torch.randint(0, 17, (n,), generator=g).tolist() for n in (5, 2, 4, 5, 1, 3, 5, 4)]
+    P, L = max(map(len, prompts)), max(map(len, conts))
+    prefix = torch.full((3, P), 17)
+    prefix_mask = torch.zeros(3, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        prefix[i, P - len(p):], prefix_mask[i, P - len(p):] = torch.tensor(p), True
+    cont = torch.full((8, L), 17)
+    cont_mask = torch.zeros(8, L, dtype=torch.bool)
+    for i, c in enumerate(conts):
+        cont[i, :len(c)], cont_mask[i, :len(c)] = torch.tensor(c), True
+    return prefix, prefix_mask, group, cont, cont_mask
+
+
+def plain_logprobs(m, prefix, prefix_mask, group, cont, cont_mask):
+    """The reference: one ordinary forward over each full `prompt + continuation` row."""
+    ids = torch.cat([prefix[group], cont], 1)
+    mask = torch.cat([prefix_mask[group], cont_mask], 1)
+    logits, _ = m(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask)
+    P = prefix.size(1)
+    return token_logprobs(logits[:, P - 1:-1], cont) * cont_mask
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"n_dense_layers": 2}, {"attention": "mha", "n_dense_layers": 2},
+                                {"q_lora_rank": 12}])
+def test_shared_prefix_forward_equals_the_plain_forward(tiny, kw):
+    """Issue 11: the same log-probs (1e-5) and the same gradients (1e-4 relative)."""
+    torch.manual_seed(0)
+    m = Transformer(tiny(**kw))
+    case = shared_prefix_case()
+    want = plain_logprobs(m, *case)
+    want.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    prefix, prefix_mask, group, cont, cont_mask = case
+    logits, _ = m(prefix, pad_mask=prefix_mask, continuations=(group, cont, cont_mask))
+    got = token_logprobs(logits, cont) * cont_mask
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert set(grads) == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-4 * grads[n].abs().max().item() + 1e-7, rtol=1e-4, msg=n)

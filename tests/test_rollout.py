@@ -231,3 +231,17 @@ def test_maj_at_k_votes_only_with_well_formed_answers(monkeypatch):
     monkeypatch.setattr(rollout, "generate", fake)
     m = rollout.evaluate(None, tok, task, problems, k=3, n_samples=3)
     assert m["pass@3"] == 0.0 and m["maj@3"] == 0.0
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_prefix_prefill_samples_the_same_tokens(attention):
+    """Each prompt prefilled once and its cache gathered to its G rows gives, for the same seed, the
+    tokens and log-probs of prefilling every row (the prompt repeated G times, num_generations=1)."""
+    m = build(seed=3, attention=attention)
+    prompts = random_prompts(6, [4, 7, 2])
+    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=8)
+    shared = rollout.generate(m, prompts, num_generations=4, generator=torch.Generator().manual_seed(5), **kw)
+    repeated = rollout.generate(m, [p for p in prompts for _ in range(4)], generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs, atol=1e-6, rtol=1e-6)
+    assert torch.equal(shared.group, torch.arange(12) // 4)

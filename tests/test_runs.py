@@ -175,7 +175,7 @@ def test_grpo_non_finite_logits_in_sampling(runs, tmp_path, monkeypatch, capsys)
 
     def nan_when_sampling(self, *a, **kw):
         logits, loss = real(self, *a, **kw)
-        if kw.get("cache") is not None and kw.get("start_pos") == 0:
+        if kw.get("cache") is not None and kw.get("start_pos", 0) == 0:
             calls["n"] += 1  # prefills: 2 for the first evaluation, then one per step's rollouts
             if calls["n"] >= 3:
                 logits = logits * float("nan")

@@ -260,3 +260,28 @@ def test_process_step_rewards_penalise_missing_steps():
     assert ends == [[7, 17], [7, 8], [7, 17]]  # the missing step ends at the end token (index 8)
     steps, ends = train_grpo.step_rewards(task, ["12+34=46,4"], [p], [False], L=10)  # truncated
     assert steps == [[1.0, 0.0]] and ends == [[7, 9]]
+
+
+def test_one_update_shortcut_equals_the_explicit_old_forward():
+    """With one update per rollout, pi_old taken from the update's own forward (detached) gives the
+    same step as a separate pi_old forward: the ratio is exactly 1 either way."""
+    policy, ref = tiny_policy(seed=1), tiny_policy(seed=2)
+    exp = rollout_batch(policy, n_prompts=2, G=4, seed=5)
+    exp = replace(exp, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]))
+    cfg = config(num_generations=4)
+    batches = train_grpo.micro_batches(8, cfg)
+    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, cfg, CPU)
+    assert exp.old_logp is None and exp.ref_logp is not None  # no forward spent on pi_old
+    explicit = replace(exp, old_logp=logps(policy, exp.rollout))
+    a, b = tiny_policy(seed=1), tiny_policy(seed=1)
+    stats_a, _ = _split_step(a, exp, cfg)
+    stats_b, _ = _split_step(b, explicit, cfg)
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
+    assert stats_a["ratio"] == 1.0 and stats_a["clip_low"] == stats_a["clip_high"] == 0.0
+    assert stats_a["logprob_gap"] < 1e-4  # the sampler's log-probs against the update's own forward
+    no_ref = config(num_generations=4, beta=0.0)
+    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, no_ref, CPU)
+    assert exp.ref_logp is None  # beta = 0: no reference forward either
+    stats_c, _ = _split_step(tiny_policy(seed=1), exp, no_ref)
+    assert stats_c["kl"] == 0.0
