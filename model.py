@@ -142,6 +142,17 @@ class LayerCache:
     v: torch.Tensor = None
 
 
+def attention_mask(valid, start_pos, T):
+    """(B, 1, T, S) bool, True where query start_pos + t may attend key s: causally, to the real keys
+    (valid (B, S), S = start_pos + T). A padding query may see nothing real; letting every query see
+    itself avoids NaN rows."""
+    S = valid.size(1)
+    q_pos = torch.arange(start_pos, start_pos + T, device=valid.device)
+    k_pos = torch.arange(S, device=valid.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    return (causal[None] & (valid.bool()[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)
+
+
 def expand_cache(caches, group, extra):
     """Per-layer caches of B prefixes (B, P, ...) gathered to N rows, row n holding prefix group[n],
     with `extra` empty positions after them: (N, P + extra, ...). For MLA only the latent c_kv and
@@ -279,9 +290,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=cfg.n_layers > cfg.n_dense_layers)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev, emb_next, freqs_cis, mask, token_mask=None):
+    def forward(self, h_prev, emb_next, freqs_cis, mask, token_mask=None, cache=None, start_pos=0):
+        """cache / start_pos: its own layer cache, when it drafts tokens (rollout's speculative decoding)."""
         x = self.proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T-k, D)
-        return self.block(x, freqs_cis, mask, token_mask=token_mask)
+        return self.block(x, freqs_cis, mask, cache, start_pos, token_mask)
 
 
 def mtp_slices(T, k):
@@ -322,18 +334,20 @@ class Transformer(nn.Module):
         (B, T, K) index tensors (for logging routing flips in RL, PITFALLS 12)."""
         return [layer.ffn.last_indices for layer in self.layers if isinstance(layer.ffn, MoE)]
 
-    def new_cache(self, batch_size, max_len, impl="absorbed"):
-        """Preallocated per-layer caches for incremental decoding (rollout.py)."""
+    def new_cache(self, batch_size, max_len, impl="absorbed", n_layers=None):
+        """Preallocated per-layer caches for incremental decoding (rollout.py): one per layer of the
+        main model, or n_layers of them (an MTP module's block needs one)."""
         if impl not in ("naive", "absorbed"):
             raise ValueError(f"MLA decode impl must be naive or absorbed, got {impl!r}")
         c, p = self.cfg, self.freqs_cis
         kw = dict(device=p.device, dtype=self.embed.weight.dtype)
+        n = len(self.layers) if n_layers is None else n_layers
         if c.attention == "mla":
             return [LayerCache(impl, c_kv=torch.zeros(batch_size, max_len, c.kv_lora_rank, **kw),
-                               k_pe=torch.zeros(batch_size, max_len, c.qk_rope_head_dim, **kw)) for _ in self.layers]
+                               k_pe=torch.zeros(batch_size, max_len, c.qk_rope_head_dim, **kw)) for _ in range(n)]
         dk = c.qk_nope_head_dim + c.qk_rope_head_dim
         return [LayerCache(impl, k=torch.zeros(batch_size, max_len, c.n_heads, dk, **kw),
-                           v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in self.layers]
+                           v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in range(n)]
 
     def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
                 cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None, continuations=None):
@@ -374,21 +388,17 @@ class Transformer(nn.Module):
         """Embed idx (B, T) and run the blocks. Returns (h (B, T, D) before the final norm, the
         blocks' balance loss, the RoPE factors, the attention mask and the real-token mask)."""
         B, T = idx.shape
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {start_pos + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        last = start_pos + T if positions is None else int(positions.max()) + 1
+        if last > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {last} exceeds max_seq_len={self.cfg.max_seq_len}")
         if positions is None:
             freqs_cis = self.freqs_cis[start_pos:start_pos + T].unsqueeze(0)  # (1, T, R/2)
         else:
             freqs_cis = self.freqs_cis[positions]  # (B, T, R/2)
         mask = None  # None = plain causal (SDPA's fast path)
         if cache is not None or pad_mask is not None:
-            S = start_pos + T
-            q_pos = torch.arange(start_pos, S, device=idx.device)
-            k_pos = torch.arange(S, device=idx.device)
-            causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-            valid = torch.ones(B, S, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask.bool()
-            # A padding query may see nothing valid; letting every query see itself avoids NaN rows.
-            mask = (causal[None] & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)  # (B, 1, T, S)
+            valid = torch.ones(B, start_pos + T, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask
+            mask = attention_mask(valid, start_pos, T)
         real = None if pad_mask is None else pad_mask[:, start_pos:].bool()  # (B, T) the new tokens that are real
         h = self.embed(idx)  # (B, T, D)
         balance = h.new_zeros((), dtype=torch.float32)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import losses
 import tasks
-from model import expand_cache
+from model import attention_mask, expand_cache
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Rollout:
     ended: torch.Tensor            # (N,) bool: True if the row wrote an end token, False if truncated
     logprobs: torch.Tensor         # (N, L) float32 log-probs of the sampled tokens under the sampling distribution
     group: torch.Tensor = None     # (N,) long: the prompt each row continues (rows of one group share it); None = its own
+    stats: dict = None             # decoding statistics (speculative: draft acceptance, tokens per main forward)
 
     def sequences(self):
         """(ids (N, P+L), real-token mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
@@ -111,40 +112,51 @@ class NonFiniteLogits(FloatingPointError):
     """The model produced NaN or infinite logits: its weights have diverged."""
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Draw one token per row. logits: (N, V) -> (tokens (N,), log-probs (N,) under the distribution
-    sampled from: softmax(logits / temperature) restricted to the top-k / top-p set). Greedy when
-    temperature == 0 (its log-prob is then the model's, temperature 1). top-p keeps the smallest set
-    of most likely tokens whose mass reaches top_p."""
+def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The log-probabilities of the distribution sampled from: softmax(logits / temperature)
+    restricted to the top-k / top-p set (-inf outside it); with temperature 0 (greedy) the model's
+    own distribution at temperature 1. logits: (N, V) -> (N, V) float32. top-p keeps the smallest
+    set of most likely tokens whose mass reaches top_p."""
     logits = logits.float()
     if not torch.isfinite(logits).all():
         raise NonFiniteLogits("the model produced non-finite logits while sampling: its weights have diverged")
     if temperature == 0:
-        tok = logits.argmax(-1)  # (N,)
-        return tok, F.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+        return F.log_softmax(logits, -1)
     logits = logits / temperature
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1)[0][:, -1:]  # (N, 1)
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1)[0][..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the tokens before this one already reach top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    logp = F.log_softmax(logits, -1)  # (N, V)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return F.log_softmax(logits, -1)  # (N, V)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draw one token per row. logits: (N, V) -> (tokens (N,), their log-probs (N,) under the
+    distribution sampled from, sampling_logprobs). Greedy (argmax) when temperature == 0."""
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)  # (N, V)
+    tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
 @torch.no_grad()
 def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_tokens=16, temperature=1.0,
-             top_k=0, top_p=1.0, generator=None, mla_impl="absorbed"):
+             top_k=0, top_p=1.0, generator=None, mla_impl="absorbed", speculative=False):
     """Sample `num_generations` completions for each prompt (lists of token ids, BOS included).
-    Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i."""
+    Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i; each prompt is
+    prefilled once and its cache gathered to its G rows. speculative=True drafts with the MTP module
+    and verifies with the main model (_decode_speculative): the same distribution (the same tokens
+    when greedy), fewer main-model forwards; its statistics are in Rollout.stats."""
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError("num_generations and max_new_tokens must be >= 1")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
+    if speculative and model.cfg.mtp_depth < 1:
+        raise ValueError("speculative decoding drafts with the MTP module, and this model has mtp_depth = 0 "
+                         "(train one with --mtp_depth 1 or more)")
     device = model.freqs_cis.device
     ids, mask = left_pad(prompts, pad_id, device)  # (B, P) each prompt once
     B, P = ids.shape
@@ -154,17 +166,33 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     was_training = model.training
     model.eval()  # no router load counting while sampling
     prefill = model.new_cache(B, P, impl=mla_impl)
-    logits, _ = model(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask, cache=prefill)
+    h, _, _, _, _ = model.trunk(ids, (mask.long().cumsum(1) - 1).clamp_min(0), mask, prefill)  # (B, P, D)
     group = torch.arange(N, device=device) // num_generations  # (N,) rows [i*G, (i+1)*G) continue prompt i
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    decode = _decode_speculative if speculative else _decode
+    out_tok, out_logp, ended, stats = decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
+                                             mla_impl, **sampling)
+    model.train(was_training)
+    ids, mask = ids[group], mask[group]  # (N, P)
+    # mask: 1 up to and including the first end token; everything after it (pads) is 0
+    is_eos = (out_tok == eos_id).long()
+    comp_mask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # (N, L)
+    return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask, group, stats)
+
+
+def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl, **sampling):
+    """Ordinary decoding: one main-model forward per new token. Returns (tokens (N, L), their
+    log-probs (N, L), ended (N,), stats)."""
+    N, P = len(group), ids.size(1)
     cache = expand_cache(prefill, group, max_new_tokens)  # each prompt's latent cache at each of its G rows
-    ids, mask, logits = ids[group], mask[group], logits[group]  # (N, P), (N, P), (N, P, V)
-    pad_mask = torch.cat([mask, torch.ones(N, max_new_tokens, dtype=torch.bool, device=device)], dim=1)  # (N, P+L)
-    next_pos = mask.long().sum(1, keepdim=True)  # (N, 1) position of the first new token
-    out_tok = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_logp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
-    ended = torch.zeros(N, dtype=torch.bool, device=device)
+    logits = model.head(model.norm(h[group, -1:]))  # (N, 1, V) the last prompt token's prediction
+    pad_mask = torch.cat([mask[group], mask.new_ones(N, max_new_tokens)], dim=1)  # (N, P+L)
+    next_pos = mask[group].long().sum(1, keepdim=True)  # (N, 1) position of the first new token
+    out_tok = ids.new_full((N, max_new_tokens), pad_id)
+    out_logp = torch.zeros(N, max_new_tokens, device=ids.device)
+    ended = torch.zeros(N, dtype=torch.bool, device=ids.device)
     for t in range(max_new_tokens):
-        tok, logp = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (N,), (N,)
+        tok, logp = sample_next(logits[:, -1], **sampling)  # (N,), (N,)
         out_tok[:, t] = torch.where(ended, pad_id, tok)
         out_logp[:, t] = torch.where(ended, 0.0, logp)
         ended |= tok == eos_id
@@ -172,13 +200,123 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
             break
         logits, _ = model(out_tok[:, t:t + 1], positions=next_pos + t, pad_mask=pad_mask[:, :P + t + 1],
                           cache=cache, start_pos=P + t)
-    model.train(was_training)
-    L = t + 1
-    out_tok, out_logp = out_tok[:, :L], out_logp[:, :L]
-    # mask: 1 up to and including the first end token; everything after it (pads) is 0
-    is_eos = (out_tok == eos_id).long()
-    comp_mask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # (N, L)
-    return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask, group)
+    return out_tok[:, :t + 1], out_logp[:, :t + 1], ended, {"main_forwards": t + 1}
+
+
+def verify_draft(p, q, d, greedy, generator=None):
+    """Speculative sampling's verification of a drafted token d (N,) drawn from q, against the target
+    p (both (N, V) log-probs of the sampling distributions). Greedy: accept iff d is p's argmax, else
+    take the argmax. Sampling: accept with probability min(1, p(d) / q(d)), else draw from
+    normalise(max(0, p - q)); the kept token is then distributed exactly as p. Returns (accepted
+    (N,) bool, the replacement token (N,), used where not accepted)."""
+    if greedy:
+        return p.argmax(-1) == d, p.argmax(-1)
+    u = torch.rand(len(d), generator=generator, device=d.device)
+    ok = u < (p.gather(1, d[:, None]) - q.gather(1, d[:, None]))[:, 0].exp()
+    residual = (p.exp() - q.exp()).clamp_min(0)  # (N, V)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p.exp())  # p = q: d is always kept
+    return ok, torch.multinomial(residual, 1, generator=generator)[:, 0]
+
+
+def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl, temperature=1.0,
+                        top_k=0, top_p=1.0, generator=None):
+    """Speculative decoding with the first MTP module as the draft (DeepSeek-V3 section 5.4.3;
+    Leviathan et al. arXiv 2211.17192). Each iteration the main model runs one forward over two
+    positions: the last committed token t and the MTP's draft d of the token after it. Its logits at
+    t verify d; its logits at d give one more token for free when d is accepted. Then the MTP module
+    reads the main model's hidden state at each committed position beside the embedding of the token
+    that follows it (its training input) and drafts the token after the newest one.
+    - Greedy: d is accepted iff it is the main model's argmax: the output equals ordinary greedy
+      decoding. Sampling: d ~ q (the MTP's sampling distribution) is accepted with probability
+      min(1, p(d) / q(d)), else the token is drawn from normalise(max(0, p - q)); every emitted token
+      is then distributed exactly as p, the main model's sampling distribution, and its returned
+      log-prob is log p.
+    - Caches: every iteration appends two slots to the main cache and to the MTP block's own cache
+      for every row; the slot of a rejected draft is marked not real (rolled back) and never
+      attended to again; RoPE positions follow each row's own count of tokens. Rows accept different
+      numbers of tokens, end, and stop at max_new_tokens independently.
+    Returns (tokens (N, L), log-probs (N, L), ended (N,), stats: the acceptance rate of the draft and
+    the mean tokens per main-model forward)."""
+    N, P, device = len(group), ids.size(1), ids.device
+    mtp, greedy = model.mtp[0], temperature == 0
+    sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    cap = P + 2 * max_new_tokens  # slots: the prompt, then two per iteration at most
+    cache = expand_cache(prefill, group, cap - P)
+    mtp_cache = model.new_cache(len(ids), P, impl, n_layers=1)
+    valid = ids.new_zeros(N, cap, dtype=torch.bool)  # main cache: the real slots
+    valid[:, :P] = mask[group]
+    mtp_valid = valid.clone()  # MTP cache: slot j is real when its token and the next one are
+    pos = mask.long().cumsum(1) - 1  # (B, P) prompt positions
+    if P > 1:  # the MTP's entries for the prompt: (h_j, Emb(t_{j+1})), j < P - 1, once per prompt
+        real = mask[:, :-1] & mask[:, 1:]
+        mtp(h[:, :-1], model.embed(ids[:, 1:]), model.freqs_cis[pos[:, :-1].clamp_min(0)], attention_mask(real, 0, P - 1),
+            real, mtp_cache[0], 0)
+        mtp_valid[:, :P - 1] = real[group]
+    mtp_cache = expand_cache(mtp_cache, group, cap - P)
+    out_tok = ids.new_full((N, max_new_tokens), pad_id)
+    out_logp = torch.zeros(N, max_new_tokens, device=device)
+    n_out = ids.new_zeros(N)  # tokens emitted by each row
+    ended = torch.zeros(N, dtype=torch.bool, device=device)  # wrote an end token
+    done = torch.zeros_like(ended)  # ended, or max_new_tokens written
+    rows = torch.arange(N, device=device)
+
+    def emit(tok, logp, ok):
+        """Append tok (N,) with its log-prob where ok, to rows that still run; returns who wrote."""
+        ok = ok & ~done
+        at = n_out.clamp_max(max_new_tokens - 1)
+        out_tok[rows[ok], at[ok]], out_logp[rows[ok], at[ok]] = tok[ok], logp[ok]
+        n_out.add_(ok.long())
+        ended.logical_or_(ok & (tok == eos_id))
+        done.logical_or_(ended | (n_out >= max_new_tokens))
+        return ok
+
+    def draft(hidden, nxt, slot, slot_pos, where):
+        """MTP entries at `slot` ((N, T) main hidden states beside the embeddings of the tokens after
+        them) and the draft read at column `where` (N,): (draft (N,), its sampling log-probs (N, V))."""
+        T = hidden.size(1)
+        x = mtp(hidden, model.embed(nxt), model.freqs_cis[slot_pos], attention_mask(mtp_valid[:, :slot + T], slot, T),
+                mtp_valid[:, slot:slot + T], mtp_cache[0], slot)[0]  # (N, T, D)
+        q = sampling_logprobs(model.head(mtp.norm(x[rows, where])), **sample)  # (N, V)
+        d = q.argmax(-1) if greedy else torch.multinomial(q.exp(), 1, generator=generator)[:, 0]
+        return d, q
+
+    # the first token from the prefill, and the first draft from the last prompt slot
+    p = sampling_logprobs(model.head(model.norm(h[group, -1])), **sample)  # (N, V)
+    t = p.argmax(-1) if greedy else torch.multinomial(p.exp(), 1, generator=generator)[:, 0]
+    emit(t, p.gather(1, t[:, None])[:, 0], torch.ones_like(ended))
+    t_pos = mask[group].long().sum(1)  # (N,) the position of t
+    mtp_valid[:, P - 1] = True
+    d, q = draft(h[group, -1:], t[:, None], P - 1, (t_pos - 1)[:, None], torch.zeros_like(t))
+    slot, forwards = P, ids.new_ones(N)
+    proposed = accepted = 0
+    while not done.all():
+        live = ~done
+        # ---- verify: the main model over [t, d] at two new slots
+        valid[:, slot:slot + 2] = live[:, None]
+        two_pos = t_pos[:, None] + torch.arange(2, device=device)  # (N, 2)
+        h2, _, _, _, _ = model.trunk(torch.stack([t, d], 1), two_pos, valid[:, :slot + 2], cache, slot)  # (N, 2, D)
+        p0, p1 = sampling_logprobs(model.head(model.norm(h2)), **sample).unbind(1)  # (N, V) each
+        ok, fix = verify_draft(p0, q, d, greedy, generator)
+        bonus = p1.argmax(-1) if greedy else torch.multinomial(p1.exp(), 1, generator=generator)[:, 0]
+        proposed += int(live.sum())
+        accepted += int((ok & live).sum())
+        forwards += live.long()
+        # ---- emit: d and the bonus token if d was accepted, else the correction
+        first = torch.where(ok, d, fix)
+        wrote = emit(first, p0.gather(1, first[:, None])[:, 0], live)
+        emit(bonus, p1.gather(1, bonus[:, None])[:, 0], wrote & ok)
+        valid[:, slot + 1] &= ok  # a rejected draft's slot is rolled back
+        # ---- the MTP's entries at both slots (each beside its next token) and the next draft
+        mtp_valid[:, slot], mtp_valid[:, slot + 1] = live, live & ok
+        nxt = torch.stack([first, bonus], 1)  # the token after t, and after d when d was kept
+        t = torch.where(ok, bonus, fix)
+        d, q = draft(h2, nxt, slot, two_pos, ok.long())
+        t_pos = torch.where(live, t_pos + 1 + ok.long(), t_pos).clamp_max(model.cfg.max_seq_len - 2)  # ended rows stay put
+        slot += 2
+    L = int(n_out.max())
+    stats = {"proposed": proposed, "accepted": accepted, "acceptance": accepted / max(proposed, 1),
+             "tokens_per_forward": (n_out.float() / forwards.float()).mean().item(), "main_forwards": int(forwards.max())}
+    return out_tok[:, :L], out_logp[:, :L], ended, stats
 
 
 # ----------------------------------------------------------------------------------------------
