@@ -43,7 +43,7 @@ class DPOConfig:
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # SFT run folder (or .pt file): the initial policy and the reference; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
+    warmstart_target_acc: float = 0.8  # the warm start stops once held-out accuracy reaches this
     loss: str = "dpo"  # dpo (with --label_smoothing: cDPO), ipo or simpo
     beta: float = 0.0  # 0 = the loss's default: 1.0 for dpo and ipo (TRL's 0.1 let DPO drop greedy accuracy from 50% to 10% here), 2.0 for simpo (its paper's)
     label_smoothing: float = 0.0  # cDPO / robust DPO: the assumed fraction of flipped preferences

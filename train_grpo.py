@@ -39,14 +39,14 @@ class GRPOConfig:
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # SFT run folder (or .pt file) to start from; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
-    steps: int = 800  # GRPO steps (one rollout batch each)
-    batch_size: int = 32  # prompts per step, over all ranks
+    warmstart_target_acc: float = 0.8  # the warm start stops once held-out accuracy reaches this
+    steps: int = 300  # GRPO steps (one rollout batch each)
+    batch_size: int = 64  # prompts per step, over all ranks
     num_generations: int = 8  # G: completions per prompt (a group)
     num_iterations: int = 1  # mu: passes over each rollout batch
     num_minibatches: int = 1  # optimiser steps per pass (the rollout batch split in this many)
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
-    lr: float = 2e-4  # peak learning rate
+    lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
     warmup: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay

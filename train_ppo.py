@@ -43,7 +43,7 @@ class PPOConfig:
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # SFT run folder (or .pt file) of the policy, reference and critic; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
+    warmstart_target_acc: float = 0.8  # the warm start stops once held-out accuracy reaches this
     reward: str = "rule"  # rule (the task's exact-answer reward) or model (--reward_model's score)
     reward_model: str = ""  # a train_rm.py run folder (or ckpt.pt), for --reward model or --critic_init rm
     critic_init: str = "sft"  # sft (the init's weights, zero value head) or rm (the reward model's weights)

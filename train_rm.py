@@ -37,7 +37,7 @@ class RMConfig:
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # SFT run folder (or .pt file) the reward model starts from; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.5  # the warm start stops once held-out accuracy reaches this
+    warmstart_target_acc: float = 0.8  # the warm start stops once held-out accuracy reaches this
     pairs_source: str = "policy"  # policy (samples of the SFT init) or synthetic (near misses of the reference)
     pairs_file: str = ""  # train on these pairs (a pairs file of DPO or of another reward model run)
     num_prompts: int = 16384  # training prompts (policy pairs: only those with a wrong sample give a pair)
