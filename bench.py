@@ -3,6 +3,7 @@
     python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes, absorbed vs naive
     python bench.py train      # training tokens/s, MLA+MoE vs MHA+dense at equal active parameters
     python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config and the default model
+    python bench.py spec --ckpt out/sft_multistep   # MTP speculative decoding: acceptance, tokens/s
 """
 import argparse
 import time
@@ -166,9 +167,49 @@ def bench_grpo(args):
               f"; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
+def bench_spec(args):
+    """Speculative decoding with the MTP draft against ordinary decoding, on the model of an SFT run
+    (--ckpt): the draft's acceptance rate on held-out prompts (greedy and T = 1), and tokens/s and
+    tokens per main-model forward at batch 1 and at GRPO's batch (256 rows), each the best of
+    --repeats runs, both decoders timed alternately."""
+    import tasks
+    tok = tasks.Tokenizer()
+    ckpt = common.load_checkpoint(args.ckpt)
+    m = model.Transformer(model.ModelConfig(**ckpt["model_config"]))
+    m.load_state_dict(ckpt["model"])
+    m.eval()
+    task = tasks.get_task(ckpt["config"]["task"], ckpt["config"]["n_digits"])
+    problems = task.eval_set(256)
+    prompts = [tasks.encode_problem(tok, p, False)[0] for p in problems]
+    new = task.max_lengths()[1] + 2
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=new)
+    print(f"{args.ckpt}: task {task.name} ({task.n_digits} digits, completions up to {new - 2} tokens + end), "
+          f"MTP depth {m.cfg.mtp_depth}, {torch.get_num_threads()} threads")
+    for temperature in (0.0, 1.0):
+        r = rollout.generate(m, prompts, speculative=True, temperature=temperature, generator=torch.Generator().manual_seed(0), **kw)
+        print(f"  T={temperature:g}: draft accepted {r.stats['acceptance']:.1%} of {r.stats['proposed']} proposals, "
+              f"{r.stats['tokens_per_forward']:.2f} tokens per main-model forward")
+    for rows, n_batches in ((1, 32), (256, 1)):  # batch 1: 32 prompts decoded one at a time
+        batches = [prompts[i * rows:(i + 1) * rows] for i in range(n_batches)]
+        best, tokens, per_forward = {False: float("inf"), True: float("inf")}, {}, []
+        for _ in range(args.repeats):
+            for spec in (False, True):
+                t, n = time.perf_counter(), 0.0
+                for i, batch in enumerate(batches):
+                    r = rollout.generate(m, batch, speculative=spec, temperature=1.0,
+                                         generator=torch.Generator().manual_seed(i), **kw)
+                    n += float(r.completion_mask.sum())
+                    per_forward += [r.stats["tokens_per_forward"]] if spec else []
+                best[spec], tokens[spec] = min(best[spec], time.perf_counter() - t), n
+        speed = {spec: tokens[spec] / best[spec] for spec in best}
+        print(f"  batch {rows} (T=1, {n_batches * rows} prompts): ordinary {speed[False]:,.0f} tokens/s, speculative "
+              f"{speed[True]:,.0f} tokens/s ({sum(per_forward) / len(per_forward):.2f} tokens per main-model forward): "
+              f"{speed[True] / speed[False]:.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["rollout", "train", "grpo"])
+    p.add_argument("what", choices=["rollout", "train", "grpo", "spec"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--cached", type=int, default=1024)
@@ -178,8 +219,9 @@ def main():
     p.add_argument("--train_steps", type=int, default=30)
     p.add_argument("--warm_steps", type=int, default=300)
     p.add_argument("--grpo_steps", type=int, default=60)
+    p.add_argument("--ckpt", default="out/sft")
     args = p.parse_args()
-    {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo}[args.what](args)
+    {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo, "spec": bench_spec}[args.what](args)
 
 
 if __name__ == "__main__":

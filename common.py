@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -625,3 +626,32 @@ class Timer:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         return dt
+
+
+def networks_held(nets):
+    """{name: parameter count} of every network a script holds, and the line that prints it."""
+    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+    line = ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})"
+    return {f"params_{k.replace(' ', '_')}": v for k, v in counts.items()}, "networks held: " + line
+
+
+def peak_memory(device):
+    """Peak memory so far, in MiB: the process's resident set (Linux reports ru_maxrss in KiB), and on CUDA the
+    allocator's peak. These are what set PPO's cost beside GRPO's."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written atomically (a temporary file renamed over `path`)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

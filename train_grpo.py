@@ -5,6 +5,7 @@
     python train_grpo.py --supervision process --task multistep      # process supervision
     python train_grpo.py --loss_type dr_grpo --scale_rewards none    # Dr. GRPO
     python train_grpo.py --loss_type dapo --epsilon_high 0.28 --filter_zero_std   # DAPO's pieces
+    python train_grpo.py --gradient_coef rft --beta 0       # online RFT: GC = 1[correct]
     python train_grpo.py --help
 
 One step (DeepSeekMath Algorithm 1): sample B prompts, generate G completions each with the current
@@ -56,6 +57,7 @@ class GRPOConfig:
     epsilon_high: float = 0.0  # upper clip (DAPO clip-higher, e.g. 0.28); 0 = epsilon
     loss_type: str = "grpo"  # grpo (per-sequence mean), dapo (token mean), dr_grpo (constant divisor)
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
+    gradient_coef: str = "grpo"  # grpo (group-relative advantage) or rft (online RFT: 1 for a correct completion, else 0; use with --beta 0)
     unbiased_std: bool = False  # sample std (TRL) instead of the population std
     supervision: str = "outcome"  # outcome or process (per-step rewards, multistep task)
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
@@ -86,10 +88,13 @@ class GRPOConfig:
             fractions=("warmstart_target_acc", "min_lr_ratio"),
             choices={"task": tuple(tasks.TASKS), "loss_type": ("grpo", "dapo", "dr_grpo"),
                      "scale_rewards": ("group", "batch", "none"), "supervision": ("outcome", "process"),
+                     "gradient_coef": ("grpo", "rft"),
                      "mla_impl": ("absorbed", "naive")})
-        if self.num_generations < 2:
+        if self.num_generations < 2 and self.gradient_coef == "grpo":
             raise ValueError(f"--num_generations must be >= 2: with G={self.num_generations} every advantage "
                              "is r - mean(r) = 0 and GRPO learns nothing")
+        if self.gradient_coef == "rft" and self.supervision == "process":
+            raise ValueError("--gradient_coef rft keeps or drops whole completions: use --supervision outcome")
         if self.supervision == "process" and self.task != "multistep":
             raise ValueError("--supervision process needs per-step rewards: use --task multistep")
         if self.pass_n < self.pass_k:
@@ -118,11 +123,13 @@ def make_rollouts(policy, task, tok, problems, cfg, generator, device):
     group_of = [problems[i // G] for i in range(N)]
     rewards = torch.tensor([task.reward(c, p) for c, p in zip(texts, group_of)])  # (N,)
     if cfg.supervision == "outcome":
-        # Under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std.
-        everything = common.all_gather_cat(rewards.to(device)).cpu()  # nccl needs CUDA tensors
-        adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
-        adv = adv[common.rank() * N:(common.rank() + 1) * N]
         zero_std = rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)  # (N/G,)
+        if cfg.gradient_coef == "rft":  # online RFT (DeepSeekMath 5.2.1): GC = 1[correct], no baseline, no scaling
+            adv = (rewards == 1).float()
+        else:  # under DDP every rank gathers all rewards, so "batch" scaling sees the whole batch's std
+            everything = common.all_gather_cat(rewards.to(device)).cpu()  # nccl needs CUDA tensors
+            adv = losses.grpo_advantages(everything, G, cfg.scale_rewards, unbiased_std=cfg.unbiased_std)
+            adv = adv[common.rank() * N:(common.rank() + 1) * N]
     else:
         steps, ends = step_rewards(task, texts, group_of, r.ended.tolist(), L)
         adv = losses.process_advantages(steps, ends, G, L, unbiased_std=cfg.unbiased_std)
@@ -281,8 +288,9 @@ def main(argv=None):
         run = common.RunFolder(cfg.out_dir, main_proc, start if cfg.resume else None, grpo=cfg, model=mcfg)
     except common.RunFolderBusy as e:
         common.die(str(e))
-    if main_proc and note and not cfg.quiet:
-        print(f"note: {note}")
+    params, held_line = common.networks_held({"policy": policy, "reference": ref})  # set beside PPO's four
+    if main_proc and not cfg.quiet:
+        print(held_line + (f"\nnote: {note}" if note else ""))
 
     def fail(message):
         run.close()
@@ -347,7 +355,7 @@ def main(argv=None):
             tot = common.all_reduce_sum(local, device)
             mean_r = tot["reward_sum"] / tot["n"]
             s = step + 1
-            run.log({"step": s, "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
+            run.log({"step": s, **(params if s == 1 else {}), **common.peak_memory(device), "reward_mean": mean_r, "reward_std": max(0.0, tot["reward_sq"] / tot["n"] - mean_r ** 2) ** 0.5,
                      "zero_std_frac": tot["zero_std"] / tot["groups"], "completion_len": tot["length"] / tot["n"],
                      "truncated_frac": tot["truncated"] / tot["n"], "samples_per_s": tot["n"] / dt,
                      "logprob_gap": common.all_reduce_max(stats.pop("logprob_gap"), device), "updates": n_updates, "lr": lr,

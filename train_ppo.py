@@ -20,7 +20,6 @@ the reward model, --critic_init rm).
 """
 import copy
 import os
-import resource
 import sys
 from dataclasses import dataclass
 
@@ -49,9 +48,9 @@ class PPOConfig:
     critic_init: str = "sft"  # sft (the init's weights, zero value head) or rm (the reward model's weights)
     truncation: str = "penalty"  # a completion without an end token: penalty (score = truncation_penalty) or mask (no loss)
     truncation_penalty: float = -1.0  # the score of a truncated completion under --truncation penalty
-    steps: int = 400  # PPO steps (one rollout batch each)
-    batch_size: int = 256  # prompts per step (one completion each), over all ranks
-    ppo_epochs: int = 4  # passes over each rollout batch
+    steps: int = 100  # PPO steps (one rollout batch each)
+    batch_size: int = 512  # prompts per step (one completion each), over all ranks: GRPO's 64 x 8 completions
+    ppo_epochs: int = 2  # passes over each rollout batch
     num_minibatches: int = 4  # optimiser steps per pass
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     lr: float = 1e-4  # the policy's peak learning rate
@@ -71,7 +70,7 @@ class PPOConfig:
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch (all ranks)
     temperature: float = 1.0  # sampling temperature of the rollouts
     max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
-    eval_every: int = 25  # steps between held-out greedy evaluations
+    eval_every: int = 10  # steps between held-out greedy evaluations
     eval_size: int = 256  # held-out problems per evaluation
     pass_k: int = 4  # k of pass@k and maj@k, measured at the start and the end
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
@@ -255,9 +254,9 @@ def main(argv=None):
     except common.RunFolderBusy as e:
         common.die(str(e))
     held = {"policy": policy, "reference": ref, "critic": critic, **({"reward model": rm} if rm is not None else {})}
-    params = {name: sum(p.numel() for p in net.parameters()) for name, net in held.items()}
+    params, held_line = common.networks_held(held)
     if main_proc and not cfg.quiet:
-        print("networks held: " + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f" (total {sum(params.values()):,})")
+        print(held_line)
         if note:
             print(f"note: {note}")
 
@@ -319,16 +318,13 @@ def main(argv=None):
             tot = common.all_reduce_sum({**local, "n": float(N)}, device)
             n, dt = tot.pop("n"), timer.lap()
             kl_ctl.update(tot["kl"] / n, int(n))
-            record = {"step": s, "kl_coef": kl_ctl.value, "samples_per_s": n / dt,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            record = {"step": s, "kl_coef": kl_ctl.value, "samples_per_s": n / dt, **common.peak_memory(device),
                       **{k: tot[k] / n for k in ("score", "correct", "kl", "length", "truncated")},
                       **{k: tot[k] for k in ("policy_loss", "value_loss", "entropy")},  # each rank's is its share
                       **{k: tot[k] / world for k in ("top_correct", "explained_variance", "clip_frac", "value_clip_frac",
                                                      "approx_kl", "ratio", "grad_norm", "critic_grad_norm")}}
-            if device.type == "cuda":
-                record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             if s == 1:
-                record.update({f"params_{k.replace(' ', '_')}": v for k, v in params.items()})
+                record.update(params)
             run.log(record)
             bar.set_postfix(score=f"{record['score']:.3f}", acc=f"{acc:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
             if s % cfg.eval_every == 0 or s == cfg.steps:

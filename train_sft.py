@@ -3,10 +3,15 @@
     python train_sft.py                                   # CPU or one GPU; out/sft/
     torchrun --standalone --nproc_per_node=2 train_sft.py # DDP (gloo on CPU, nccl on CUDA)
     python train_sft.py --resume                          # continue exactly from out/sft/ckpt.pt
+    python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 1e-4   # RFT on out/sft's correct samples
     python train_sft.py --help                            # every flag with its default
 
 Loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t); the prompt
-is masked. Plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss; the router biases
+is masked. The data source is the only difference between SFT and RFT (the same section): --data task
+trains from scratch on the task's reference solutions, a fresh problem stream; --data rft
+(rejection-sampling fine-tuning) starts from an SFT model (--init), samples rft_samples completions
+for each of rft_prompts new prompts from it once, keeps the correct ones (GC = 1[correct], offline)
+and fine-tunes on them (rft_data.jsonl in the run folder). Plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss; the router biases
 are updated after every optimiser step (aux-loss-free balancing). Ctrl-C (or SIGTERM) finishes the
 step, writes a checkpoint and says how to resume.
 """
@@ -29,6 +34,12 @@ from model import ModelConfig, Transformer, param_counts
 class SFTConfig:
     task: str = "add"  # add, sub, mul or multistep
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
+    data: str = "task"  # task (reference solutions, from scratch) or rft (the correct samples of --init, fine-tuning it)
+    init: str = ""  # --data rft: the SFT run that samples the data and is fine-tuned; "" = out/sft for add, out/sft_<task> otherwise; a missing folder gets a warm start
+    warmstart_steps: int = 1500  # --data rft: steps of the SFT warm start made when --init does not exist
+    warmstart_target_acc: float = 0.8  # --data rft: the warm start stops once held-out accuracy reaches this
+    rft_prompts: int = 2048  # --data rft: new prompts sampled once from --init
+    rft_samples: int = 8  # --data rft: completions per prompt (T = 1); the correct ones are the data
     batch_size: int = 64  # sequences per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     steps: int = 2000  # optimiser steps
@@ -53,9 +64,10 @@ class SFTConfig:
 
     def __post_init__(self):
         common.check_config(self, positive=("batch_size", "grad_accum", "steps", "lr", "eval_every", "eval_size",
-                                            "ckpt_every"),
+                                            "ckpt_every", "warmstart_steps", "rft_prompts", "rft_samples"),
                             non_negative=("warmup", "weight_decay", "grad_clip", "samples", "stop_at"),
-                            fractions=("min_lr_ratio", "target_acc"), choices={"task": tuple(tasks.TASKS)})
+                            fractions=("min_lr_ratio", "target_acc", "warmstart_target_acc"),
+                            choices={"task": tuple(tasks.TASKS), "data": ("task", "rft")})
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -85,6 +97,30 @@ def encode_batch(seqs, pad_id, device):
 def make_batch(task, tok, rng, n, device):
     """n training problems from the stream rng, encoded by encode_batch."""
     return encode_batch([tasks.encode_problem(tok, task.sample(rng)) for _ in range(n)], tok.pad_id, device)
+
+
+@torch.no_grad()
+def make_rft_data(model, tok, task, cfg, device):
+    """RFT's data source (DeepSeekMath 5.2.1): cfg.rft_samples completions (T = 1) of each of
+    cfg.rft_prompts new prompts from `model`, once; the correct ones (an end token, the right answer)
+    as `<bos> prompt completion <eos>` token lists with their completion start, as encode_batch
+    takes them. Returns (sequences, the number of prompts with at least one correct sample)."""
+    rng = common.data_rng(cfg.seed, "rft", 0)  # the same prompts whatever the number of ranks
+    gen = torch.Generator(device=device).manual_seed(common.stream_seed(cfg.seed, "rft", 0, "sampling"))
+    problems = [task.sample(rng) for _ in range(cfg.rft_prompts)]
+    G, seqs, solved, per = cfg.rft_samples, [], 0, max(1, 256 // cfg.rft_samples)
+    for i in range(0, len(problems), per):
+        batch = problems[i:i + per]
+        prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in batch]
+        with common.autocast(device):
+            r = rollout.generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
+                                 max_new_tokens=task.max_lengths()[1] + 2, temperature=1.0, generator=gen)
+        texts, lengths = rollout.decode_completions(tok, r), r.completion_mask.sum(1).long().tolist()
+        for j, p in enumerate(batch):
+            right = [k for k in range(j * G, (j + 1) * G) if r.ended[k] and task.reward(texts[k], p) == 1.0]
+            seqs += [(prompts[j] + r.completion_ids[k, :lengths[k]].tolist(), len(prompts[j])) for k in right]
+            solved += bool(right)
+    return seqs, solved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +205,9 @@ def load_or_make_init(cfg, tok, model_flags, mcfg, device):
 def main(argv=None, resume_hint=None):
     """Run SFT. resume_hint: what to tell a user whose run was stopped by a signal (a caller that
     runs SFT as its warm start says how to go on with itself)."""
-    (cfg, mcfg), _ = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
+    (cfg, mcfg), given = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
+    model_flags = given & set(ModelConfig.__dataclass_fields__)
+    rft = cfg.data == "rft"
     owns_dist = not common.is_dist()  # a caller (a warm start) may have set it up already
     rank, world, device = common.setup_dist()
     common.setup_torch(cfg.seed, device)
@@ -183,17 +221,27 @@ def main(argv=None, resume_hint=None):
                              f"{cfg.grad_accum} micro-batches")
         if mcfg.vocab_size != tok.vocab_size:
             raise ValueError(f"--vocab_size {mcfg.vocab_size} does not match the tokenizer's {tok.vocab_size}")
-        common.check_lengths(task, mcfg.max_seq_len)
         common.check_out_dir(cfg.out_dir)
-        if cfg.resume:  # every model flag counts: an SFT run's model comes from its flags
-            ckpt, _ = common.load_for_resume(ckpt_path, "sft", tok, cfg, mcfg, ModelConfig.__dataclass_fields__)
+        if rft and os.path.abspath(os.path.dirname(init_path(cfg))) == os.path.abspath(cfg.out_dir):
+            raise ValueError(f"--data rft fine-tunes --init {os.path.dirname(init_path(cfg))} into --out_dir "
+                             f"{cfg.out_dir}: give it another folder, e.g. --out_dir out/rft")
+        init = None
+        if cfg.resume:  # from scratch every model flag counts (the model comes from them); RFT's comes from --init
+            ckpt, mcfg = common.load_for_resume(ckpt_path, "sft", tok, cfg, mcfg, model_flags if rft else
+                                                ModelConfig.__dataclass_fields__, common.INIT_FIELDS if rft else ())
             start = ckpt["step"]
+        elif rft:
+            init, mcfg = load_or_make_init(cfg, tok, model_flags, mcfg, device)
+        common.check_lengths(task, mcfg.max_seq_len)
     except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
     eval_problems = task.eval_set(cfg.eval_size)
     data_rng = common.data_rng(cfg.seed, "sft", rank)  # its own problem stream per stage and rank
 
     model = Transformer(mcfg).to(device)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        del init
     opt = common.adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     note = None
     if ckpt is not None:
@@ -253,6 +301,31 @@ def main(argv=None, resume_hint=None):
     def reached_target(acc):  # rank 0 evaluates; every rank must agree to stop
         return cfg.target_acc > 0 and common.all_reduce_sum({"hit": float(acc >= cfg.target_acc)}, device)["hit"] > 0
 
+    if rft:  # made once by rank 0 (again only if stopped before the first checkpoint), read by every rank
+        data_path = os.path.join(cfg.out_dir, "rft_data.jsonl")
+        if main_proc and (start == 0 or not os.path.exists(data_path)):
+            seqs, solved = make_rft_data(raw_model, tok, task, cfg, device)
+            common.write_jsonl(data_path, [{"ids": ids, "start": k} for ids, k in seqs])
+            if not cfg.quiet:
+                print(f"RFT data: {len(seqs)} correct of {cfg.rft_prompts * cfg.rft_samples} samples; "
+                      f"{solved} of {cfg.rft_prompts} prompts solved at least once ({data_path})")
+        if world > 1:
+            torch.distributed.barrier()
+        data = [(d["ids"], d["start"]) for d in common.read_jsonl(data_path)]
+        if len(data) < cfg.batch_size:
+            fail(f"RFT kept {len(data)} correct samples, fewer than --batch_size {cfg.batch_size}: "
+                 "raise --rft_prompts or --rft_samples")
+        order = common.epoch_batches(len(data), cfg.batch_size, -(-cfg.steps * cfg.batch_size // len(data)),
+                                     cfg.seed, "rft")
+
+    def next_batches(step):
+        """This rank's micro-batches of the step: fresh problems, or its share of the RFT data's batch."""
+        if not rft:
+            return [make_batch(task, tok, data_rng, per_rank, device) for _ in range(cfg.grad_accum)]
+        mine = order[step][rank * per_rank * cfg.grad_accum:(rank + 1) * per_rank * cfg.grad_accum]
+        return [encode_batch([data[i] for i in mine[j * per_rank:(j + 1) * per_rank]], tok.pad_id, device)
+                for j in range(cfg.grad_accum)]
+
     stop = cfg.steps if cfg.stop_at <= 0 else min(cfg.steps, cfg.stop_at)
     acc, hit = float("nan"), False
     if start == 0:
@@ -270,8 +343,7 @@ def main(argv=None, resume_hint=None):
             lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro = [make_batch(task, tok, data_rng, per_rank, device) for _ in range(cfg.grad_accum)]
-            metrics = train_step(model, raw_model, opt, micro, device, cfg.grad_clip)
+            metrics = train_step(model, raw_model, opt, next_batches(step), device, cfg.grad_clip)
             s = step + 1  # optimiser steps taken
             if "tokens" not in metrics:
                 fail(f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {s} "

@@ -85,6 +85,20 @@ def test_rollout_logprobs_match_the_training_forward():
     torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("G", [1, 4])
+def test_online_rft_coefficient_is_one_exactly_on_correct_completions(G, monkeypatch):
+    """Issue 13: online RFT's gradient coefficient is 1[correct] (DeepSeekMath 5.2.1): no baseline, no
+    scaling, so a group of all-correct completions still pushes them up and G = 1 is allowed."""
+    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
+    exp = rollout_batch(tiny_policy(), G=G, cfg=config(num_generations=G, gradient_coef="rft"))
+    texts = rollout.decode_completions(tasks.Tokenizer(), exp.rollout)
+    want = torch.tensor([float(zlib.crc32(t.encode()) % 2) for t in texts])
+    assert 0 < want.sum() < len(want)
+    assert torch.equal(exp.advantages, want) and torch.equal(exp.rewards, want)
+    grpo = rollout_batch(tiny_policy(), cfg=config(num_generations=4))  # the same samples, GRPO's coefficient
+    assert G == 1 or not torch.equal(grpo.advantages, want)
+
+
 def test_filter_zero_std_masks_flat_groups():
     policy = tiny_policy()
     exp = rollout_batch(policy, cfg=config(num_generations=4, filter_zero_std=True))
@@ -166,6 +180,8 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     (["--epsilon", "-0.1"], "epsilon must be > 0"),
     (["--supervision", "process"], "use --task multistep"),
     (["--loss_type", "ppo"], "loss_type must be"),
+    (["--gradient_coef", "sft"], "gradient_coef must be"),
+    (["--gradient_coef", "rft", "--task", "multistep", "--supervision", "process"], "use --supervision outcome"),
 ])
 def test_bad_settings_are_one_line_errors(flags, msg, capsys):
     assert msg in one_line_cli_error(train_grpo.main, flags, capsys)

@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -215,3 +216,48 @@ def test_batch_not_dividing_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--batch_size", "6", "--grad_accum", "4")
     assert "does not divide" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# RFT (--data rft): the same loop, another data source (issue 13)
+
+
+def text_reward(self, completion, problem):
+    """Right for about half of all texts: a tiny model is never right, and RFT needs kept samples."""
+    return float(zlib.crc32(completion.encode()) % 2)
+
+
+def test_rft_data_keeps_exactly_the_correct_ended_samples(monkeypatch):
+    monkeypatch.setattr(tasks.Addition, "reward", text_reward)
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    cfg = train_sft.SFTConfig(n_digits=2, rft_prompts=6, rft_samples=4)
+    torch.manual_seed(0)
+    seqs, solved = train_sft.make_rft_data(Transformer(tiny_config()), tok, task, cfg, torch.device("cpu"))
+    assert 0 < len(seqs) < 24 and 0 < solved <= 6
+    prompts = {tok.decode(ids[1:k]) for ids, k in seqs}
+    stream = random.Random(common.stream_seed(0, "rft", 0))
+    problems = {p.prompt: p for p in (task.sample(stream) for _ in range(6))}
+    assert prompts <= set(problems) and len(prompts) == solved
+    for ids, k in seqs:  # `<bos> prompt completion <eos>`, the completion one the reward accepts
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.eos_id not in ids[k:-1]
+        assert task.reward(tok.decode(ids[k:], strict=True), problems[tok.decode(ids[1:k])]) == 1.0
+
+
+def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tasks.Addition, "reward", text_reward)
+    run(tmp_path / "sft", "--steps", "3", "--eval_every", "100")
+    flags = ["--data", "rft", "--init", str(tmp_path / "sft"), "--rft_prompts", "32", "--rft_samples", "8",
+             "--steps", "4", "--ckpt_every", "2", "--eval_every", "100", "--lr", "1e-30"]
+    unchanged, _ = run(tmp_path / "lr0", *flags, "--stop_at", "1")  # a step of 1e-30 rounds away: the weights are the init's
+    init = torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(unchanged.state_dict()[k], v) for k, v in init.items() if not k.endswith("gate.bias"))
+    flags[-1] = "1e-3"
+    full, _ = run(tmp_path / "a", *flags)
+    assert os.path.exists(tmp_path / "a" / "rft_data.jsonl")
+    run(tmp_path / "b", *flags, "--stop_at", "2")
+    resumed, _ = run(tmp_path / "b", *flags, "--resume")
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(SystemExit):  # fine-tuning an init into its own folder would overwrite it
+        run(tmp_path / "sft", *flags)
+    assert "give it another folder" in capsys.readouterr().err
