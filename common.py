@@ -149,8 +149,10 @@ INIT_FIELDS = ("init", "warmstart_steps", "warmstart_target_acc")  # how an RL r
 
 
 def resume_mismatches(ckpt, cfg, extra_ignore=()):
-    """Fields of cfg (a train script's config) that differ from the resumed checkpoint's."""
-    return mismatched_fields(ckpt["config"], config_dict(cfg), RUN_ONLY_FIELDS | set(extra_ignore))
+    """Fields of cfg (a train script's config) that differ from the resumed checkpoint's. A field the
+    checkpoint lacks (saved before the field existed) counts as its default."""
+    saved = {**config_dict(type(cfg)()), **ckpt["config"]}
+    return mismatched_fields(saved, config_dict(cfg), RUN_ONLY_FIELDS | set(extra_ignore))
 
 
 def load_for_resume(path, kind, tok, cfg, mcfg, model_flags, extra_ignore=()):
@@ -650,6 +652,12 @@ def write_jsonl(path, rows):
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(tmp, path)
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes: ties a data file to the checkpoints trained on it."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def read_jsonl(path):

@@ -81,8 +81,9 @@ class GRPOConfig:
 
     def __post_init__(self):
         common.check_config(
-            self, positive=("warmstart_steps", "steps", "batch_size", "num_iterations", "num_minibatches", "grad_accum",
-                            "lr", "epsilon", "temperature", "eval_every", "eval_size", "pass_k", "ckpt_every"),
+            self, positive=("warmstart_steps", "steps", "batch_size", "num_generations", "num_iterations",
+                            "num_minibatches", "grad_accum", "lr", "epsilon", "temperature", "eval_every", "eval_size",
+                            "pass_k", "ckpt_every"),
             non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high", "ref_reset_every",
                           "max_new_tokens", "samples", "stop_at", "collapse_patience"),
             fractions=("warmstart_target_acc", "min_lr_ratio"),
@@ -93,8 +94,9 @@ class GRPOConfig:
         if self.num_generations < 2 and self.gradient_coef == "grpo":
             raise ValueError(f"--num_generations must be >= 2: with G={self.num_generations} every advantage "
                              "is r - mean(r) = 0 and GRPO learns nothing")
-        if self.gradient_coef == "rft" and self.supervision == "process":
-            raise ValueError("--gradient_coef rft keeps or drops whole completions: use --supervision outcome")
+        if self.gradient_coef == "rft" and (self.supervision == "process" or self.filter_zero_std):
+            raise ValueError("--gradient_coef rft keeps every correct completion, each whole: use --supervision "
+                             "outcome, without --filter_zero_std (it would drop the groups that are all correct)")
         if self.supervision == "process" and self.task != "multistep":
             raise ValueError("--supervision process needs per-step rewards: use --task multistep")
         if self.pass_n < self.pass_k:

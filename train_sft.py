@@ -3,7 +3,7 @@
     python train_sft.py                                   # CPU or one GPU; out/sft/
     torchrun --standalone --nproc_per_node=2 train_sft.py # DDP (gloo on CPU, nccl on CUDA)
     python train_sft.py --resume                          # continue exactly from out/sft/ckpt.pt
-    python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 1e-4   # RFT on out/sft's correct samples
+    python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 3e-4 --warmup 10  # RFT from out/sft
     python train_sft.py --help                            # every flag with its default
 
 Loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t); the prompt
@@ -11,9 +11,10 @@ is masked. The data source is the only difference between SFT and RFT (the same 
 trains from scratch on the task's reference solutions, a fresh problem stream; --data rft
 (rejection-sampling fine-tuning) starts from an SFT model (--init), samples rft_samples completions
 for each of rft_prompts new prompts from it once, keeps the correct ones (GC = 1[correct], offline)
-and fine-tunes on them (rft_data.jsonl in the run folder). Plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss; the router biases
-are updated after every optimiser step (aux-loss-free balancing). Ctrl-C (or SIGTERM) finishes the
-step, writes a checkpoint and says how to resume.
+and fine-tunes on them (rft_data.jsonl in the run folder). Plus mtp_lambda * the MTP loss and the
+MoE sequence-wise balance loss; the router biases are updated after every optimiser step
+(aux-loss-free balancing). Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how
+to resume.
 """
 import math
 import os
@@ -232,7 +233,7 @@ def main(argv=None, resume_hint=None):
             start = ckpt["step"]
         elif rft:
             init, mcfg = load_or_make_init(cfg, tok, model_flags, mcfg, device)
-        common.check_lengths(task, mcfg.max_seq_len)
+        common.check_lengths(task, mcfg.max_seq_len, task.max_lengths()[1] + 2 if rft else None)  # RFT samples too
     except (ValueError, common.CheckpointError) as e:
         common.die(str(e))
     eval_problems = task.eval_set(cfg.eval_size)
@@ -276,7 +277,7 @@ def main(argv=None, resume_hint=None):
             run.save(step, {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                             "rng": rngs, "world_size": world, "config": common.config_dict(cfg),
                             "model_config": common.config_dict(mcfg), "tokenizer": tok.definition(),
-                            "kind": "sft", "done": done})
+                            "kind": "sft", "done": done, **({"rft_data": digest} if rft else {})})
         except common.NonFiniteState as e:
             fail(str(e))
 
@@ -301,22 +302,29 @@ def main(argv=None, resume_hint=None):
     def reached_target(acc):  # rank 0 evaluates; every rank must agree to stop
         return cfg.target_acc > 0 and common.all_reduce_sum({"hit": float(acc >= cfg.target_acc)}, device)["hit"] > 0
 
-    if rft:  # made once by rank 0 (again only if stopped before the first checkpoint), read by every rank
+    if rft:  # made once by rank 0 at the start and read by every rank; a resumed run checks it is the same file
         data_path = os.path.join(cfg.out_dir, "rft_data.jsonl")
-        if main_proc and (start == 0 or not os.path.exists(data_path)):
-            seqs, solved = make_rft_data(raw_model, tok, task, cfg, device)
+        if start == 0 and main_proc:
+            try:
+                seqs, solved = make_rft_data(raw_model, tok, task, cfg, device)
+            except rollout.NonFiniteLogits as e:
+                fail(f"{e} while sampling RFT data from --init")
             common.write_jsonl(data_path, [{"ids": ids, "start": k} for ids, k in seqs])
             if not cfg.quiet:
                 print(f"RFT data: {len(seqs)} correct of {cfg.rft_prompts * cfg.rft_samples} samples; "
                       f"{solved} of {cfg.rft_prompts} prompts solved at least once ({data_path})")
         if world > 1:
             torch.distributed.barrier()
+        digest = common.file_digest(data_path) if os.path.exists(data_path) else None
+        if ckpt is not None and digest != ckpt.get("rft_data"):
+            fail(f"{data_path} is missing or is not the data this run trained on (a later run in {cfg.out_dir} "
+                 "rewrote it?): start the run again without --resume")
         data = [(d["ids"], d["start"]) for d in common.read_jsonl(data_path)]
         if len(data) < cfg.batch_size:
             fail(f"RFT kept {len(data)} correct samples, fewer than --batch_size {cfg.batch_size}: "
                  "raise --rft_prompts or --rft_samples")
-        order = common.epoch_batches(len(data), cfg.batch_size, -(-cfg.steps * cfg.batch_size // len(data)),
-                                     cfg.seed, "rft")
+        per_epoch = len(data) // cfg.batch_size  # full batches per pass (epoch_batches drops the rest)
+        order = common.epoch_batches(len(data), cfg.batch_size, -(-cfg.steps // per_epoch), cfg.seed, "rft")
 
     def next_batches(step):
         """This rank's micro-batches of the step: fresh problems, or its share of the RFT data's batch."""

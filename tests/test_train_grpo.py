@@ -182,6 +182,8 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     (["--loss_type", "ppo"], "loss_type must be"),
     (["--gradient_coef", "sft"], "gradient_coef must be"),
     (["--gradient_coef", "rft", "--task", "multistep", "--supervision", "process"], "use --supervision outcome"),
+    (["--gradient_coef", "rft", "--filter_zero_std"], "without --filter_zero_std"),
+    (["--gradient_coef", "rft", "--num_generations", "0"], "num_generations must be > 0"),
 ])
 def test_bad_settings_are_one_line_errors(flags, msg, capsys):
     assert msg in one_line_cli_error(train_grpo.main, flags, capsys)

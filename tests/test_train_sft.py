@@ -261,3 +261,16 @@ def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):  # fine-tuning an init into its own folder would overwrite it
         run(tmp_path / "sft", *flags)
     assert "give it another folder" in capsys.readouterr().err
+    with open(tmp_path / "b" / "rft_data.jsonl", "a") as f:  # other data than the checkpoint trained on
+        f.write('{"ids": [15, 16], "start": 1}\n')
+    with pytest.raises(SystemExit):
+        run(tmp_path / "b", *flags, "--resume")
+    assert "is not the data this run trained on" in capsys.readouterr().err
+
+
+def test_a_field_added_after_a_checkpoint_was_saved_counts_as_its_default():
+    cfg = train_sft.SFTConfig(n_digits=2)
+    saved = common.config_dict(cfg)
+    del saved["data"], saved["rft_samples"]  # a checkpoint from before RFT existed
+    assert common.resume_mismatches({"config": saved}, cfg) == []
+    assert common.resume_mismatches({"config": saved}, train_sft.SFTConfig(n_digits=2, data="rft")) == ["data"]
