@@ -351,7 +351,8 @@ def decode_completions(tok, rollout):
 def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, batch_size=256,
              max_new_tokens=None, generator=None, mla_impl="absorbed"):
     """Greedy exact-match accuracy over `problems`; with k > 0 also pass@k (unbiased, from
-    n_samples >= k samples per prompt) and maj@k (vote over the first k samples)."""
+    n_samples >= k samples per prompt) and maj@k (vote over the first k samples). k may be a list:
+    pass@k and maj@k for each k, from the same samples."""
     if max_new_tokens is None:
         max_new_tokens = max(len(p.completion) for p in problems) + 2  # room for the end token
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
@@ -361,10 +362,11 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
         r = generate(model, prompts[i:i + batch_size], temperature=0.0, **kw)
         correct += sum(task.reward(c, p) for c, p in zip(decode_completions(tok, r), problems[i:i + batch_size]))
     metrics = {"greedy_acc": correct / len(problems)}
-    if k > 0:
-        n = max(n_samples, k)
+    ks = [k] if isinstance(k, int) else list(k)
+    if ks and min(ks) > 0:
+        n = max(n_samples, *ks)
         per_batch = max(1, batch_size // n)
-        pass_k = maj_k = 0.0
+        pass_k, maj_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
         for i in range(0, len(prompts), per_batch):
             r = generate(model, prompts[i:i + per_batch], num_generations=n, temperature=temperature,
                          generator=generator, **kw)
@@ -372,10 +374,13 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
             for j, p in enumerate(problems[i:i + per_batch]):
                 group = comps[j * n:(j + 1) * n]
                 c = sum(task.reward(x, p) for x in group)
-                pass_k += pass_at_k(n, int(c), k)
-                maj_k += majority_correct([task.parse_answer(x) for x in group[:k]], p.answer)
-        metrics[f"pass@{k}"] = pass_k / len(problems)
-        metrics[f"maj@{k}"] = maj_k / len(problems)
+                answers = [task.parse_answer(x) for x in group]
+                for kk in ks:
+                    pass_k[kk] += pass_at_k(n, int(c), kk)
+                    maj_k[kk] += majority_correct(answers[:kk], p.answer)
+        for kk in ks:
+            metrics[f"pass@{kk}"] = pass_k[kk] / len(problems)
+            metrics[f"maj@{kk}"] = maj_k[kk] / len(problems)
     return metrics
 
 

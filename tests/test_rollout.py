@@ -1,6 +1,7 @@
 import itertools
 import math
 import random
+import zlib
 
 import pytest
 import torch
@@ -189,6 +190,19 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
 
     monkeypatch.setattr(rollout, "generate", oracle)
     assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+
+
+def test_evaluate_at_several_k_equals_one_k_at_a_time(monkeypatch):
+    """A list of k reads pass@k and maj@k off one set of samples: the same numbers as one call per k
+    with the same samples (same n_samples, same generator seed)."""
+    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    problems, m = task.eval_set(12), build()
+    together = rollout.evaluate(m, tok, task, problems, k=[1, 2, 4], n_samples=4, generator=torch.Generator().manual_seed(0))
+    assert 0 < together["pass@1"] < together["pass@2"]  # a reward of about one sample in two: k matters
+    for k in (1, 2, 4):
+        alone = rollout.evaluate(m, tok, task, problems, k=k, n_samples=4, generator=torch.Generator().manual_seed(0))
+        assert alone == {key: together[key] for key in ("greedy_acc", f"pass@{k}", f"maj@{k}")}
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():

@@ -40,3 +40,21 @@ def test_writes_a_png(tmp_path):
     write_metrics(tmp_path / "c" / "a", RECORDS)  # two runs called "a": both are drawn, each under its path
     out = plot.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c" / "a"), "--out", str(tmp_path / "x.png")])
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_reads_a_run_folder(tmp_path):
+    import results
+    write_metrics(tmp_path / "run", RECORDS + [{"step": 2, "kind": "train", "completion_len": 5.5},
+                                               {"step": 3, "kind": "eval", "eval_greedy_acc": 1.0, "eval_pass@4": 1.0}])
+    got = results.read_run(tmp_path / "run")
+    assert got["curve"] == [(0, 0.5), (2, 0.75), (3, 1.0)]
+    assert got["final"] == {"greedy_acc": 1.0, "pass@4": 1.0}
+    assert got["length"] == [(2, 5.5)]
+    assert results.spread([0.5, 0.7]) == pytest.approx((0.6, 0.1414213), abs=1e-6)
+
+
+def test_results_rejects_an_unknown_experiment(capsys):
+    import results
+    with pytest.raises(SystemExit) as e:
+        results.main(["everything"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
