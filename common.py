@@ -70,7 +70,7 @@ def parse_config(classes, argv=None, description=None):
             assert f.name not in owner, f"flag --{f.name} is defined by two configs"
             owner[f.name] = cls
             kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
-            help_text = f"{comments.get(f.name, '')} (default: {f.default})"
+            help_text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
             if kind is bool:
                 group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
             else:

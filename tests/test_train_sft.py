@@ -212,6 +212,15 @@ def test_cli_forms_and_help(capsys):
     assert "--lr" in out and "peak learning rate (default: 0.002)" in out and "--kv_lora_rank" in out
 
 
+@pytest.mark.parametrize("script", ["train_sft", "train_grpo", "train_dpo", "train_rm", "train_ppo"])
+def test_every_script_prints_its_help(script, capsys):
+    """--help formats every flag's comment (a '%' in one once broke train_dpo.py --help)."""
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--seed" in capsys.readouterr().out
+
+
 def test_batch_not_dividing_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--batch_size", "6", "--grad_accum", "4")
