@@ -70,7 +70,8 @@ def parse_config(classes, argv=None, description=None):
             assert f.name not in owner, f"flag --{f.name} is defined by two configs"
             owner[f.name] = cls
             kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
-            help_text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
+            # argparse %-formats help texts: a literal % in a comment must be doubled
+            help_text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
             if kind is bool:
                 group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
             else:
@@ -604,13 +605,27 @@ class GracefulStop:
         got = float(self.signum is not None)
         return (all_reduce_sum({"stop": got}, device)["stop"] if is_dist() else got) > 0
 
-    def exit(self, out_dir, step, hint):
-        """Print where the checkpoint is and how to go on, then exit with 128 + the signal number."""
+    def exit(self, out_dir, step, hint=None, close=()):
+        """Close `close` (progress bar, run folder), print where the checkpoint is and how to go on, then
+        exit with 128 + the signal number."""
+        for thing in close:
+            thing.close()
+        hint = hint or "to continue, run the same command with --resume"
         name = signal.Signals(self.signum).name if self.signum else "signal"
         if rank() == 0:
             print(f"stopped by {name} after step {step}: checkpoint saved in {out_dir}; {hint}", file=sys.stderr)
         cleanup_dist()
         sys.exit(128 + (self.signum or signal.SIGINT))
+
+
+def finish_run(run, first, last, what, show, owns_dist):
+    """The end of a train script's main(): print the held-out metrics before -> after (if `show`),
+    close the run folder, and take down the process group the script set up."""
+    if show and first and last:
+        print(f"before -> after {what}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
+    run.close()
+    if owns_dist:
+        cleanup_dist()
 
 
 def die(message):

@@ -338,17 +338,12 @@ def main(argv=None):
                 if step % cfg.ckpt_every == 0 or in_round == len(order) or i + 1 == stop or interrupted:
                     checkpoint(step, k, in_round)
                 if interrupted:
-                    run.close()
-                    stopper.exit(cfg.out_dir, step, "to continue, run the same command with --resume")
+                    stopper.exit(cfg.out_dir, step, close=(run,))
             bar.close()
             if in_round < len(order):  # --stop_at
                 break
             in_round = 0
-    if main_proc and not cfg.quiet and first and last.get(f"pass@{cfg.pass_k}") is not None:
-        print("before -> after DPO: " + ", ".join(f"{key} {first[key]:.3f} -> {last[key]:.3f}" for key in last))
-    run.close()
-    if owns_dist:
-        common.cleanup_dist()
+    common.finish_run(run, first, last, "DPO", main_proc and not cfg.quiet and f"pass@{cfg.pass_k}" in last, owns_dist)
     return policy, first, last
 
 

@@ -385,15 +385,9 @@ def main(argv=None):
             if s % cfg.ckpt_every == 0 or s == stop or interrupted:
                 checkpoint(s)
             if interrupted:
-                bar.close()
-                run.close()
-                stopper.exit(cfg.out_dir, s, "to continue, run the same command with --resume")
+                stopper.exit(cfg.out_dir, s, close=(bar, run))
     bar.close()
-    if main_proc and not cfg.quiet and first and stop == cfg.steps:
-        print("before -> after GRPO: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
-    run.close()
-    if owns_dist:
-        common.cleanup_dist()
+    common.finish_run(run, first, last, "GRPO", main_proc and not cfg.quiet and stop == cfg.steps, owns_dist)
     return policy, first, last
 
 

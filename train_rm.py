@@ -279,15 +279,9 @@ def main(argv=None):
                     run.close()
                     common.die(str(e))
             if interrupted:
-                bar.close()
-                run.close()
-                stopper.exit(cfg.out_dir, s, "to continue, run the same command with --resume")
+                stopper.exit(cfg.out_dir, s, close=(bar, run))
     bar.close()
-    if main_proc and not cfg.quiet and first and last:
-        print("before -> after: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
-    run.close()
-    if owns_dist:
-        common.cleanup_dist()
+    common.finish_run(run, first, last, "reward-model training", main_proc and not cfg.quiet, owns_dist)
     return rm, first, last
 
 

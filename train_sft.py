@@ -371,9 +371,7 @@ def main(argv=None, resume_hint=None):
                     tqdm.write(f"held-out accuracy {acc:.3f} reached target_acc {cfg.target_acc} at step {s}: stopping")
                 break
             if interrupted:
-                bar.close()
-                run.close()
-                stopper.exit(cfg.out_dir, s, resume_hint or "to continue, run the same command with --resume")
+                stopper.exit(cfg.out_dir, s, resume_hint, close=(bar, run))
     bar.close()
     if main_proc and not cfg.quiet and start < cfg.steps and (hit or stop == cfg.steps):
         print(f"held-out greedy accuracy after {run.saved_step} steps: {acc:.3f}")
