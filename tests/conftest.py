@@ -24,6 +24,16 @@ def tiny():
     return tiny_config
 
 
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    """A 4-step SFT run of the tiny model on 2-digit addition: the --init of the RL scripts' tests."""
+    import train_sft
+    from test_train_sft import TINY_FLAGS
+    out = tmp_path_factory.mktemp("sft")
+    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
+    return str(out)
+
+
 def one_line_cli_error(main, argv, capsys):
     """Run a train script's main on bad flags: it must exit with code 2 and one line on stderr."""
     with pytest.raises(SystemExit) as e:

@@ -12,11 +12,10 @@ import losses
 import rollout
 import tasks
 import train_dpo
-import train_sft
 from conftest import one_line_failure, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import Transformer
-from test_train_sft import TINY_FLAGS, TINY_MODEL
+from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 TOK, TASK = tasks.Tokenizer(), tasks.Addition(2)
@@ -146,13 +145,6 @@ def test_synthetic_pairs_chosen_right_rejected_a_well_formed_near_miss(name):
         assert task.reward(p["chosen"], prob) == 1.0
         answer = task.parse_answer(p["rejected"])
         assert answer is not None and answer != prob.answer  # wrong, but an answer
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
-    return str(out)
 
 
 def dpo(sft_ckpt, folder, *extra):

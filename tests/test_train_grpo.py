@@ -14,7 +14,7 @@ import train_sft
 from conftest import one_line_cli_error, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import Transformer
-from test_train_sft import TINY_FLAGS, TINY_MODEL
+from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 
@@ -191,13 +191,6 @@ def test_bad_settings_are_one_line_errors(flags, msg, capsys):
 
 GRPO_TINY = ["--eval_size", "8", "--samples", "0", "--quiet", "--batch_size", "4", "--num_generations", "4",
              "--pass_k", "2", "--pass_n", "2", "--warmup", "1"]
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
-    return str(out)
 
 
 def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path, monkeypatch):

@@ -10,12 +10,11 @@ import rollout
 import tasks
 import train_ppo
 import train_rm
-import train_sft
 from conftest import one_line_failure, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import ScalarModel, Transformer
 from test_train_rm import RM_TINY
-from test_train_sft import TINY_FLAGS, TINY_MODEL
+from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 TOK, TASK = tasks.Tokenizer(), tasks.Addition(2)
@@ -146,13 +145,6 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     for saved, net in zip(got, (policy, critic)):
         for n, p in net.state_dict().items():
             torch.testing.assert_close(saved[n], p, atol=1e-6, rtol=0, msg=n)
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
-    return str(out)
 
 
 def ppo(sft_ckpt, folder, *extra):

@@ -8,12 +8,11 @@ import common
 import rollout
 import tasks
 import train_rm
-import train_sft
 from conftest import one_line_failure, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import ScalarModel, last_real
 from test_train_dpo import synthetic_pairs
-from test_train_sft import TINY_FLAGS, TINY_MODEL
+from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 TOK, TASK = tasks.Tokenizer(), tasks.Addition(2)
@@ -93,13 +92,6 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     got = torch.load(tmp_path / "ddp.pt")
     for n, p in single.state_dict().items():
         torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=n)
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train_sft.main(TINY_FLAGS + ["--out_dir", str(out), "--steps", "4", "--eval_every", "100"])
-    return str(out)
 
 
 def test_end_to_end_resume_and_load(sft_ckpt, tmp_path, capsys):
