@@ -16,9 +16,7 @@
 Shape legend: B prompts, G generations per prompt, N = B*G rows, P prompt length (padded),
 L new tokens, V vocabulary.
 """
-import json
 import math
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import common
 import losses
 import tasks
 from model import attention_mask, expand_cache
@@ -435,19 +434,14 @@ def _pair(tok, problem, prompt_ids, chosen_ids, rejected_ids):
 
 def save_pairs(path, pairs, settings):
     """JSONL: a first line {"settings": ...} (what made the pairs), then one pair per line. Atomic."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"settings": settings}) + "\n")
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
-    os.replace(tmp, path)
+    common.write_jsonl(path, [{"settings": settings}] + list(pairs))
 
 
 def load_pairs(path, task=None):
     """(pairs, settings) from a file written by save_pairs; ValueError with one line if it is not
     one, or (given a task) if its pairs are of another task or digit count."""
     try:
-        with open(path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        lines = common.read_jsonl(path)
         settings, pairs = lines[0]["settings"], lines[1:]
         assert all({"prompt_ids", "chosen_ids", "rejected_ids", "split"} <= set(p) for p in pairs)
     except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as e:
