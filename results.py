@@ -4,18 +4,27 @@
     python results.py rft         # RFT against online RFT against GRPO (DeepSeekMath Figure 5)
     python results.py ref_reset   # iterative GRPO against a fixed reference (DeepSeekMath Figure 6)
     python results.py variants    # grpo, dapo, dr_grpo: accuracy and completion length (PITFALLS 2)
+    python results.py process     # process against outcome supervision, multi-step task (DeepSeekMath Figure 5/6)
+    python results.py grpo_vs_ppo # GRPO against PPO: accuracy against samples and time, memory, parameters
+    python results.py online_offline  # offline DPO against iterative DPO against GRPO
+    python results.py balance     # aux-loss-free balancing against a balance loss against none (SFT, MaxVio)
+    python results.py mtp         # MTP on against off: SFT sample efficiency
+    python results.py mla_mha     # MLA against MHA at equal parameters: SFT accuracy, KV-cache bytes per token
     python results.py rft --seeds 0 1 2 --steps 100   # fewer steps for a quick look
 
-Every run is the train scripts' own main() from the shared SFT warm start (out/sft, made first if
-missing, as `python train_grpo.py` makes it), into out/results/<experiment>/<method>/seed<k>; the
-seed changes the RL run's problems and samples, not its init. Each experiment prints its table
-(mean and spread over seeds) and its wall time, and writes results/<experiment>.json and .png
-(the PNG needs matplotlib: pip install -r requirements-plot.txt).
+Every run is a train script's own main(), into out/results/<experiment>/<method>/seed<k>. The RL
+and DPO runs start from the shared SFT warm start (out/sft, made first if missing, as `python
+train_grpo.py` makes it) and their seed changes the problems and samples, not the init; the SFT
+runs (balance, mtp, mla_mha) train from scratch and their seed changes the weights too. Each
+experiment prints its table (mean and spread over seeds) and its wall time, and writes
+results/<experiment>.json and .png (the PNG needs matplotlib: pip install -r requirements-plot.txt).
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,28 +35,104 @@ import rollout
 import tasks
 import train_grpo
 import train_sft
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, param_counts
 
-RFT_FLAGS = ["--data", "rft", "--lr", "3e-4", "--warmup", "10", "--min_lr_ratio", "0.1", "--weight_decay", "0",
-             "--eval_every", "25"]  # GRPO's learning-rate schedule and evaluation schedule
+HERE = os.path.dirname(os.path.abspath(__file__))
+RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10", "--min_lr_ratio", "0.1",
+             "--weight_decay", "0", "--eval_every", "25"]  # GRPO's steps, learning-rate schedule and evaluations
+SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]  # from scratch: ~99% at step 1000
+# a weaker multi-step init than out/sft_multistep's 90%, so that supervision has room to matter
+PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40", "--warmstart_target_acc", "0.4"]
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
     "rft": ("online RFT beats RFT, and GRPO beats both (DeepSeekMath Figure 5)", [
-        ("RFT", train_sft.main, RFT_FLAGS),
-        ("online RFT", train_grpo.main, ["--gradient_coef", "rft", "--beta", "0"]),
-        ("GRPO", train_grpo.main, [])]),
+        ("RFT", "train_sft.py", RFT_FLAGS),
+        ("online RFT", "train_grpo.py", ["--gradient_coef", "rft", "--beta", "0"]),
+        ("GRPO", "train_grpo.py", [])]),
     "ref_reset": ("iterative GRPO (pi_ref <- pi every 50 steps) beats a fixed reference (DeepSeekMath Figure 6)", [
-        ("fixed reference", train_grpo.main, []),
-        ("reference reset every 50 steps", train_grpo.main, ["--ref_reset_every", "50"])]),
+        ("fixed reference", "train_grpo.py", []),
+        ("reference reset every 50 steps", "train_grpo.py", ["--ref_reset_every", "50"])]),
     "variants": ("on the multi-step task (completions of different lengths), GRPO's per-sequence mean lets wrong "
                  "completions grow; DAPO's token mean and Dr. GRPO's constant divisor do not (PITFALLS 2)", [
-        ("grpo", train_grpo.main, ["--task", "multistep"]),
-        ("dapo", train_grpo.main, ["--task", "multistep", "--loss_type", "dapo", "--epsilon_high", "0.28",
+        ("grpo", "train_grpo.py", ["--task", "multistep"]),
+        ("dapo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dapo", "--epsilon_high", "0.28",
                                    "--filter_zero_std"]),
-        ("dr_grpo", train_grpo.main, ["--task", "multistep", "--loss_type", "dr_grpo", "--scale_rewards", "none"])]),
+        ("dr_grpo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dr_grpo", "--scale_rewards", "none"])]),
+    "process": ("process supervision (a reward per step) beats outcome supervision (one per answer) on a "
+                "multi-step task (DeepSeekMath Figure 5/6)", [
+        ("outcome", "train_grpo.py", PROCESS_FLAGS),
+        ("process", "train_grpo.py", PROCESS_FLAGS + ["--supervision", "process"])]),
+    "grpo_vs_ppo": ("GRPO matches PPO's quality without a critic, holding fewer networks (seeds 001, 002; "
+                    "DeepSeekMath 4.1)", [
+        ("GRPO", "train_grpo.py", []),
+        ("PPO", "train_ppo.py", [])]),
+    "online_offline": ("online beats offline preference learning: GRPO > iterative DPO > DPO (DeepSeekMath "
+                       "5.2.1; seed 002)", [
+        ("offline DPO", "train_dpo.py", []),
+        ("iterative DPO, 3 rounds", "train_dpo.py", ["--rounds", "3", "--ref_reset"]),
+        ("GRPO", "train_grpo.py", [])]),
+    "balance": ("auxiliary-loss-free balancing keeps expert loads as balanced as a balance loss does, without "
+                "its gradient, and costs no accuracy (DeepSeek-V3 2.1.2; arXiv 2408.15664)", [
+        ("aux-loss-free (bias gamma 0.001)", "train_sft.py", SFT_FLAGS + ["--balance_loss_alpha", "0"]),
+        ("balance loss (alpha 0.001)", "train_sft.py", SFT_FLAGS + ["--bias_update_speed", "0",
+                                                                    "--balance_loss_alpha", "0.001"]),
+        ("no balancing", "train_sft.py", SFT_FLAGS + ["--bias_update_speed", "0", "--balance_loss_alpha", "0"])]),
+    "mtp": ("multi-token prediction densifies the training signal: MTP on learns from fewer samples than "
+            "off (DeepSeek-V3 2.2)", [
+        ("MTP depth 1 (lambda 0.3)", "train_sft.py", SFT_FLAGS),
+        ("no MTP", "train_sft.py", SFT_FLAGS + ["--mtp_depth", "0"])]),
+    "mla_mha": ("MLA matches MHA's quality at equal parameters with a far smaller KV cache (DeepSeek-V2 "
+                "2.1)", [
+        ("MLA", "train_sft.py", SFT_FLAGS),
+        # head dims chosen so that MHA's main model has MLA's parameters (974k against 966k)
+        ("MHA", "train_sft.py", SFT_FLAGS + ["--attention", "mha", "--qk_nope_head_dim", "8"])]),
 }
-TASK = {"variants": "multistep"}  # the task of an experiment's runs (add otherwise)
+# the SFT init an experiment's runs share, made before them ("add" otherwise); None: the runs need none
+# or make their own
+INIT = {"variants": "multistep", "process": None, "balance": None, "mtp": None, "mla_mha": None}
+
+
+def mean_of(get, fmt):
+    """A table column: the mean over seeds of get(run summary), formatted."""
+    return lambda rs: fmt.format(statistics.mean(get(r) for r in rs))
+
+
+def first_at(key, acc, fmt="{:.0f}"):
+    """A table column: per seed, the first x of the run's (x, accuracy) curve `key` where held-out
+    accuracy reaches acc ("never" if it does not)."""
+    return lambda rs: ", ".join(next((fmt.format(x) for x, a in r[key] if a >= acc), "never") for r in rs)
+
+
+REACH_90 = ("first step at >= 90%, per seed", first_at("curve", 0.9))
+# experiment -> extra table columns: (header, the runs of one method -> text)
+COLUMNS = {
+    "variants": [("final completion length", mean_of(lambda r: r["length"][-1][1], "{:.2f}"))],
+    "grpo_vs_ppo": [("parameters held", mean_of(lambda r: r["params_held"], "{:,.0f}")),
+                    ("peak RSS (MB)", mean_of(lambda r: r["peak_rss_mb"], "{:.0f}")),
+                    ("samples", mean_of(lambda r: r["samples"][-1][0], "{:,.0f}")),
+                    ("training time (s)", mean_of(lambda r: r["seconds"][-1][0], "{:.0f}")),
+                    ("training s to first reach 97%, per seed", first_at("seconds", 0.97))],
+    "balance": [REACH_90,
+                ("MaxVio, mean of the last 100 steps", mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"][-100:]),
+                                                               "{:.3f}")),
+                ("MaxVio, mean over training", mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
+    "mtp": [REACH_90],
+    "mla_mha": [REACH_90, ("main model parameters", mean_of(lambda r: r["params_main"], "{:,.0f}")),
+                ("KV cache bytes per token (float32)", mean_of(lambda r: r["kv_bytes_per_token"], "{:,.0f}"))],
+}
+
+ACCURACY = ("curve", "held-out greedy accuracy", "step", "accuracy (%)", 100)
+# experiment -> plot panels: (summary key, title, x label, y label, y scale), each a curve of (x, y) per run
+PANELS = {
+    "variants": [ACCURACY, ("length", "completion length (T = 1)", "step", "tokens, end token included", 1)],
+    "grpo_vs_ppo": [("samples", "held-out greedy accuracy", "completions sampled", "accuracy (%)", 100),
+                    ("seconds", "held-out greedy accuracy", "training time (s, evaluations excluded; mean x)",
+                     "accuracy (%)", 100)],
+    "online_offline": [("curve", "held-out greedy accuracy", "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
+    "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n(mean over MoE layers; 20-step means)", "step",
+                           "MaxVio = (max load - mean) / mean", 1)],
+}
 
 
 def shared_init(task="add"):
@@ -58,27 +143,56 @@ def shared_init(task="add"):
 
 
 def read_run(out_dir):
-    """A finished run's held-out accuracy curve, last evaluation, and mean completion length curve."""
+    """A finished run's held-out accuracy curve and last evaluation, its mean completion length and
+    MaxVio (mean over MoE layers) per step, and for GRPO and PPO the accuracy against the samples
+    seen and the training seconds (evaluations excluded), the parameters held and the peak RSS."""
     rows = common.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     evals = [r for r in rows if r["kind"] == "eval"]
-    return {"curve": [(r["step"], r["eval_greedy_acc"]) for r in evals],
-            "final": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")},
-            "length": [(r["step"], r["completion_len"]) for r in rows if "completion_len" in r]}
+    train = [r for r in rows if r["kind"] == "train"]
+    out = {"curve": [(r["step"], r["eval_greedy_acc"]) for r in evals],
+           "final": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")},
+           "length": [(r["step"], r["completion_len"]) for r in train if "completion_len" in r],
+           "maxvio": [(r["step"], r["maxvio_mean"]) for r in train if "maxvio_mean" in r]}
+    config_path = os.path.join(out_dir, "config.json")
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    rl = config.get("grpo") or config.get("ppo")
+    if rl and train and all("samples_per_s" in r for r in train):
+        n = rl["batch_size"] * rl.get("num_generations", 1)  # completions per step
+        seconds = dict(zip((r["step"] for r in train), itertools.accumulate(n / r["samples_per_s"] for r in train)))
+        seconds[0] = 0.0
+        out["samples"] = [(step * n, acc) for step, acc in out["curve"]]
+        out["seconds"] = [(seconds[step], acc) for step, acc in out["curve"]]
+        out["params_held"] = sum(v for k, v in train[0].items() if k.startswith("params_"))
+        out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in train if "peak_rss_mb" in r)
+    if "model" in config and "sft" in config:  # the model's size and its KV cache, measured on a fresh cache
+        mcfg = ModelConfig(**config["model"])
+        model = Transformer(mcfg)
+        cache = model.new_cache(1, mcfg.max_seq_len)
+        out["params_main"] = param_counts(model)["main"]
+        out["kv_bytes_per_token"] = sum(t.nbytes for c in cache for t in (c.c_kv, c.k_pe, c.k, c.v)
+                                        if t is not None) / mcfg.max_seq_len
+    return out
 
 
 def run_methods(name, methods, seeds, steps):
-    """Every method at every seed; returns {method: [run summary per seed]} with wall times."""
+    """Every method at every seed, each its own process (its own peak memory), as a user would type it;
+    returns {method: [run summary per seed]} with wall times."""
     out = {}
-    for method, main, flags in methods:
+    for method, script, flags in methods:
         for seed in seeds:
-            folder = os.path.join("out", "results", name, method.replace(" ", "_"), f"seed{seed}")
+            folder = os.path.join("out", "results", name, method.split(" (")[0].replace(" ", "_").replace(",", ""),
+                                  f"seed{seed}")
             argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet"]
-            argv += ["--steps", str(steps)] if steps else ["--steps", "300"]  # RFT too: GRPO's 300 steps
+            argv += ["--steps", str(steps)] if steps and script != "train_dpo.py" else []  # DPO counts epochs
             t = time.perf_counter()
-            main(argv)
+            if subprocess.run([sys.executable, os.path.join(HERE, script), *argv]).returncode:
+                sys.exit(f"results: this run failed: python {script} {' '.join(argv)}")
             out.setdefault(method, []).append({"seed": seed, "wall_s": time.perf_counter() - t, **read_run(folder)})
             print(f"  {method}, seed {seed}: {out[method][-1]['final']['greedy_acc']:.1%} "
-                  f"({out[method][-1]['wall_s']:.0f} s)")
+                  f"({out[method][-1]['wall_s']:.0f} s)", flush=True)
     return out
 
 
@@ -89,20 +203,22 @@ def spread(values):
 def compare(name, args):
     claim, methods = EXPERIMENTS[name]
     print(f"{name}: {claim}")
-    runs = run_methods(name, methods, args.seeds, args.steps)
-    print(f"\n| method | held-out greedy accuracy (mean +- std over {len(args.seeds)} seeds) | per seed | "
-          "final completion length | wall time per run |\n|---|---|---|---|---|")
-    for method, rs in runs.items():
+    result = {"claim": claim, "seeds": args.seeds, "runs": run_methods(name, methods, args.seeds, args.steps)}
+    return result
+
+
+def table(name, result):
+    """The experiment's markdown table: held-out accuracy (mean +- std over seeds, and per seed), its
+    own columns, and the wall time of a run."""
+    columns = COLUMNS.get(name, [])
+    print(f"\n| method | held-out greedy accuracy (mean +- std over {len(result['seeds'])} seeds) | per seed | "
+          + "".join(f"{header} | " for header, _ in columns) + "wall time per run |\n|---|---|---|"
+          + "---|" * (len(columns) + 1))
+    for method, rs in result["runs"].items():
         m, s = spread([r["final"]["greedy_acc"] for r in rs])
-        length = [r["length"][-1][1] for r in rs if r["length"]]
         each = ", ".join(f"{r['final']['greedy_acc']:.1%}" for r in rs)
-        print(f"| {method} | {m:.1%} +- {s:.1%} | {each} | "
-              f"{statistics.mean(length) if length else float('nan'):.2f} | "
-              f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
-    panels = [("curve", "held-out greedy accuracy", "accuracy (%)", 100)]
-    if name == "variants":
-        panels.append(("length", "completion length (T = 1)", "tokens, end token included", 1))
-    return {"claim": claim, "seeds": args.seeds, "runs": runs}, panels
+        extra = "".join(f"{column(rs)} | " for _, column in columns)
+        print(f"| {method} | {m:.1%} +- {s:.1%} | {each} | {extra}{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
 
 
 def passk(args):
@@ -111,7 +227,6 @@ def passk(args):
     claim = "RL raises maj@k more than pass@k: it sharpens the distribution more than it adds ability (DeepSeekMath Figure 7)"
     print(f"passk: {claim}")
     folder = os.path.join("out", "results", "passk", "grpo")
-    t = time.perf_counter()
     train_grpo.main(["--out_dir", folder, "--quiet"] + (["--steps", str(args.steps)] if args.steps else []))
     tok, task = tasks.Tokenizer(), tasks.get_task("add", 0)
     problems, ks, out = task.eval_set(256), list(range(1, 17)), {}
@@ -122,13 +237,21 @@ def passk(args):
         per_seed = [rollout.evaluate(m.eval(), tok, task, problems, k=ks, n_samples=16,
                                      generator=torch.Generator().manual_seed(seed)) for seed in args.seeds]
         out[label] = {f"{kind}@{k}": spread([r[f"{kind}@{k}"] for r in per_seed]) for kind in ("pass", "maj") for k in ks}
+    return {"claim": claim, "seeds": args.seeds, "ks": ks, "results": out}
+
+
+def passk_table(result):
     print("\n| k | pass@k: SFT -> GRPO | maj@k: SFT -> GRPO |\n|---|---|---|")
+    a, b = result["results"]["SFT init"], result["results"]["after GRPO"]
     for k in (1, 2, 4, 8, 16):
-        a, b = out["SFT init"], out["after GRPO"]
         print(f"| {k} | {a[f'pass@{k}'][0]:.1%} -> {b[f'pass@{k}'][0]:.1%} (+{b[f'pass@{k}'][0] - a[f'pass@{k}'][0]:.1%}) | "
               f"{a[f'maj@{k}'][0]:.1%} -> {b[f'maj@{k}'][0]:.1%} (+{b[f'maj@{k}'][0] - a[f'maj@{k}'][0]:.1%}) |")
-    print(f"wall time {time.perf_counter() - t:.0f} s")
-    return {"claim": claim, "seeds": args.seeds, "ks": ks, "results": out}
+
+
+def smooth(curve, window):
+    """(x, y) points -> the means of each `window` consecutive points."""
+    return [(statistics.mean(x for x, _ in curve[i:i + window]), statistics.mean(y for _, y in curve[i:i + window]))
+            for i in range(0, len(curve), window)]
 
 
 def plot(name, result, panels):
@@ -148,13 +271,16 @@ def plot(name, result, panels):
                 ax.plot(result["ks"], ys, style, color=f"C{i}", marker="o", markersize=3, label=f"{kind}@k, {label}")
         ax.set(title=f"pass@k and maj@k, 256 held-out problems\n(T = 1, mean of {len(result['seeds'])} sampling seeds)",
                xlabel="k (samples)", ylabel="accuracy (%)", xscale="log", xticks=[1, 2, 4, 8, 16], xticklabels=["1", "2", "4", "8", "16"])
-    for ax, (key, title, ylabel, scale) in zip(axes[0], panels):
+    for ax, (key, title, xlabel, ylabel, scale) in zip(axes[0], panels):
         for i, (method, rs) in enumerate(result["runs"].items()):
-            steps = [s for s, _ in rs[0][key]]
-            per_step = [[scale * r[key][j][1] for r in rs] for j in range(len(steps))]
-            ax.plot(steps, [statistics.mean(v) for v in per_step], color=f"C{i}", label=f"{method} (mean)")
-            ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=f"C{i}", alpha=0.2)
-        ax.set(title=f"{title}, {len(result['seeds'])} seeds (band: min-max)", xlabel="step", ylabel=ylabel)
+            curves = [smooth(r[key], 20) if key == "maxvio" else r[key] for r in rs]
+            n = min(len(c) for c in curves)  # the same evaluation steps in every seed's run
+            xs = [statistics.mean(c[j][0] for c in curves) for j in range(n)]
+            ys = [[scale * c[j][1] for c in curves] for j in range(n)]
+            ax.plot(xs, [statistics.mean(v) for v in ys], color=f"C{i}", label=f"{method} (mean)")
+            ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=f"C{i}", alpha=0.2)
+        ax.set(title=f"{title}, {len(result['seeds'])} seeds (band: min-max)", xlabel=xlabel, ylabel=ylabel)
+        ax.title.set_fontsize(10)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -166,21 +292,33 @@ def plot(name, result, panels):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=["passk", *EXPERIMENTS])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the RL runs (default: 0 1 2)")
-    p.add_argument("--steps", type=int, default=0, help="steps of every run (default: each script's own, 300)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the runs (default: 0 1 2)")
+    p.add_argument("--steps", type=int, default=0, help="steps of every run (default: the experiment's own)")
+    p.add_argument("--table", action="store_true", help="run nothing: print the table and redraw the PNG from "
+                                                        "results/<experiment>.json")
     args = p.parse_args(argv)
     if args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
-    common.setup_torch(0, torch.device("cpu"))
-    shared_init(TASK.get(args.experiment, "add"))
-    t = time.perf_counter()
-    result, panels = (passk(args), []) if args.experiment == "passk" else compare(args.experiment, args)
-    result["wall_s"] = time.perf_counter() - t
-    os.makedirs("results", exist_ok=True)
-    with open(os.path.join("results", f"{args.experiment}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"{args.experiment}: {result['wall_s'] / 60:.1f} min in all; wrote results/{args.experiment}.json")
-    plot(args.experiment, result, panels)
+    path = os.path.join("results", f"{args.experiment}.json")
+    if args.table:
+        if not os.path.exists(path):
+            sys.exit(f"results: no {path}: run `python results.py {args.experiment}` first")
+        with open(path) as f:
+            result = json.load(f)
+    else:
+        common.setup_torch(0, torch.device("cpu"))
+        if INIT.get(args.experiment, "add"):
+            shared_init(INIT.get(args.experiment, "add"))
+        t = time.perf_counter()
+        result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
+        result["wall_s"] = time.perf_counter() - t
+        os.makedirs("results", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    print(result["claim"])
+    passk_table(result) if args.experiment == "passk" else table(args.experiment, result)
+    print(f"{args.experiment}: {result['wall_s'] / 60:.1f} min in all; results in {path}")
+    plot(args.experiment, result, [] if args.experiment == "passk" else PANELS.get(args.experiment, [ACCURACY]))
 
 
 if __name__ == "__main__":

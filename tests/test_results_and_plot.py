@@ -58,3 +58,58 @@ def test_results_rejects_an_unknown_experiment(capsys):
     with pytest.raises(SystemExit) as e:
         results.main(["everything"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_results_reads_samples_seconds_memory_and_maxvio_of_an_rl_run(tmp_path):
+    """Samples seen = step x prompts x G, training seconds = the sum of each step's completions over
+    its samples/s, parameters held = the sum of the params_ fields of step 1: checked against the
+    numbers written, not against results' own arithmetic."""
+    import results
+    write_metrics(tmp_path / "run", [
+        {"step": 0, "kind": "eval", "eval_greedy_acc": 0.5},
+        {"step": 1, "kind": "train", "params_policy": 10, "params_reference": 10, "peak_rss_mb": 100.0,
+         "samples_per_s": 8.0, "maxvio_mean": 2.0},
+        {"step": 2, "kind": "train", "peak_rss_mb": 120.0, "samples_per_s": 16.0, "maxvio_mean": 1.0},
+        {"step": 2, "kind": "eval", "eval_greedy_acc": 0.75}])
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"grpo": {"batch_size": 2, "num_generations": 4}}))
+    got = results.read_run(tmp_path / "run")
+    assert got["samples"] == [(0, 0.5), (16, 0.75)]  # 8 completions a step
+    assert got["seconds"] == [(0.0, 0.5), (8 / 8.0 + 8 / 16.0, 0.75)]
+    assert got["params_held"] == 20 and got["peak_rss_mb"] == 120.0
+    assert got["maxvio"] == [(1, 2.0), (2, 1.0)]
+    assert results.smooth([(1, 2.0), (2, 1.0), (3, 4.0)], 2) == [(1.5, 1.5), (3, 4.0)]
+
+
+def test_results_measures_the_kv_cache_of_an_sft_run(tmp_path, tiny):
+    """KV-cache bytes per token, measured on a fresh cache, against the elements the paper's formula
+    gives: MLA caches kv_lora_rank + qk_rope_head_dim per token and layer, MHA every head's K and V."""
+    import dataclasses
+    import results
+    for attention, per_layer in (("mla", 16 + 4), ("mha", 2 * (8 + 4 + 8))):
+        cfg = tiny(attention=attention)
+        folder = tmp_path / attention
+        write_metrics(folder, [{"step": 0, "kind": "eval", "eval_greedy_acc": 0.0}])
+        (folder / "config.json").write_text(json.dumps({"sft": {}, "model": dataclasses.asdict(cfg)}))
+        got = results.read_run(folder)
+        assert got["kv_bytes_per_token"] == per_layer * cfg.n_layers * 4  # float32
+        assert got["params_main"] > 0
+
+
+def test_results_table_reprints_a_saved_experiment(tmp_path, monkeypatch, capsys):
+    """--table runs nothing: the table comes from results/<experiment>.json, with each seed's first
+    step at 90% ("never" for a run that did not get there)."""
+    import results
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    run = lambda seed, curve: {"seed": seed, "wall_s": 10.0, "curve": curve, "final": {"greedy_acc": curve[-1][1]}}  # noqa: E731
+    saved = {"claim": "MTP helps", "seeds": [0, 1], "wall_s": 60.0,
+             "runs": {"on": [run(0, [(0, 0.0), (50, 0.95)]), run(1, [(0, 0.0), (50, 0.5), (100, 0.91)])],
+                      "off": [run(0, [(0, 0.0), (100, 0.25)]), run(1, [(0, 0.0), (100, 0.75)])]}}
+    (tmp_path / "results" / "mtp.json").write_text(json.dumps(saved))
+    results.main(["mtp", "--table"])
+    out = capsys.readouterr().out
+    assert "| on | 93.0% +- 2.8% | 95.0%, 91.0% | 50, 100 | 10 s |" in out
+    assert "| off | 50.0% +- 35.4% | 25.0%, 75.0% | never, never | 10 s |" in out
+    with pytest.raises(SystemExit) as e:
+        results.main(["balance", "--table"])
+    assert "no results/balance.json" in str(e.value.code)
