@@ -97,16 +97,18 @@ def make_run_data(cfg, sft, tok, task, eval_problems, device):
     """Rank 0 writes the run's pairs (training pairs from new prompts, held-out pairs from held-out
     prompts; or those of --pairs_file) and the AUC samples (completions of the SFT init on held-out
     prompts, with their rewards) into the run folder."""
-    rng = random.Random(common.stream_seed(cfg.seed, "rm", 0, "pairs"))
-    gen = torch.Generator(device=device).manual_seed(common.stream_seed(cfg.seed, "rm", 0, "sampling"))
+    def generator(part):
+        return torch.Generator(device=device).manual_seed(common.stream_seed(cfg.seed, "rm", 0, part))
 
-    def make(problems, split):
+    def make(problems, split):  # each split its own streams: the held-out pairs do not depend on --num_prompts
+        rng = random.Random(common.stream_seed(cfg.seed, "rm", 0, f"{split} pairs"))
         return [{**p, "split": split} for p in rollout.make_pairs(sft, tok, task, problems, cfg.pairs_source,
                                                                    cfg.num_generations, cfg.temperature,
-                                                                   cfg.max_new_tokens, gen, rng)]
+                                                                   cfg.max_new_tokens, generator(f"{split} sampling"), rng)]
     if cfg.pairs_file:
         pairs, settings = rollout.load_pairs(cfg.pairs_file, task)
     else:
+        rng = random.Random(common.stream_seed(cfg.seed, "rm", 0, "prompts"))
         pairs = make([task.sample(rng) for _ in range(cfg.num_prompts)], "train")
         settings = {"task": cfg.task, "n_digits": cfg.n_digits, "source": cfg.pairs_source, "made_by": "the SFT init",
                     "num_generations": cfg.num_generations, "temperature": cfg.temperature, "seed": cfg.seed}
@@ -115,7 +117,8 @@ def make_run_data(cfg, sft, tok, task, eval_problems, device):
     rollout.save_pairs(os.path.join(cfg.out_dir, "pairs.jsonl"), pairs, settings)
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in eval_problems]
     r = rollout.generate(sft, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=cfg.auc_samples,
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                         generator=generator("auc sampling"))
     texts, lengths = rollout.decode_completions(tok, r), r.completion_mask.sum(1).long().tolist()
     with open(os.path.join(cfg.out_dir, "heldout_samples.jsonl"), "w") as f:
         for i, text in enumerate(texts):

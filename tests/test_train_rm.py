@@ -119,3 +119,22 @@ def test_end_to_end_resume_and_load(sft_ckpt, tmp_path, capsys):
 def test_bad_settings_are_one_line_errors(sft_ckpt, tmp_path, argv, flag, capsys):
     assert flag in one_line_failure(train_rm.main, RM_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path)] + argv, capsys)
     assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_held_out_pairs_do_not_depend_on_the_number_of_training_prompts(tmp_path):
+    """Held-out pairs and AUC samples come from their own streams: runs with more or fewer training
+    prompts are measured on the same held-out set (they were drawn after the training pairs, from
+    the same generator, so every --num_prompts changed them)."""
+    from model import Transformer
+    torch.manual_seed(0)
+    sft = Transformer(tiny_config()).eval()
+    held = {}
+    for n in (4, 12):
+        cfg = train_rm.RMConfig(n_digits=2, num_prompts=n, num_generations=4, auc_samples=2, out_dir=str(tmp_path / str(n)))
+        os.makedirs(cfg.out_dir)
+        train_rm.make_run_data(cfg, sft, TOK, TASK, TASK.eval_set(8), CPU)
+        pairs = rollout.load_pairs(os.path.join(cfg.out_dir, "pairs.jsonl"))[0]
+        assert sum(p["split"] == "train" for p in pairs) > 0
+        held[n] = ([p for p in pairs if p["split"] == "heldout"],
+                   open(os.path.join(cfg.out_dir, "heldout_samples.jsonl")).read())
+    assert held[4][0] and held[4] == held[12]
