@@ -277,9 +277,10 @@ def plot(name, result, panels):
             n = min(len(c) for c in curves)  # the same evaluation steps in every seed's run
             xs = [statistics.mean(c[j][0] for c in curves) for j in range(n)]
             ys = [[scale * c[j][1] for c in curves] for j in range(n)]
-            ax.plot(xs, [statistics.mean(v) for v in ys], color=f"C{i}", label=f"{method} (mean)")
-            ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=f"C{i}", alpha=0.2)
-        ax.set(title=f"{title}, {len(result['seeds'])} seeds (band: min-max)", xlabel=xlabel, ylabel=ylabel)
+            ax.plot(xs, [statistics.mean(v) for v in ys], color=f"C{i}", linewidth=2, label=f"{method} (mean)")
+            for c in curves:  # each seed thin: a mean of runs that did and did not learn is no run at all
+                ax.plot([x for x, _ in c[:n]], [scale * y for _, y in c[:n]], color=f"C{i}", linewidth=0.8, alpha=0.4)
+        ax.set(title=f"{title}, {len(result['seeds'])} seeds (thin: each seed)", xlabel=xlabel, ylabel=ylabel)
         ax.title.set_fontsize(10)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
