@@ -12,7 +12,7 @@
     python results.py mla_mha     # MLA against MHA at equal parameters: SFT accuracy, KV-cache bytes per token
     python results.py rft --seeds 0 1 2 --steps 100   # fewer steps for a quick look
 
-Every run is a train script's own main(), into out/results/<experiment>/<method>/seed<k>. The RL
+Every run is a train script's own command, into out/results/<experiment>/<method>/seed<k>. The RL
 and DPO runs start from the shared SFT warm start (out/sft, made first if missing, as `python
 train_grpo.py` makes it) and their seed changes the problems and samples, not the init; the SFT
 runs (balance, mtp, mla_mha) train from scratch and their seed changes the weights too. Each
@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,8 @@ RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10"
              "--weight_decay", "0", "--eval_every", "25"]  # GRPO's steps, learning-rate schedule and evaluations
 SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]  # from scratch: ~99% at step 1000
 # a weaker multi-step init than out/sft_multistep's 90%, so that supervision has room to matter
-PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40", "--warmstart_target_acc", "0.4"]
+PROCESS_INIT = {"task": "multistep", "init": "out/sft_multistep_40", "warmstart_target_acc": 0.4}
+PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40"]
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
@@ -88,9 +90,9 @@ EXPERIMENTS = {
         # head dims chosen so that MHA's main model has MLA's parameters (974k against 966k)
         ("MHA", "train_sft.py", SFT_FLAGS + ["--attention", "mha", "--qk_nope_head_dim", "8"])]),
 }
-# the SFT init an experiment's runs share, made before them ("add" otherwise); None: the runs need none
-# or make their own
-INIT = {"variants": "multistep", "process": None, "balance": None, "mtp": None, "mla_mha": None}
+# the SFT warm start an experiment's runs share, made before them (the settings of the RL configs
+# that name it; out/sft otherwise); None: the runs train from scratch
+INIT = {"variants": {"task": "multistep"}, "process": PROCESS_INIT, "balance": None, "mtp": None, "mla_mha": None}
 
 
 def mean_of(get, fmt):
@@ -135,9 +137,10 @@ PANELS = {
 }
 
 
-def shared_init(task="add"):
-    """out/sft (out/sft_<task>), the SFT warm start every RL script starts from; made here if missing."""
-    cfg = train_grpo.GRPOConfig(task=task, quiet=True)
+def shared_init(**settings):
+    """The SFT warm start of the RL configs with these settings (out/sft by default); made here if
+    missing, so that no run's time includes it."""
+    cfg = train_grpo.GRPOConfig(quiet=True, **settings)
     train_sft.load_or_make_init(cfg, tasks.Tokenizer(), set(), ModelConfig(), torch.device("cpu"))
     return train_sft.init_path(cfg)
 
@@ -183,10 +186,12 @@ def run_methods(name, methods, seeds, steps):
     out = {}
     for method, script, flags in methods:
         for seed in seeds:
-            folder = os.path.join("out", "results", name, method.split(" (")[0].replace(" ", "_").replace(",", ""),
-                                  f"seed{seed}")
+            slug = re.sub(r"[^A-Za-z0-9-]+", "_", method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
+            folder = os.path.join("out", "results", name, slug, f"seed{seed}")
             argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet"]
-            argv += ["--steps", str(steps)] if steps and script != "train_dpo.py" else []  # DPO counts epochs
+            if steps and script == "train_dpo.py":
+                print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
+            argv += ["--steps", str(steps)] if steps and script != "train_dpo.py" else []
             t = time.perf_counter()
             if subprocess.run([sys.executable, os.path.join(HERE, script), *argv]).returncode:
                 sys.exit(f"results: this run failed: python {script} {' '.join(argv)}")
@@ -308,8 +313,8 @@ def main(argv=None):
             result = json.load(f)
     else:
         common.setup_torch(0, torch.device("cpu"))
-        if INIT.get(args.experiment, "add"):
-            shared_init(INIT.get(args.experiment, "add"))
+        if INIT.get(args.experiment, {}) is not None:
+            shared_init(**INIT.get(args.experiment, {}))
         t = time.perf_counter()
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t

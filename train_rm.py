@@ -108,8 +108,8 @@ def make_run_data(cfg, sft, tok, task, eval_problems, device):
     if cfg.pairs_file:
         pairs, settings = rollout.load_pairs(cfg.pairs_file, task)
     else:
-        rng = random.Random(common.stream_seed(cfg.seed, "rm", 0, "prompts"))
-        pairs = make([task.sample(rng) for _ in range(cfg.num_prompts)], "train")
+        prompts_rng = random.Random(common.stream_seed(cfg.seed, "rm", 0, "prompts"))
+        pairs = make([task.sample(prompts_rng) for _ in range(cfg.num_prompts)], "train")
         settings = {"task": cfg.task, "n_digits": cfg.n_digits, "source": cfg.pairs_source, "made_by": "the SFT init",
                     "num_generations": cfg.num_generations, "temperature": cfg.temperature, "seed": cfg.seed}
     if not any(p["split"] == "heldout" for p in pairs):
