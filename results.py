@@ -262,6 +262,7 @@ def smooth(curve, window):
 def plot(name, result, panels):
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -286,6 +287,7 @@ def plot(name, result, panels):
             for c in curves:  # each seed thin: a mean of runs that did and did not learn is no run at all
                 ax.plot([x for x, _ in c[:n]], [scale * y for _, y in c[:n]], color=f"C{i}", linewidth=0.8, alpha=0.4)
         ax.set(title=f"{title}, {len(result['seeds'])} seeds (thin: each seed)", xlabel=xlabel, ylabel=ylabel)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))  # 150k, not 150000
         ax.title.set_fontsize(10)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
