@@ -44,7 +44,7 @@ RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10"
 SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]  # from scratch: ~99% at step 1000
 # a weaker multi-step init than out/sft_multistep's 90%, so that supervision has room to matter
 PROCESS_INIT = {"task": "multistep", "init": "out/sft_multistep_40", "warmstart_target_acc": 0.4}
-PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40"]
+PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40", "--warmstart_target_acc", "0.4"]
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
@@ -208,8 +208,7 @@ def spread(values):
 def compare(name, args):
     claim, methods = EXPERIMENTS[name]
     print(f"{name}: {claim}")
-    result = {"claim": claim, "seeds": args.seeds, "runs": run_methods(name, methods, args.seeds, args.steps)}
-    return result
+    return {"claim": claim, "seeds": args.seeds, "runs": run_methods(name, methods, args.seeds, args.steps)}
 
 
 def table(name, result):
