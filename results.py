@@ -44,7 +44,7 @@ RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10"
 SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]  # from scratch: ~99% at step 1000
 # a weaker multi-step init than out/sft_multistep's 90%, so that supervision has room to matter
 PROCESS_INIT = {"task": "multistep", "init": "out/sft_multistep_40", "warmstart_target_acc": 0.4}
-PROCESS_FLAGS = ["--task", "multistep", "--steps", "150", "--init", "out/sft_multistep_40", "--warmstart_target_acc", "0.4"]
+PROCESS_FLAGS = [f"--{k}={v}" for k, v in PROCESS_INIT.items()] + ["--steps", "150"]  # a hand-typed run makes the same init
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
@@ -191,7 +191,8 @@ def run_methods(name, methods, seeds, steps):
             argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet"]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
-            argv += ["--steps", str(steps)] if steps and script != "train_dpo.py" else []
+            elif steps:
+                argv += ["--steps", str(steps)]
             t = time.perf_counter()
             if subprocess.run([sys.executable, os.path.join(HERE, script), *argv]).returncode:
                 sys.exit(f"results: this run failed: python {script} {' '.join(argv)}")
@@ -314,8 +315,9 @@ def main(argv=None):
             result = json.load(f)
     else:
         common.setup_torch(0, torch.device("cpu"))
-        if INIT.get(args.experiment, {}) is not None:
-            shared_init(**INIT.get(args.experiment, {}))
+        init = INIT.get(args.experiment, {})
+        if init is not None:
+            shared_init(**init)
         t = time.perf_counter()
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t
