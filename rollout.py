@@ -70,10 +70,11 @@ def shared_prefix_batch(r, rows, device):
     """The forward arguments that score rollout r's `rows` with each prompt run once
     (Transformer.forward_shared_prefix): (prompts (U, P), their masks, continuations=(group (n,),
     completions (n, L), completion masks (n, L)))."""
-    rows = torch.as_tensor(rows)
+    rows = torch.as_tensor(rows, device=r.completion_ids.device)  # index on the rollout's device (CUDA too)
     group = rows if r.group is None else r.group[rows]
     uniq, inv = torch.unique(group, return_inverse=True)  # (U,), (n,): the prompts among these rows
-    first = torch.full((len(uniq),), len(rows)).scatter_reduce(0, inv, torch.arange(len(rows)), "amin")  # (U,) a row of each
+    first = torch.full((len(uniq),), len(rows), device=rows.device).scatter_reduce(
+        0, inv, torch.arange(len(rows), device=rows.device), "amin")  # (U,) a row of each
     conts = (inv.to(device), r.completion_ids[rows].to(device), r.completion_mask[rows].bool().to(device))
     return r.prompt_ids[rows[first]].to(device), r.prompt_mask[rows[first]].to(device), conts
 

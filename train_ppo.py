@@ -163,7 +163,7 @@ def update(policy_model, policy, critic_model, critic, opts, exp, cfg, generator
                            "ratio", "grad_norm", "critic_grad_norm"), 0.0)
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(N, generator=generator)
+        order = torch.randperm(N, generator=generator, device=generator.device)  # the generator's device (CUDA too)
         for minibatch in order.chunk(cfg.num_minibatches):
             n_tok = common.all_reduce_sum({"n": exp.mask[minibatch].sum().item()}, device)["n"]
             micro = minibatch.chunk(cfg.grad_accum)

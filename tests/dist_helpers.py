@@ -14,8 +14,9 @@ def free_port():
 
 
 def _entry(rank, world, port, done_dir, fn, args):
+    # CUDA_VISIBLE_DEVICES="": CPU ranks on a GPU machine too (the scripts would pick CUDA and nccl)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     import torch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

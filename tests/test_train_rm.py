@@ -107,7 +107,7 @@ def test_end_to_end_resume_and_load(sft_ckpt, tmp_path, capsys):
     rm = train_rm.load_reward_model(str(tmp_path / "a"), TOK, TASK, CPU)
     p = rollout.load_pairs(str(tmp_path / "a" / "pairs.jsonl"))[0][0]
     torch.testing.assert_close(rm.score([p["prompt_ids"]], [p["chosen_ids"]], TOK.pad_id),
-                               full.eval().score([p["prompt_ids"]], [p["chosen_ids"]], TOK.pad_id))
+                               full.eval().cpu().score([p["prompt_ids"]], [p["chosen_ids"]], TOK.pad_id))  # CUDA runs too
     with pytest.raises(common.CheckpointError, match="not add with 3"):
         train_rm.load_reward_model(str(tmp_path / "a"), TOK, tasks.Addition(3), CPU)
     with pytest.raises(common.CheckpointError, match="is a sft checkpoint"):
