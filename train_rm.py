@@ -40,12 +40,12 @@ class RMConfig:
     warmstart_target_acc: float = 0.8  # the warm start stops once held-out accuracy reaches this
     pairs_source: str = "policy"  # policy (samples of the SFT init) or synthetic (near misses of the reference)
     pairs_file: str = ""  # train on these pairs (a pairs file of DPO or of another reward model run)
-    num_prompts: int = 16384  # training prompts (policy pairs: only those with a wrong sample give a pair)
+    num_prompts: int = 65536  # training prompts (policy pairs: only those with a wrong sample give a pair)
     num_generations: int = 8  # samples per prompt for policy pairs
     temperature: float = 1.0  # sampling temperature of policy pairs and of the AUC samples
     max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     margin: float = 0.0  # Bradley-Terry margin
-    epochs: int = 4  # passes over the pairs
+    epochs: int = 6  # passes over the pairs (it learns slowly: 90% held-out pair accuracy came after 2,000-2,500 steps on 2 of 3 seeds)
     batch_size: int = 64  # pairs per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     lr: float = 1e-3  # peak learning rate
