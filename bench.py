@@ -2,16 +2,19 @@
 
     python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes, absorbed vs naive
     python bench.py train      # training tokens/s, MLA+MoE vs MHA+dense at equal active parameters
-    python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config and the default model
+    python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config, the default model,
+                               # the contract's op floor, and the step's matmul FLOPs at this machine's peak
     python bench.py spec --ckpt out/sft_multistep   # MTP speculative decoding: acceptance, tokens/s
 """
 import argparse
+import contextlib
 import time
 
 import torch
 
 import common
 import model
+import moe
 import rollout
 
 torch.set_flush_denormal(True)
@@ -77,11 +80,14 @@ def bench_rollout(args):
 
 def bench_train(args):
     """Training tokens/s of the default MLA+MoE model against an MHA+dense model with the same
-    active parameters per token (its dense FFN width solved for), on the SFT batch."""
+    active parameters per token (its dense FFN width solved for), on the SFT batch. The two models
+    take their steps alternately, so that the machine's drift during the run hits both alike. Then
+    the FFN alone: one MoE layer against the dense FFN, forward + backward over one batch's tokens."""
     import random
 
     import tasks
     import train_sft
+    cpu = torch.device("cpu")
     base = model.ModelConfig()
     target = model.param_counts(model.Transformer(base))["active_per_token"]
 
@@ -90,49 +96,80 @@ def bench_train(args):
 
     inter = min(range(16, 4096, 8), key=lambda w: abs(model.param_counts(model.Transformer(mha_dense(w)))["active_per_token"] - target))
     tok, task = tasks.Tokenizer(), tasks.Addition(3)
-    rows = []
-    for name, cfg in (("MLA + MoE (default)", base), (f"MHA + dense (inter_dim {inter})", mha_dense(inter))):
+    rng = random.Random(0)
+    batches = [train_sft.make_batch(task, tok, rng, args.train_batch, cpu) for _ in range(args.train_steps + 3)]
+    n_tok = sum(b[0].numel() for b in batches[3:])
+    names = ("MLA + MoE (default)", f"MHA + dense (inter_dim {inter})")
+    runs = []
+    for cfg in (base, mha_dense(inter)):
         torch.manual_seed(0)
         m = model.Transformer(cfg)
-        opt = common.adamw(m.parameters(), 1e-3)
-        rng = random.Random(0)
-        batches = [train_sft.make_batch(task, tok, rng, args.train_batch, torch.device("cpu")) for _ in range(args.train_steps + 3)]
-        for b in batches[:3]:  # warm-up
-            train_sft.train_step(m, m, opt, [b], torch.device("cpu"), 1.0)
-        t = time.perf_counter()
-        for b in batches[3:]:
-            train_sft.train_step(m, m, opt, [b], torch.device("cpu"), 1.0)
-        dt = time.perf_counter() - t
-        n_tok = sum(b[0].numel() for b in batches[3:])
-        c = model.param_counts(m)
-        rows.append((name, c["active_per_token"], c["total"], n_tok / dt, 1e3 * dt / args.train_steps))
+        runs.append((m, common.adamw(m.parameters(), 1e-3)))
+    seconds = [0.0, 0.0]
+    for i, b in enumerate(batches):
+        for j, (m, opt) in enumerate(runs):
+            t = time.perf_counter()
+            train_sft.train_step(m, m, opt, [b], cpu, 1.0)
+            seconds[j] += (time.perf_counter() - t) if i >= 3 else 0.0  # 3 warm-up steps
     print(f"SFT training step, batch {args.train_batch}, {torch.get_num_threads()} threads (MTP on in both):")
-    for name, active, total, tps, ms in rows:
-        print(f"  {name}: active/token {active:,}, total {total:,}: {tps:,.0f} tokens/s ({ms:.1f} ms/step)")
-    print(f"  MLA+MoE / MHA+dense throughput: {rows[0][3] / rows[1][3]:.2f}")
+    for name, (m, _), dt in zip(names, runs, seconds):
+        c = model.param_counts(m)
+        print(f"  {name}: active/token {c['active_per_token']:,}, total {c['total']:,}: {n_tok / dt:,.0f} tokens/s "
+              f"({1e3 * dt / args.train_steps:.1f} ms/step)")
+    print(f"  MLA+MoE / MHA+dense throughput: {seconds[1] / seconds[0]:.2f}")
+    # the FFN alone: one MoE layer against the dense FFN of the same active width, forward + backward
+    torch.manual_seed(0)
+    x = torch.randn(n_tok // args.train_steps, base.dim, requires_grad=True)  # one batch's tokens
+    layer, dense = moe.MoE(base), moe.MLP(base.dim, inter)
+
+    def moe_step():
+        y, balance = layer(x[None])
+        (y.sum() + balance).backward()
+
+    ffn = {"MoE layer": moe_step, "dense FFN": lambda: dense(x).sum().backward()}
+    ms = {k: 1e3 * timed(f, 20) for k, f in ffn.items()}
+    print(f"  one FFN, forward + backward over {len(x):,} tokens: MoE layer {ms['MoE layer']:.1f} ms, dense FFN "
+          f"(inter_dim {inter}) {ms['dense FFN']:.1f} ms: dense / MoE {ms['dense FFN'] / ms['MoE layer']:.2f}")
 
 
 CONTRACT = dict(attention="mha", n_layers=4, n_dense_layers=4, dim=128, n_heads=4, inter_dim=512, mtp_depth=0,
                 qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)  # the dense MHA model of issue 11, ~1.05M params
+# The contract with its residual stream and FFN 8 wide (heads unchanged, so attention runs the same kernels on
+# the same shapes): its step runs every operation of the contract's, with almost no matrix-product FLOPs. Its
+# time is what the step costs besides those FLOPs: Python, op dispatch, attention, elementwise work.
+FLOOR = dict(CONTRACT, dim=8, inter_dim=8)
+
+
+def matmul_peak(repeats=200):
+    """FLOP/s of this machine's best (1024, 128) @ (128, 512) matrix product, the shape of the model's FFN."""
+    a, b = torch.randn(1024, 128), torch.randn(128, 512)
+    return 2 * 1024 * 128 * 512 / timed(lambda: a @ b, repeats)
 
 
 def bench_grpo(args):
     """GRPO steps timed phase by phase, with the very functions train_grpo.main calls: sampling
     (make_rollouts), the reference and pi_old forwards (score_old_and_ref), the update (forward,
     backward, AdamW), on the contract config (dense MHA, 3-digit addition, 16 prompts x 8, at most 6
-    new tokens, T = 1, beta 0.04, lr 5e-5, one update per rollout, float32) and on the default
-    MLA + MoE model, each from a short SFT warm start. Prints the median seconds per step (evaluation
-    excluded) and the peak RSS."""
+    new tokens, T = 1, beta 0.04, lr 5e-5, one update per rollout, float32), on the default
+    MLA + MoE model and on the contract at width 8 (FLOOR), each from a short SFT warm start. Prints
+    the median seconds per step (evaluation excluded), the completions' median length, the peak RSS,
+    and the step's matrix-product FLOPs (counted by torch's FlopCounterMode) against this machine's
+    matmul peak: the step's time is roughly at least the FLOPs at that peak plus the op floor."""
     import copy
     import random
     import resource
     import statistics
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     import tasks
     import train_grpo
     import train_sft
     cpu, tok, task = torch.device("cpu"), tasks.Tokenizer(), tasks.Addition(3)
-    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {})):
+    peak = matmul_peak()
+    print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s ((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
+    contract_length = 6
+    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {}), ("op floor: the contract at width 8", FLOOR)):
         torch.manual_seed(0)
         cfg = model.ModelConfig(**kw)
         policy = model.Transformer(cfg)
@@ -140,31 +177,41 @@ def bench_grpo(args):
         rng = random.Random(0)
         for _ in range(args.warm_steps):  # a short SFT warm start: sensible completions to time
             train_sft.train_step(policy, policy, opt, [train_sft.make_batch(task, tok, rng, 64, cpu)], cpu, 1.0)
-        gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8, max_new_tokens=6, temperature=1.0, beta=0.04,
-                                     lr=5e-5)
+        # the width-8 model is too narrow to learn when to stop: it samples as many tokens as the contract's did
+        gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8, max_new_tokens=contract_length if kw is FLOOR else 6,
+                                     temperature=1.0, beta=0.04, lr=5e-5)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         opt = common.adamw(policy.parameters(), gcfg.lr)
         gen = torch.Generator().manual_seed(0)
         times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
-        for i in range(args.grpo_steps + 3):
-            t0 = time.perf_counter()
-            problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
-            exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, gcfg, gen, cpu)
-            t1 = time.perf_counter()
-            batches = train_grpo.micro_batches(exp.mask.size(0), gcfg)
-            train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, gcfg, cpu)
-            t2 = time.perf_counter()
-            train_grpo.update_policy(policy, policy, opt, exp, batches, gcfg, cpu)
-            policy.update_router_biases()
-            t3 = time.perf_counter()
-            if i >= 3:  # warm-up steps are not timed
+        lengths, flops = [], []
+        for i in range(args.grpo_steps + 4):
+            counter = FlopCounterMode(display=False)
+            with counter if i == 3 else contextlib.nullcontext():  # one untimed step counts its FLOPs
+                t0 = time.perf_counter()
+                problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
+                exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, gcfg, gen, cpu)
+                t1 = time.perf_counter()
+                batches = train_grpo.micro_batches(exp.mask.size(0), gcfg)
+                train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, gcfg, cpu)
+                t2 = time.perf_counter()
+                train_grpo.update_policy(policy, policy, opt, exp, batches, gcfg, cpu)
+                policy.update_router_biases()
+                t3 = time.perf_counter()
+            if i == 3:
+                flops.append(counter.get_total_flops())
+            elif i > 3:  # warm-up steps are not timed
                 for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     times[k].append(dt)
+                lengths.append(exp.rollout.completion_ids.size(1))
         c = model.param_counts(policy)
         med = {k: statistics.median(v) for k, v in times.items()}
+        contract_length = int(statistics.median(lengths)) if kw is CONTRACT else contract_length
         print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, {torch.get_num_threads()} threads:")
         print("  " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
-              f"; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+              f"; completions {statistics.median(lengths):.0f} tokens; peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        print(f"  matrix products: {flops[0] / 1e9:.2f} GFLOP a step = {1e3 * flops[0] / peak:.1f} ms at the matmul peak")
 
 
 def bench_spec(args):
