@@ -495,10 +495,48 @@ class ScalarModel(nn.Module):
     @torch.no_grad()
     def score(self, prompts, completions, pad_id):
         """Score a batch of (prompt, completion) token-id lists: the scalar at the last real token of
-        each `prompt + completion` (B,)."""
-        idx, pad_mask = right_pad([list(p) + list(c) for p, c in zip(prompts, completions)], pad_id,
-                                  self.value_head.weight.device)
-        return last_real(self(idx, pad_mask=pad_mask), pad_mask)
+        each `prompt + completion` (B,), each distinct prompt run once (PPO's G completions of one
+        prompt share it)."""
+        index = {}
+        group = [index.setdefault(tuple(p), len(index)) for p in prompts]  # (B,) first appearance order
+        return score_completions(self, [list(p) for p in index], group, completions, pad_id, self.value_head.weight.device)
+
+
+def score_completions(scalar_model, prompts, group, completions, pad_id, device):
+    """A ScalarModel's score of each `prompts[group[n]] + completions[n]` (token-id lists): its
+    scalar at the last real token (N,), from one forward in which each prompt runs once
+    (forward_shared_prefix). Column t of that forward's output has read the prompt and
+    completion[:t]: the score sits at column len(completion). `scalar_model` may be DDP-wrapped."""
+    prefixes, prefix_mask, conts = shared_prefix_args(prompts, group, completions, pad_id, device)
+    values = scalar_model(prefixes, pad_mask=prefix_mask, continuations=conts)  # (N, L)
+    lengths = conts[2].sum(1)  # (N,)
+    return values.gather(1, lengths[:, None]).squeeze(1)
+
+
+def left_pad(prompts, pad_id, device):
+    """prompts: list of token-id lists -> (ids (B, P), mask (B, P) bool)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def shared_prefix_args(prompts, group, completions, pad_id, device):
+    """Token-id lists -> Transformer.forward_shared_prefix's arguments: (prefixes (U, P) left-padded,
+    their mask (U, P), continuations=(group (N,), completions (N, L) right-padded with at least one
+    pad, their mask (N, L) bool)). prompts: U lists; group: N ints, the prompt each completion
+    follows; completions: N lists. The forward never runs a continuation's last column; the extra pad
+    column makes it run every real token, whatever the longest completion in the batch: each real
+    token's output exists (a reward model's score sits at column len(completion)) and counts in the
+    router loads, so that micro-batches count what their whole batch counts."""
+    prefixes, prefix_mask = left_pad(prompts, pad_id, device)
+    ids, _ = right_pad([list(c) + [pad_id] for c in completions], pad_id, device)  # (N, L) L = longest + 1
+    lengths = torch.tensor([len(c) for c in completions], device=device)  # (N,)
+    mask = torch.arange(ids.size(1), device=device)[None, :] < lengths[:, None]  # (N, L) the pads are not real
+    return prefixes, prefix_mask, (torch.as_tensor(group, device=device), ids, mask)
 
 
 def right_pad(seqs, pad_id, device):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import common
 import losses
 import tasks
-from model import attention_mask, expand_cache
+from model import attention_mask, expand_cache, left_pad  # noqa: F401 (rollout.left_pad)
 
 
 @dataclass
@@ -95,17 +95,6 @@ def completion_values(critic, r, rows, device):
     (n, L), V_t read where the policy's logits for token t are, so it sees q and o_<t."""
     prompts, prompt_mask, conts = shared_prefix_batch(r, rows, device)
     return critic(prompts, pad_mask=prompt_mask, continuations=conts)  # (n, L)
-
-
-def left_pad(prompts, pad_id, device):
-    """prompts: list of token-id lists -> (ids (B, P), mask (B, P) bool)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = True
-    return ids.to(device), mask.to(device)
 
 
 class NonFiniteLogits(FloatingPointError):

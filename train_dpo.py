@@ -34,7 +34,7 @@ import losses
 import rollout
 import tasks
 import train_sft
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, shared_prefix_args
 
 
 @dataclass
@@ -112,11 +112,15 @@ def fingerprint(model):
 
 def pair_logprobs(model, pairs, pad_id, device):
     """Summed completion log-probs of the chosen and the rejected side of `pairs`, from one forward
-    over the 2n sequences `prompt + completion`: (chosen (n,), rejected (n,))."""
-    seqs = [(p["prompt_ids"] + p[side], len(p["prompt_ids"])) for side in ("chosen_ids", "rejected_ids") for p in pairs]
-    idx, targets, mask, pad = train_sft.encode_batch(seqs, pad_id, device)
-    logits, _ = model(idx, pad_mask=pad)
-    logps = losses.sequence_logprobs(losses.token_logprobs(logits, targets), mask)  # (2n,)
+    in which each pair's prompt runs once for both its sides (forward_shared_prefix): (chosen (n,),
+    rejected (n,)). Pairs never share a prompt's forward, even with equal prompts: a micro-batch then
+    counts the same router loads as the whole batch does."""
+    both = list(range(len(pairs))) * 2  # (2n,) row i and row n + i continue pair i's prompt
+    prefixes, prefix_mask, conts = shared_prefix_args([p["prompt_ids"] for p in pairs], both,
+                                                      [p[side] for side in ("chosen_ids", "rejected_ids") for p in pairs],
+                                                      pad_id, device)
+    logits, _ = model(prefixes, pad_mask=prefix_mask, continuations=conts)  # (2n, L, V): logits[:, t] predict token t
+    logps = losses.sequence_logprobs(losses.token_logprobs(logits, conts[1]), conts[2])  # (2n,)
     return logps[:len(pairs)], logps[len(pairs):]
 
 

@@ -94,15 +94,20 @@ def test_length_normalised_dpo_averages_both_log_ratios():
 
 
 def test_pair_logprobs_equal_a_per_sequence_loop():
+    """Each pair's prompt runs once for both sides (forward_shared_prefix); the sums equal a plain
+    forward of each `prompt + completion` alone, with ragged completions and a prompt repeated."""
     policy = tiny()
     pairs = synthetic_pairs(3)
-    chosen, _ = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
-    for i, p in enumerate(pairs):
-        ids = torch.tensor([p["prompt_ids"] + p["chosen_ids"]])
-        logp = torch.log_softmax(policy(ids)[0][0], -1)
-        P = len(p["prompt_ids"])
-        want = sum(logp[P - 1 + t, tok].item() for t, tok in enumerate(p["chosen_ids"]))
-        assert abs(chosen[i].item() - want) < 1e-4
+    pairs[1]["rejected_ids"] = pairs[1]["rejected_ids"][:2] + pairs[1]["rejected_ids"]  # the longest side
+    pairs.append(dict(pairs[0], chosen_ids=pairs[0]["chosen_ids"][1:]))  # the same prompt again, a shorter side
+    got = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
+    for side, values in zip(("chosen_ids", "rejected_ids"), got):
+        for i, p in enumerate(pairs):
+            ids = torch.tensor([p["prompt_ids"] + p[side]])
+            logp = torch.log_softmax(policy(ids)[0][0], -1)
+            P = len(p["prompt_ids"])
+            want = sum(logp[P - 1 + t, tok].item() for t, tok in enumerate(p[side]))
+            assert abs(values[i].item() - want) < 1e-5, (side, i)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,29 @@ def test_scores_read_the_last_real_token_whatever_the_padding():
     assert len(set(alone.tolist())) == 4
 
 
+def test_scores_run_each_prompt_once_and_equal_each_sequence_alone():
+    """score and pair_scores run a prompt once for all its completions (forward_shared_prefix): the
+    scalar at each completion's last token equals a plain forward of `prompt + completion` alone,
+    with ragged prompts and completions, a repeated prompt and an empty completion."""
+    rm = tiny_rm().eval()
+    prompts = [[15, 1, 10, 2, 13], [15, 4, 4, 10, 3, 13], [15, 1, 10, 2, 13], [15, 7, 13]]
+    completions = [[3, 16], [8, 7, 16], [4, 1, 0, 16], []]
+
+    def alone(p, c):
+        return rm(torch.tensor([p + c]))[0, -1]
+
+    want = torch.stack([alone(p, c) for p, c in zip(prompts, completions)])
+    torch.testing.assert_close(rm.score(prompts, completions, TOK.pad_id), want, atol=1e-5, rtol=1e-5)
+    pairs = synthetic_pairs(3)
+    pairs[2]["rejected_ids"] = pairs[2]["rejected_ids"][:3] + pairs[2]["rejected_ids"]  # the longest side
+    with torch.no_grad():
+        got = train_rm.pair_scores(rm, pairs, TOK.pad_id, CPU)
+        for side, values in zip(("chosen_ids", "rejected_ids"), got):
+            torch.testing.assert_close(values, torch.stack([alone(p["prompt_ids"], p[side]) for p in pairs]),
+                                       atol=1e-5, rtol=1e-5)
+    assert len(set(want.tolist())) == 4
+
+
 def test_auc_by_hand():
     s = torch.tensor([0.9, 0.8, 0.3, 0.3, 0.1])
     y = torch.tensor([True, False, True, False, False])
