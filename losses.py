@@ -178,7 +178,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
 
     Implicit rewards (detached): beta (log pi(y_w) - log ref(y_w)) and beta (log pi(y_l) - log ref(y_l)).
-    At pi = ref, h = 0 and the loss is exactly ln 2 for any e. e = 0.5 makes the loss constant in h.
+    At pi = ref, h = 0 and the loss is exactly ln 2 for any e. e = 0.5 makes the loss symmetric in h
+    (smallest at h = 0): no preference is learned.
     Inputs are sequence log-probs (B,) (summed; average them for length-normalised DPO).
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,))."""
     chosen = policy_chosen_logps - ref_chosen_logps  # (B,)

@@ -5,8 +5,8 @@
   top-k, top-p or greedy with an explicit seeded torch.Generator; per-row stop at the end token and a
   max-new-tokens limit. The MLA cache holds only the latent c_kv and the shared rope key per token
   and layer (DeepSeek-V2 section 2.1.2); decoding is `naive` (decompress K, V with wkv_b) or
-  `absorbed` (wkv_b folded into the query and the output). MTP modules are not used here: they are a
-  training signal (a speculative-decoding draft could reuse the same caches).
+  `absorbed` (wkv_b folded into the query and the output). `speculative=True` drafts with the first
+  MTP module and verifies with the main model (`_decode_speculative`).
 - `evaluate`: greedy exact-match accuracy, pass@k with the unbiased estimator of Chen et al. 2021
   (arXiv 2107.03374, eq. 1) and maj@k (majority vote over k sampled answers, DeepSeekMath 5.2.2).
 - `make_pairs`: preference pairs (prompt, chosen, rejected) for DPO and the reward model, from the

@@ -48,9 +48,10 @@ def test_scores_read_the_last_real_token_whatever_the_padding():
 
 
 def test_scores_run_each_prompt_once_and_equal_each_sequence_alone():
-    """score and pair_scores run a prompt once for all its completions (forward_shared_prefix): the
-    scalar at each completion's last token equals a plain forward of `prompt + completion` alone,
-    with ragged prompts and completions, a repeated prompt and an empty completion."""
+    """score runs a prompt once for all its completions (forward_shared_prefix): the scalar at each
+    completion's last token equals a plain forward of `prompt + completion` alone, with ragged
+    prompts and completions, a repeated prompt and an empty completion; pair_scores (training's
+    plain forward over both sides) agrees."""
     rm = tiny_rm().eval()
     prompts = [[15, 1, 10, 2, 13], [15, 4, 4, 10, 3, 13], [15, 1, 10, 2, 13], [15, 7, 13]]
     completions = [[3, 16], [8, 7, 16], [4, 1, 0, 16], []]
