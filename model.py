@@ -495,8 +495,8 @@ class ScalarModel(nn.Module):
     @torch.no_grad()
     def score(self, prompts, completions, pad_id):
         """Score a batch of (prompt, completion) token-id lists: the scalar at the last real token of
-        each `prompt + completion` (B,), each distinct prompt run once (PPO's G completions of one
-        prompt share it)."""
+        each `prompt + completion` (B,), each distinct prompt run once (the RM's AUC scores several
+        samples of each held-out prompt)."""
         index = {}
         group = [index.setdefault(tuple(p), len(index)) for p in prompts]  # (B,) first appearance order
         return score_completions(self, [list(p) for p in index], group, completions, pad_id, self.value_head.weight.device)
