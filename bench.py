@@ -184,10 +184,10 @@ def bench_grpo(args):
         opt = common.adamw(policy.parameters(), gcfg.lr)
         gen = torch.Generator().manual_seed(0)
         times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
-        lengths, flops = [], []
+        lengths = []
         for i in range(args.grpo_steps + 4):
-            counter = FlopCounterMode(display=False)
-            with counter if i == 3 else contextlib.nullcontext():  # one untimed step counts its FLOPs
+            counter = FlopCounterMode(display=False) if i == 3 else contextlib.nullcontext()
+            with counter:  # one untimed step counts its FLOPs
                 t0 = time.perf_counter()
                 problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
                 exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, gcfg, gen, cpu)
@@ -199,19 +199,20 @@ def bench_grpo(args):
                 policy.update_router_biases()
                 t3 = time.perf_counter()
             if i == 3:
-                flops.append(counter.get_total_flops())
+                flops = counter.get_total_flops()
             elif i > 3:  # warm-up steps are not timed
                 for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     times[k].append(dt)
                 lengths.append(exp.rollout.completion_ids.size(1))
         c = model.param_counts(policy)
         med = {k: statistics.median(v) for k, v in times.items()}
-        contract_length = int(statistics.median(lengths)) if kw is CONTRACT else contract_length
+        if kw is CONTRACT:
+            contract_length = int(statistics.median(lengths))
         print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, {torch.get_num_threads()} threads:")
         print("  " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
               f"; completions {statistics.median(lengths):.0f} tokens; peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-        print(f"  matrix products: {flops[0] / 1e9:.2f} GFLOP a step = {1e3 * flops[0] / peak:.1f} ms at the matmul peak")
+        print(f"  matrix products: {flops / 1e9:.2f} GFLOP a step = {1e3 * flops / peak:.1f} ms at the matmul peak")
 
 
 def bench_spec(args):

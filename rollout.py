@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import common
 import losses
 import tasks
-from model import attention_mask, expand_cache, left_pad  # noqa: F401 (rollout.left_pad)
+from model import attention_mask, expand_cache, left_pad
 
 
 @dataclass
