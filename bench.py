@@ -104,12 +104,12 @@ def bench_train(args):
     for cfg in (base, mha_dense(inter)):
         torch.manual_seed(0)
         m = model.Transformer(cfg)
-        runs.append((m, common.adamw(m.parameters(), 1e-3)))
+        runs.append((m, torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, fused=True)))
     seconds = [0.0, 0.0]
     for i, b in enumerate(batches):
         for j, (m, opt) in enumerate(runs):
             t = time.perf_counter()
-            train_sft.train_step(m, m, opt, [b], cpu, 1.0)
+            train_sft.train_step(m, m, opt, [b], 1.0)
             seconds[j] += (time.perf_counter() - t) if i >= 3 else 0.0  # 3 warm-up steps
     print(f"SFT training step, batch {args.train_batch}, {torch.get_num_threads()} threads (MTP on in both):")
     for name, (m, _), dt in zip(names, runs, seconds):
@@ -148,7 +148,8 @@ def matmul_peak(repeats=200):
 
 def bench_grpo(args):
     """GRPO steps timed phase by phase, with the very functions train_grpo.main calls: sampling
-    (make_rollouts), the reference and pi_old forwards (score_old_and_ref), the update (forward,
+    (rollout.generate, inside make_experience), the reference and pi_old forwards (the rest of
+    make_experience), the update (update_policy: forward,
     backward, AdamW), on the contract config (dense MHA, 3-digit addition, 16 prompts x 8, at most 6
     new tokens, T = 1, beta 0.04, lr 5e-5, one update per rollout, float32), on the default
     MLA + MoE model and on the contract at width 8 (FLOOR), each from a short SFT warm start. Prints
@@ -166,6 +167,15 @@ def bench_grpo(args):
     import train_grpo
     import train_sft
     cpu, tok, task = torch.device("cpu"), tasks.Tokenizer(), tasks.Addition(3)
+    generate, sampling = rollout.generate, []
+
+    def timed_generate(*a, **kw):  # the sampling phase of make_experience
+        t = time.perf_counter()
+        out = generate(*a, **kw)
+        sampling.append(time.perf_counter() - t)
+        return out
+
+    rollout.generate = timed_generate
     peak = matmul_peak()
     print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s ((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
     contract_length = 6
@@ -173,15 +183,15 @@ def bench_grpo(args):
         torch.manual_seed(0)
         cfg = model.ModelConfig(**kw)
         policy = model.Transformer(cfg)
-        opt = common.adamw(policy.parameters(), 2e-3)
+        opt = torch.optim.AdamW(policy.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
         rng = random.Random(0)
         for _ in range(args.warm_steps):  # a short SFT warm start: sensible completions to time
-            train_sft.train_step(policy, policy, opt, [train_sft.make_batch(task, tok, rng, 64, cpu)], cpu, 1.0)
+            train_sft.train_step(policy, policy, opt, [train_sft.make_batch(task, tok, rng, 64, cpu)], 1.0)
         # the width-8 model is too narrow to learn when to stop: it samples as many tokens as the contract's did
         gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8, max_new_tokens=contract_length if kw is FLOOR else 6,
                                      temperature=1.0, beta=0.04, lr=5e-5)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
-        opt = common.adamw(policy.parameters(), gcfg.lr)
+        opt = torch.optim.AdamW(policy.parameters(), lr=gcfg.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
         gen = torch.Generator().manual_seed(0)
         times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
         lengths = []
@@ -190,12 +200,13 @@ def bench_grpo(args):
             with counter:  # one untimed step counts its FLOPs
                 t0 = time.perf_counter()
                 problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
-                exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, gcfg, gen, cpu)
-                t1 = time.perf_counter()
-                batches = train_grpo.micro_batches(exp.mask.size(0), gcfg)
-                train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, gcfg, cpu)
+                sampling.clear()
+                exp = train_grpo.make_experience(policy, policy.forward_shared_prefix, ref, task, tok,
+                                                 problems, gcfg, gen)
+                t1 = t0 + sampling[0]
                 t2 = time.perf_counter()
-                train_grpo.update_policy(policy, policy, opt, exp, batches, gcfg, cpu)
+                with moe.RouteRecorder(policy):
+                    train_grpo.update_policy(policy.forward_shared_prefix, opt, exp, gcfg)
                 policy.update_router_biases()
                 t3 = time.perf_counter()
             if i == 3:

@@ -1,13 +1,22 @@
-"""Plumbing every train script shares: config flags and their checks, torchrun setup, data streams,
-checkpoints, the run folder (lock, config, metrics), graceful stop, schedule.
+"""Plumbing the train scripts share, so that each script's main() reads as setup, then its loop.
 
-The training loops themselves stay written out in each train_*.py; this file holds only what would
-otherwise be copied into each of them.
+- Config: CLI flags generated from dataclass fields (`parse_config`), their checks
+  (`check_config`), and `RunConfig`: the settings of a run that are not its algorithm's.
+- torchrun: `setup_dist`, collectives that are identities in one process (`all_reduce_sum`,
+  `gather_rows`), `micro_batch` (no_sync for gradient accumulation under DDP, and autocast).
+- Streams: a seed per (seed, stage, rank, part), so that no two stages or ranks replay each other.
+- The optimiser step: `adamw`, `optimizer_step` (raises on a non-finite gradient), `lr_at`.
+- Checkpoints: atomic and CRC-verified (`save_checkpoint`, `load_checkpoint`).
+- `Run`: one run's bookkeeping (resume, the locked run folder, metrics.jsonl, tqdm, checkpoints,
+  Ctrl-C, one-line errors). It never calls a model, a loss, an optimiser step or the schedule: every
+  line that changes the numbers a run produces stays in the train script.
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -24,9 +33,67 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import tasks
+from model import ModelConfig, Transformer
+
+# ----------------------------------------------------------------------------------------------
+# Errors: what a run reports as one line
+
+
+class RunError(Exception):
+    """An expected failure: Run prints its message as one line, with the last good checkpoint."""
+
+
+class ConfigError(RunError, ValueError):
+    """A bad flag, setting or input file, found before anything is written."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint that is missing, damaged, or not the one the run needs."""
+
+
+class NonFinite(RunError, FloatingPointError):
+    """A NaN or an infinity in a loss, a gradient, the logits or the weights."""
+
+
+class Collapse(RunError):
+    """Reward 0 and gradient 0 for many steps: the policy can no longer change."""
+
+    def __init__(self, message, since):
+        super().__init__(message)
+        self.since = since  # the first step of the collapse
+
+
+class RunFolderBusy(RunError):
+    """Another process holds the run folder's lock."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Config: CLI flags generated from dataclass fields
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out_dir: str = "out/run"  # run folder: ckpt.pt, metrics.jsonl, config.json
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    overwrite: bool = False  # start again in an out_dir that holds a run, replacing its files
+    seed: int = 0  # seed of the weights (from scratch) and of every problem and sampling stream
+    eval_every: int = 25  # steps between held-out evaluations (and at the end)
+    ckpt_every: int = 50  # steps between checkpoints (and at the end)
+    stop_at: int = 0  # stop (with a checkpoint) after this step, to resume later; 0 = run to the end
+    compile: bool = False  # torch.compile the networks that are trained
+    quiet: bool = False  # no progress bar or printed samples
+    given: tuple = dataclasses.field(default=(), metadata={"flag": False})  # the flags typed
+
+    def __post_init__(self):
+        check_config(self, positive=("eval_every", "ckpt_every"), non_negative=("stop_at",))
+        if self.resume and self.overwrite:
+            raise ConfigError("pass --resume (continue the run) or --overwrite (start it again), "
+                              "not both")
+        if not self.out_dir:
+            raise ConfigError("--out_dir must name a folder, got an empty string")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,17 +103,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _field_comments(cls):
     """The `# comment` after each field in the class source, shown by --help."""
-    import inspect
     comments = {}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return comments
-    for line in src.splitlines():
+    for line in inspect.getsource(cls).splitlines():
         line = line.strip()
         if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
-            name = line.split(":", 1)[0].strip()
-            comments[name] = line.split("#", 1)[1].strip()
+            comments[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
     return comments
 
 
@@ -58,34 +119,41 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_config(classes, argv=None, description=None):
-    """Build one instance of each dataclass in `classes` from command-line flags `--name value` or
-    `--name=value` (booleans also as a bare `--name`). Returns (instances, names given explicitly)."""
+def parse_config(classes, argv=None, description=None, **run_defaults):
+    """One instance of each dataclass in `classes`, then a RunConfig (its defaults replaced by
+    run_defaults), from flags `--name value` or `--name=value` (booleans also as a bare `--name`).
+    The RunConfig's `given` lists the flags typed. A bad flag or value is one line, exit code 2."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    owner = {}
+    classes, owner = list(classes) + [RunConfig], {}
+    types = {"int": int, "float": float, "str": str, "bool": bool}
     for cls in classes:
-        group = parser.add_argument_group(cls.__name__)
-        comments = _field_comments(cls)
+        group, comments = parser.add_argument_group(cls.__name__), _field_comments(cls)
         for f in dataclasses.fields(cls):
+            if not f.metadata.get("flag", True):
+                continue
             assert f.name not in owner, f"flag --{f.name} is defined by two configs"
             owner[f.name] = cls
-            kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
+            kind = types.get(getattr(f.type, "__name__", f.type), str)
+            default = run_defaults.get(f.name, f.default) if cls is RunConfig else f.default
             # argparse %-formats help texts: a literal % in a comment must be doubled
-            help_text = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+            help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
             if kind is bool:
-                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
+                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
+                                   help=help_text)
             else:
-                group.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
-    args = vars(parser.parse_args(argv))
-    given = {k for k, v in args.items() if v is not None}
+                group.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(),
+                                   help=help_text)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     out = []
     for cls in classes:
-        kw = {f.name: args[f.name] for f in dataclasses.fields(cls) if args[f.name] is not None}
+        kw = {k: v for k, v in args.items() if owner[k] is cls}
+        if cls is RunConfig:
+            kw = {**run_defaults, **kw, "given": tuple(sorted(args))}
         try:
             out.append(cls(**kw))
         except ValueError as e:
             parser.error(str(e))
-    return out, given
+    return out
 
 
 def config_dict(cfg):
@@ -93,8 +161,8 @@ def config_dict(cfg):
 
 
 def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None):
-    """Raise one ValueError naming every bad field of a config dataclass (each a --flag): every float
-    must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1], and
+    """Raise one ConfigError naming every bad field of a config dataclass (each a --flag): every
+    float must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1], and
     `choices` maps a field to its allowed values. Call it from __post_init__."""
     errors = []
     for f in dataclasses.fields(cfg):
@@ -108,75 +176,54 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None):
         elif f.name in fractions and not 0 <= v <= 1:
             errors.append(f"--{f.name} must be in [0, 1], got {v}")
         elif f.name in (choices or {}) and v not in choices[f.name]:
-            errors.append(f"--{f.name} must be one of {', '.join(map(str, choices[f.name]))}; got {v!r}")
+            allowed = ", ".join(map(str, choices[f.name]))
+            errors.append(f"--{f.name} must be one of {allowed}; got {v!r}")
     if errors:
-        raise ValueError("; ".join(errors))
+        raise ConfigError("; ".join(errors))
 
 
 def check_out_dir(path):
-    """Raise ValueError if `path` cannot hold a run: it, or a folder above it, is a file, or its
+    """Raise ConfigError if `path` cannot hold a run: it, or a folder above it, is a file, or its
     checkpoint path is taken by something that is not a file. Creates nothing."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out_dir {path} is a file, not a folder")
+        raise ConfigError(f"--out_dir {path} is a file, not a folder")
     parent = path
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
-        raise ValueError(f"--out_dir {path} lies under {parent}, which is a file")
+        raise ConfigError(f"--out_dir {path} lies under {parent}, which is a file")
     if not os.access(parent or ".", os.W_OK):
-        raise ValueError(f"--out_dir {path}: {parent or '.'} is not writable")
+        raise ConfigError(f"--out_dir {path}: {parent or '.'} is not writable")
     ckpt = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt) and not os.path.isfile(ckpt):
-        raise ValueError(f"--out_dir {path}: {ckpt} exists and is not a file")
+        raise ConfigError(f"--out_dir {path}: {ckpt} exists and is not a file")
 
 
 def check_lengths(task, max_seq_len, max_new_tokens=None):
-    """Raise ValueError unless the task's longest sequence fits the model: `<bos> prompt completion
-    <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and max_new_tokens leaves
-    room for the longest reference answer and its end token."""
+    """Raise ConfigError unless the task's longest sequence fits the model: `<bos> prompt
+    completion <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and max_new_tokens
+    leaves room for the longest reference answer and its end token."""
     prompt, completion = task.max_lengths()
     needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
     if needed > max_seq_len:
-        raise ValueError(f"--max_seq_len {max_seq_len} is too short for task {task.name} with {task.n_digits} "
-                         f"digits: its longest sequence has {needed} tokens")
+        raise ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} with "
+                          f"{task.n_digits} digits: its longest sequence has {needed} tokens")
     if max_new_tokens is not None and max_new_tokens < completion + 1:
-        raise ValueError(f"--max_new_tokens {max_new_tokens} is shorter than the longest answer of task {task.name} "
-                         f"({completion} tokens and an end token): it could never be written")
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest answer of "
+                          f"task {task.name} ({completion} tokens and an end token): it could never "
+                          "be written")
 
 
-# Fields that may change between a run and its resumption: they steer the run, not the result.
-RUN_ONLY_FIELDS = {"resume", "stop_at", "steps", "eval_every", "ckpt_every", "samples", "quiet", "compile", "out_dir"}
-INIT_FIELDS = ("init", "warmstart_steps", "warmstart_target_acc")  # how an RL run got its init: irrelevant once resumed
-
-
-def resume_mismatches(ckpt, cfg, extra_ignore=()):
-    """Fields of cfg (a train script's config) that differ from the resumed checkpoint's. A field the
-    checkpoint lacks (saved before the field existed) counts as its default."""
-    saved = {**config_dict(type(cfg)()), **ckpt["config"]}
-    return mismatched_fields(saved, config_dict(cfg), RUN_ONLY_FIELDS | set(extra_ignore))
-
-
-def load_for_resume(path, kind, tok, cfg, mcfg, model_flags, extra_ignore=()):
-    """The checkpoint that --resume continues, checked: readable, of this script's kind and tokenizer,
-    saved with the same config (but the fields that may change between a run and its resumption) and
-    the same values of the model flags given on the command line. Raises CheckpointError or
-    ValueError naming every field that differs. Returns (ckpt, its ModelConfig)."""
-    from model import ModelConfig
-    ckpt = load_checkpoint(path)
-    check_tokenizer(ckpt, tok, path)
-    check_kind(ckpt, kind, f"checkpoint {path}")
-    bad = resume_mismatches(ckpt, cfg, extra_ignore)
-    bad += [f"{k} ({ckpt['model_config'].get(k)}, not {getattr(mcfg, k)})" for k in sorted(model_flags)
-            if ckpt["model_config"].get(k) != getattr(mcfg, k)]
-    if bad:
-        raise ValueError(f"checkpoint {path} does not match this run's config in: {', '.join(bad)}")
-    return ckpt, ModelConfig(**ckpt["model_config"])
+# Fields that may differ between a run and its resumption: the length of the run, and how an RL
+# run got its init (irrelevant once it has a checkpoint of its own)
+RESUMABLE_FIELDS = {"steps", "samples", "init", "warmstart_steps", "warmstart_target_acc"}
 
 
 def mismatched_fields(saved, current, ignore=()):
-    """Names of fields whose values differ between two config dicts."""
-    keys = (set(saved) | set(current)) - set(ignore)
-    return sorted(k for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>"))
+    """Names of fields whose values differ between two config dicts. A field `saved` lacks (saved
+    before the field existed) counts as its default, which the caller merges in; a field `current`
+    lacks no longer exists and is not compared."""
+    return sorted(k for k in set(current) - set(ignore) if saved.get(k, "<missing>") != current[k])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +233,12 @@ def mismatched_fields(saved, current, ignore=()):
 def setup_dist():
     """Returns (rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU."""
     if "RANK" not in os.environ:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return 0, 1, torch.device(device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -216,32 +261,29 @@ def world_size():
     return dist.get_world_size() if is_dist() else 1
 
 
-def all_reduce_sum(values, device):
-    """Sum a dict of floats over ranks (identity without torchrun)."""
+def all_reduce_sum(values, device=None):
+    """Sum over ranks (the identity in one process): a dict of floats -> a dict of floats, or a
+    tensor -> a tensor."""
     if not is_dist():
-        return dict(values)
+        return dict(values) if isinstance(values, dict) else values
+    if torch.is_tensor(values):
+        out = values.clone()
+        dist.all_reduce(out)
+        return out
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 
-def all_reduce_max(value, device):
-    """The largest of a float over ranks (identity without torchrun)."""
+def gather_rows(t):
+    """(every rank's equal-shaped tensor t concatenated along dim 0, the slice of that which is this
+    rank's t): the identity and slice(None) in one process."""
     if not is_dist():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def all_gather_cat(t):
-    """Concatenate an equal-shaped tensor from every rank along dim 0 (identity without torchrun)."""
-    if not is_dist():
-        return t
+        return t, slice(None)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
-    return torch.cat(out)
+    return torch.cat(out), slice(rank() * len(t), (rank() + 1) * len(t))
 
 
 def gather_objects(obj):
@@ -253,15 +295,21 @@ def gather_objects(obj):
     return out
 
 
-def no_sync_unless_last(model, last):
-    """DDP's no_sync() for every micro-batch of an optimiser step but the last (whose backward then
-    all-reduces the accumulated gradients); a plain context without DDP."""
-    return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+@contextlib.contextmanager
+def micro_batch(model, last):
+    """The context of one micro-batch's forward and backward in an optimiser step: DDP's no_sync()
+    unless it is the step's last micro-batch (whose backward then all-reduces the accumulated
+    gradients), and autocast. Yields the world size: DDP averages gradients over ranks, so a rank
+    whose loss is its share of the whole batch's loss multiplies it by the world size."""
+    with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast():
+        yield world_size()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; float32 (no autocast) on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast():
+    """bf16 autocast of CUDA ops (CPU ops stay float32): the trainer's precision."""
+    if torch.cuda.is_available():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def setup_torch(seed, device):
@@ -270,6 +318,17 @@ def setup_torch(seed, device):
         torch.set_flush_denormal(True)  # tiny models slow ~3x once weights become subnormal
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
+
+
+class SharedPrefix(torch.nn.Module):
+    """net.forward_shared_prefix as a module's forward: DDP and torch.compile wrap forward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args):
+        return self.net.forward_shared_prefix(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,14 +343,9 @@ def stream_seed(seed, stage, rank, part=""):
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def data_rng(seed, stage, rank):
-    """The problem stream of one stage on one rank."""
-    return random.Random(stream_seed(seed, stage, rank))
-
-
 def epoch_batches(n, batch_size, epochs, seed, stage):
-    """Indices of every optimiser step's items over `epochs` shuffled passes through n items (a last
-    partial batch of each pass is dropped), the same on every rank: each rank takes its share."""
+    """Indices of every optimiser step's items over `epochs` shuffled passes through n items (a
+    last partial batch of each pass is dropped), the same on every rank: each takes its share."""
     order = []
     for e in range(epochs):
         idx = list(range(n))
@@ -301,7 +355,7 @@ def epoch_batches(n, batch_size, epochs, seed, stage):
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedule
+# The optimiser step and the schedule
 
 
 def adamw(params, lr, betas=(0.9, 0.99), weight_decay=0.0):
@@ -310,12 +364,14 @@ def adamw(params, lr, betas=(0.9, 0.99), weight_decay=0.0):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
 
 
-def optimizer_step(params, opt, grad_clip):
-    """Clip the gradient norm to grad_clip (0 = no clipping), step, zero the gradients. Returns the
-    norm before clipping, or None, without stepping, when it is not finite (the caller stops)."""
+def optimizer_step(opt, grad_clip):
+    """Clip the gradient norm of the optimiser's parameters to grad_clip (0 = no clipping), step,
+    zero the gradients. Returns the norm before clipping; raises NonFinite, without stepping, when
+    it is not finite (a non-finite loss gives one)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):
-        return None
+        raise NonFinite("non-finite loss or gradient")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm.item()
@@ -333,51 +389,13 @@ def lr_at(step, lr, warmup, total, min_lr_ratio):
 # Checkpoints
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def rng_state(data_rng, generator=None):
-    """This rank's random state: torch, numpy, python, its problem stream and its sampling generator."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "data": data_rng.getstate(), "generator": None if generator is None else generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state, data_rng, generator=None):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    data_rng.setstate(state["data"])
-    if generator is not None:
-        generator.set_state(state["generator"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore_rng(states, rank, world, seed, stage, step, data_rng, generator=None):
-    """Resume this rank's random state from a checkpoint's per-rank `states`. On the world size the
-    run was saved with, exactly (bitwise resume). On another one the saved streams cannot be split or
-    merged: every rank starts fresh streams seeded by (seed, stage, rank, step), distinct across ranks
-    and from the run's earlier ones. Returns a note saying so in that case, else None."""
-    if len(states) == world:
-        set_rng_state(states[rank], data_rng, generator)
-        return None
-    part = f"resumed at step {step} on {world} ranks"
-    data_rng.seed(stream_seed(seed, stage, rank, part))
-    torch.manual_seed(stream_seed(seed, stage, rank, part + "/torch"))
-    if generator is not None:
-        generator.manual_seed(stream_seed(seed, stage, rank, part + "/sampling"))
-    return (f"the run was saved on {len(states)} rank(s) and resumes on {world}: every rank draws a fresh "
-            f"problem stream from step {step} on, so the run is not bitwise the one it would have been")
-
-
 def non_finite(obj, name=""):
     """The name (a path of keys) of the first floating tensor in obj, a tensor or nested dicts and
     lists of them such as a checkpoint, that holds a NaN or an infinity; None if there is none."""
     if torch.is_tensor(obj):
         return name if obj.is_floating_point() and not torch.isfinite(obj).all() else None
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) \
+        if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
         found = non_finite(value, f"{name}.{key}" if name else str(key))
         if found is not None:
@@ -385,25 +403,31 @@ def non_finite(obj, name=""):
     return None
 
 
-def save_checkpoint(path, payload):
-    """Atomic: write a temporary file in the same folder, flush it to disk, then os.replace. A kill at
-    any moment leaves either the old checkpoint or the new one, never a torn file. torch.save writes a
-    zip archive in which every record carries a CRC32: load_checkpoint verifies them."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def atomic_write(path, data):
+    """Write bytes or text to path through a temporary file in the same folder, flushed to disk
+    and renamed over path: a kill at any moment leaves the old file or the new one, never a torn
+    one."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    buf = io.BytesIO()
-    torch.save(payload, buf)
     with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def save_checkpoint(path, payload):
+    """Atomic (atomic_write). torch.save writes a zip archive in which every record carries a
+    CRC32: load_checkpoint verifies them."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, buf.getbuffer())
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by save_checkpoint (a run folder means its ckpt.pt), with one-line
-    errors for missing or bad files. Every record's CRC32 is checked first: torch.load does not, and
-    a few flipped bytes would otherwise load as silently wrong weights or optimiser state."""
+    errors for missing or bad files. Every record's CRC32 is checked first: torch.load does not,
+    and a few flipped bytes would otherwise load as silently wrong weights or optimiser state."""
     if os.path.isdir(path):
         inner = os.path.join(path, "ckpt.pt")
         if not os.path.isfile(inner):
@@ -411,71 +435,80 @@ def load_checkpoint(path, map_location="cpu"):
         path = inner
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    bad = f"checkpoint {path} is corrupt or truncated"
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            record = z.testzip()
     except Exception as e:  # not a zip at all: truncated, empty, random bytes
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                              f"delete it or point to another") from None
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: record {bad} fails its CRC32 check; "
-                              f"delete it or point to another")
+        raise CheckpointError(f"{bad} ({type(e).__name__}); delete it or point to another") from None
+    if record is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: record {record} fails its CRC32 "
+                              "check; delete it or point to another")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # unpickling junk: one clear message
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                              f"delete it or point to another") from None
+        raise CheckpointError(f"{bad} ({type(e).__name__}); delete it or point to another") from None
     required = {"model", "model_config", "config", "step", "tokenizer"}
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
         raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys {sorted(required)})")
     return ckpt
 
 
-def load_init(path, tok, task, n_digits, given_model_flags, mcfg, device):
-    """The model of an SFT checkpoint that DPO / GRPO / PPO start from (--init), with its config.
-    A checkpoint that is not an SFT run's, of another task or digit count, or whose model config
-    differs from a model flag given on the command line, is an error."""
-    from model import ModelConfig, Transformer
-    ckpt = load_checkpoint(path)
-    check_tokenizer(ckpt, tok, path)
-    check_kind(ckpt, "sft", f"--init {path}")
-    trained = {k: ckpt["config"].get(k) for k in ("task", "n_digits")}
-    if trained != {"task": task, "n_digits": n_digits}:
-        raise CheckpointError(f"--init {path} was trained on task {trained['task']} with {trained['n_digits']} "
-                              f"digits, not {task} with {n_digits}: pass --init with an SFT run of this task")
-    check_model_flags(ckpt, given_model_flags, mcfg, f"--init {path}")
-    model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, ModelConfig(**ckpt["model_config"])
-
-
-def check_model_flags(ckpt, given_model_flags, mcfg, what):
-    """A model flag given on the command line must agree with the checkpoint's model config (the
-    checkpoint decides the model; a silently ignored flag would be a lie)."""
-    bad = sorted(k for k in given_model_flags if ckpt["model_config"].get(k) != getattr(mcfg, k))
-    if bad:
-        raise CheckpointError(f"{what} has another model config in: " +
-                              ", ".join(f"{k} ({ckpt['model_config'].get(k)}, not {getattr(mcfg, k)})" for k in bad))
-
-
-def check_kind(ckpt, kind, what):
-    """A checkpoint must come from the script that expects it (an SFT run for --init, a GRPO run for
-    train_grpo.py --resume, ...)."""
-    if ckpt.get("kind") != kind:
-        raise CheckpointError(f"{what} is a {ckpt.get('kind', 'unknown')} checkpoint, not a {kind} run's")
-
-
-def check_tokenizer(ckpt, tok, path):
+def check_checkpoint(ckpt, what, kind, tok):
+    """A checkpoint must come from the script that expects it (an SFT run for --init, a GRPO run
+    for train_grpo.py --resume, ...), with this tokenizer."""
     if ckpt["tokenizer"] != tok.definition():
-        raise CheckpointError(f"checkpoint {path} was trained with another tokenizer: {ckpt['tokenizer']}")
+        raise CheckpointError(f"{what} was trained with another tokenizer: {ckpt['tokenizer']}")
+    if ckpt.get("kind") != kind:
+        raise CheckpointError(f"{what} is a {ckpt.get('kind', 'unknown')} checkpoint, not a "
+                              f"{kind} run's")
 
 
-# ----------------------------------------------------------------------------------------------
-# The run folder: lock, config, metrics
+def model_mismatches(ckpt, model_flags, mcfg):
+    """The model flags given on the command line that the checkpoint's model config disagrees
+    with, as `name (saved, not given)`: the checkpoint decides the model, and an ignored flag
+    would be a lie."""
+    saved = ckpt["model_config"]
+    return [f"{k} ({saved.get(k)}, not {getattr(mcfg, k)})" for k in sorted(model_flags)
+            if saved.get(k) != getattr(mcfg, k)]
 
 
-class RunFolderBusy(RuntimeError):
-    pass
+def config_mismatches(ckpt, cfg, run_cfg):
+    """The fields of a script's config (and the seed) that differ from a checkpoint's, but those
+    that may change between a run and its resumption."""
+    saved = {**config_dict(type(cfg)()), **ckpt["config"]}
+    bad = mismatched_fields(saved, config_dict(cfg), RESUMABLE_FIELDS)
+    seed = ckpt.get("run_config", ckpt["config"]).get("seed", 0)
+    return bad + (["seed"] if seed != run_cfg.seed else [])
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written atomically."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes: ties a data file to the checkpoints trained on it."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def recorded_checkpoint(folder):
+    """What a run folder's config.json records of its run, in a checkpoint's keys ("config",
+    "model_config", "run_config"), or None where there is no readable config.json."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        kind = next(k for k in saved if k not in ("model", "run"))
+        return {"kind": kind, "config": saved[kind], "model_config": saved["model"],
+                "run_config": saved["run"]}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def lock_run_folder(out_dir):
@@ -489,49 +522,307 @@ def lock_run_folder(out_dir):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise RunFolderBusy(f"{out_dir} is in use by another run (pid {holder}): wait for it to end "
-                            f"or pass another --out_dir") from None
+        raise RunFolderBusy(f"{out_dir} is in use by another run (pid {holder}): wait for it to "
+                            "end or pass another --out_dir") from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
     return f
 
 
-class NonFiniteState(RuntimeError):
-    pass
+def kept_metrics(path, step):
+    """The lines of metrics.jsonl that a resume from a checkpoint of `step` keeps: those of steps
+    <= step (each was logged before that checkpoint was written), without what a killed run wrote
+    after it (a torn last line included), so that the file reads the same whatever the history of
+    kills and resumes."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a kill
+    return kept
 
 
-class RunFolder:
-    """Rank 0's run folder: locked for the run (a second run into it fails at once), stale temporary
-    checkpoint files of killed writes removed, config.json written and metrics.jsonl opened. Open it
-    only once every flag and input has been checked, so that a run that fails on bad input touches
-    nothing. On other ranks it writes nothing (save still checks the state is finite)."""
+# ----------------------------------------------------------------------------------------------
+# The run
 
-    def __init__(self, out_dir, enabled, resume_step=None, **configs):
-        self.out_dir, self.enabled, self.lock, self.f = out_dir, enabled, None, None
-        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        self.saved_step = resume_step  # the step of the last checkpoint this run wrote or resumed from
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.lock = lock_run_folder(out_dir)
-        for tmp in glob.glob(self.ckpt_path + ".tmp.*"):
-            os.remove(tmp)  # a killed write's leftovers; nothing else writes here while we hold the lock
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({k: config_dict(v) for k, v in configs.items()}, f, indent=2)
-        self.f = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resume_step)
 
-    def log(self, record, kind="train"):
-        if self.f is not None:
-            self.f.log(record, kind)
+def _parameters(net):
+    return sum(p.numel() for p in net.parameters())
 
-    def save(self, step, payload):
-        """Write ckpt.pt atomically, unless a weight or an optimiser state is NaN or infinite: then
-        raise NonFiniteState and keep the last good checkpoint."""
-        bad = non_finite({k: v for k, v in payload.items() if k != "rng"})
+
+class Run:
+    """One train script's run, from its first check to its last checkpoint:
+
+        cfg, mcfg, run_cfg = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
+        with common.Run("sft", cfg, mcfg, run_cfg) as run:  # torchrun, seed, one-line errors
+            run.require(ok, "message")                       # checks: nothing is written yet
+            model = run.model(make)                          # --resume: the checkpoint's model
+            run.begin(model=model, optimizer=opt, streams=run.streams())  # restore; open the folder
+            for step in run.steps(cfg.steps):                # tqdm; ends at --stop_at
+                ...                                          # the algorithm
+                run.log({"step": step + 1, ...})             # metrics.jsonl and the bar
+                run.end_step(step + 1)                       # checkpoint when due; Ctrl-C stops here
+
+    Everything begin() names is saved in every checkpoint and restored by --resume: modules,
+    optimisers and anything else with state_dict(), plain dicts (restored in place), and the
+    rank's random streams. Leaving the `with` block on a RunError prints one line that names the
+    last good checkpoint and exits with 1; a signal exits with 128 + its number, after the step's
+    checkpoint. It never calls a model, a loss, an optimiser step or the learning-rate schedule."""
+
+    def __init__(self, kind, cfg, mcfg, run_cfg, model_from_flags=False, resume_hint=None):
+        self.kind, self.cfg, self.mcfg, self.rc = kind, cfg, mcfg, run_cfg
+        # the model flags a checkpoint must agree with: all of them when the model is made from
+        # the flags, else those typed (an init or a checkpoint decides the rest)
+        fields = type(mcfg).__dataclass_fields__
+        self.model_flags = set(fields) if model_from_flags else set(run_cfg.given) & set(fields)
+        self.hint = resume_hint or "to continue, run the same command with --resume"
+        self.ckpt_path = os.path.join(run_cfg.out_dir, "ckpt.pt")
+        self.ckpt, self.state, self.start, self.step, self.total = None, {}, 0, 0, None
+        self.saved_step = self.first_eval = self.last_eval = None
+        self.lock = self.metrics = self.bar = self.signum = None
+        self.stopped = self.opened = self.finished = self.at_end = False
+        self.inputs, self.previous_handlers, self.params = {}, {}, {}
+
+    # ---- setup: torchrun, seeds, the checks before anything is written
+
+    def __enter__(self):
+        self.owns_dist = not is_dist()  # a warm start runs inside its caller's process group
+        self.rank, self.world, self.device = setup_dist()
+        self.main = self.rank == 0
+        setup_torch(self.rc.seed, self.device)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous_handlers[s] = signal.signal(s, self._on_signal)
+        try:
+            self._check_out_dir()
+        except RunError as e:  # __exit__ does not run for an error raised in __enter__
+            self.__exit__(type(e), e, None)
+        return self
+
+    def _check_out_dir(self):
+        check_out_dir(self.rc.out_dir)
+        init = getattr(self.cfg, "init", "")  # the run an RL (or RFT) run starts from
+        folder = os.path.dirname(init) or "." if init.endswith(".pt") else init
+        if init and os.path.realpath(folder) == os.path.realpath(self.rc.out_dir):
+            raise ConfigError(f"--init {init} lies in --out_dir {self.rc.out_dir}: the run would "
+                              "overwrite the checkpoint it starts from; give it another folder")
+        self._check_not_a_finished_run()
+
+    def require(self, ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    def _check_not_a_finished_run(self):
+        held = [f for f in ("ckpt.pt", "metrics.jsonl")
+                if os.path.exists(os.path.join(self.rc.out_dir, f))]
+        if held and not (self.rc.resume or self.rc.overwrite):
+            raise ConfigError(f"--out_dir {self.rc.out_dir} holds a run ({', '.join(held)}): pass "
+                              "--resume to continue it or --overwrite to start again")
+
+    def model(self, make, cls=Transformer):
+        """The network the run trains: on --resume a new `cls` of the checkpoint's model config,
+        checked against this run's config (begin() restores its weights); otherwise make()."""
+        if not self.rc.resume:
+            return make()
+        self.ckpt = load_checkpoint(self.ckpt_path)
+        check_checkpoint(self.ckpt, f"checkpoint {self.ckpt_path}", self.kind, tasks.Tokenizer())
+        bad = config_mismatches(self.ckpt, self.cfg, self.rc)
+        bad += model_mismatches(self.ckpt, self.model_flags, self.mcfg)
+        if bad:
+            raise ConfigError(f"checkpoint {self.ckpt_path} does not match this run's config in: "
+                              f"{', '.join(bad)}")
+        self.start = self.step = self.saved_step = self.ckpt["step"]
+        self.mcfg = ModelConfig(**self.ckpt["model_config"])
+        return cls(self.mcfg).to(self.device)
+
+    def streams(self):
+        """This rank's problem stream (a random.Random) and sampling generator (a torch.Generator on
+        the run's device), both of this kind of run only."""
+        data = random.Random(stream_seed(self.rc.seed, self.kind, self.rank))
+        gen = torch.Generator(device=self.device)
+        return data, gen.manual_seed(stream_seed(self.rc.seed, self.kind, self.rank, "sampling"))
+
+    def wrap(self, net, shared_prefix=False):
+        """What the update calls: net (or, with shared_prefix, net.forward_shared_prefix) under
+        torch.compile with --compile, and DDP under torchrun (experts unused by a micro-batch get no
+        gradient, hence find_unused_parameters). DDP and compile wrap a module's forward."""
+        module = SharedPrefix(net) if shared_prefix else net
+        if self.rc.compile:
+            module = torch.compile(module)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(module, device_ids=ids, find_unused_parameters=True)
+        return net.forward_shared_prefix if shared_prefix and not self.rc.compile else module
+
+    def begin(self, held=None, **state):
+        """Name the run's state (saved in every checkpoint), restore it on --resume, then open the
+        run folder: from here on the run writes. state["model"] is the trained network, whose
+        config the checkpoint records; held: networks the run holds but does not save."""
+        self.state, self.mcfg = state, state["model"].cfg
+        note = None
+        for name, thing in state.items() if self.ckpt is not None else ():
+            if name == "streams":
+                note = self._restore_streams(*thing)
+            elif isinstance(thing, dict):
+                thing.update(self.ckpt[name])
+            else:
+                thing.load_state_dict(self.ckpt[name])
+        nets = {k: v for k, v in {**state, **(held or {})}.items() if isinstance(v, torch.nn.Module)}
+        self.params = {f"params_{k.replace(' ', '_')}": _parameters(v) for k, v in nets.items()}
+        if self.main:
+            self._open_folder()
+        self.opened = True
+        if self.main and not self.rc.quiet:
+            print("networks held: " + ", ".join(f"{k} {_parameters(v):,}" for k, v in nets.items())
+                  + (f"\nnote: {note}" if note else ""))
+
+    def _restore_streams(self, data, gen=None):
+        """This rank's random state, exactly, on the world size the run was saved with (bitwise
+        resume). On another one the saved streams cannot be split or merged: every rank starts
+        fresh streams seeded by (seed, kind, rank, step), distinct from the run's earlier ones."""
+        states = self.ckpt["rng"]
+        if len(states) == self.world:
+            s = states[self.rank]
+            torch.set_rng_state(s["torch"])
+            np.random.set_state(s["numpy"])
+            random.setstate(s["python"])
+            data.setstate(s["data"])
+            if gen is not None:
+                gen.set_state(s["generator"])
+            if s.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(s["cuda"])
+            return None
+        part = f"resumed at step {self.start} on {self.world} ranks"
+        data.seed(stream_seed(self.rc.seed, self.kind, self.rank, part))
+        torch.manual_seed(stream_seed(self.rc.seed, self.kind, self.rank, part + "/torch"))
+        if gen is not None:
+            gen.manual_seed(stream_seed(self.rc.seed, self.kind, self.rank, part + "/sampling"))
+        return (f"the run was saved on {len(states)} rank(s) and resumes on {self.world}: every "
+                f"rank draws a fresh problem stream from step {self.start} on, so the run is not "
+                "bitwise the one it would have been")
+
+    def _open_folder(self):
+        """Locked for the run (a second run into it fails at once); stale temporary files of killed
+        writes removed; config.json written; metrics.jsonl cut to the resumed step."""
+        out = self.rc.out_dir
+        os.makedirs(out, exist_ok=True)
+        self.lock = lock_run_folder(out)
+        self._check_not_a_finished_run()  # again, under the lock
+        for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp.*")):
+            os.remove(tmp)  # a killed write's leftovers: nothing else writes here while we hold it
+        configs = {self.kind: config_dict(self.cfg), "model": config_dict(self.mcfg),
+                   "run": config_dict(self.rc)}
+        atomic_write(os.path.join(out, "config.json"), json.dumps(configs, indent=2))
+        path = os.path.join(out, "metrics.jsonl")
+        kept = kept_metrics(path, self.start) if self.rc.resume and os.path.exists(path) else []
+        atomic_write(path, "".join(kept))
+        self.metrics = open(path, "a")
+
+    def input(self, name, path):
+        """Tie a data file the run reads to its checkpoints: its digest is saved with them, and a
+        resume on another file (or none) is refused."""
+        digest = file_digest(path) if os.path.exists(path) else None
+        if self.ckpt is not None and digest != self.ckpt.get("inputs", {}).get(name):
+            raise CheckpointError(f"{path} is missing or is not the data this run trained on (a "
+                                  f"later run in {self.rc.out_dir} rewrote it?): start the run "
+                                  "again without --resume")
+        self.inputs[name] = digest
+
+    # ---- the loop: progress, metrics, evaluations, checkpoints, signals
+
+    def steps(self, total, first=None, desc=None):
+        """The steps first, ..., total - 1 (first: the resumed step) under a progress bar, ending
+        early at --stop_at. run.step counts the steps taken, over every call (DPO's rounds)."""
+        first = self.start if first is None else first
+        self.total, self.t0 = total, time.perf_counter()
+        if first >= total and self.main and not self.rc.quiet and desc is None:
+            print(f"{self.ckpt_path} is already at step {first} of {total}: nothing to do")
+        self.bar = tqdm(total=total, initial=first, desc=desc, dynamic_ncols=True,
+                        disable=not self.main or self.rc.quiet)
+        if self._signalled():  # a signal before the first step
+            self._exit_on_signal(self.step)
+        for i in range(first, total):
+            if self.rc.stop_at and self.step >= self.rc.stop_at:
+                self.stopped = True
+                break
+            self.t0, self.step, self.at_end = time.perf_counter(), self.step + 1, i == total - 1
+            yield i
+            self.bar.update()
+        self.bar.close()
+
+    def elapsed(self):
+        """Seconds since the current step began."""
+        return time.perf_counter() - self.t0
+
+    def due(self, step, every):
+        """Whether `step` ends an interval of `every` steps, or the loop."""
+        return step % every == 0 or self.at_end
+
+    def log(self, record, show=()):
+        """One JSON line in metrics.jsonl (rank 0), with the peak memory, and at the first step the
+        parameters of every network held; `show`: the keys the progress bar shows."""
+        record = {**record, **(self.params if record["step"] == 1 else {}),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        self._write(record, "train")
+        shown = {k: f"{record[k]:.3f}" for k in show}
+        if (self.last_eval or {}).get("greedy_acc") is not None:
+            shown["acc"] = f"{self.last_eval['greedy_acc']:.3f}"
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def eval(self, step, metrics):
+        """Log and print a held-out evaluation (metrics: {} on ranks that do not evaluate)."""
+        if metrics:
+            self._write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}, "eval")
+            if not self.rc.quiet:
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        self.last_eval = metrics
+        self.first_eval = metrics if self.first_eval is None else self.first_eval
+        return metrics
+
+    def _write(self, record, kind):
+        if self.metrics is not None:
+            rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+            self.metrics.write(json.dumps({"step": record["step"], "kind": kind, **rounded}) + "\n")
+            self.metrics.flush()
+
+    def end_step(self, step, finished=None):
+        """After each step: a checkpoint every ckpt_every steps, once the run is finished (by
+        default: at the loop's last step; a script ending early passes True), at --stop_at and on
+        a signal; then a signal stops the run, resumable."""
+        finished = self.at_end if finished is None else finished
+        interrupted = self._signalled()
+        stop = self.rc.stop_at and step >= self.rc.stop_at
+        if step % self.rc.ckpt_every == 0 or self.at_end or finished or stop or interrupted:
+            self.save(step, done=finished)
+        self.finished = finished
+        if interrupted:
+            self._exit_on_signal(step)
+
+    def save(self, step, done):
+        """Write ckpt.pt atomically (rank 0), unless a weight or an optimiser state is NaN or
+        infinite: then raise NonFinite and keep the last good checkpoint."""
+        payload = {k: (dict(v) if isinstance(v, dict) else v.state_dict())
+                   for k, v in self.state.items() if k != "streams"}
+        bad = non_finite(payload)
         if bad is not None:
-            raise NonFiniteState(f"non-finite values in {bad} after step {step}, not saved; {self.last_good()}")
-        if self.enabled:
+            raise NonFinite(f"non-finite values in {bad} after step {step}, not saved")
+        if "streams" in self.state:
+            data, gen = self.state["streams"]
+            payload["rng"] = gather_objects({
+                "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate(), "data": data.getstate(), "generator": gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        payload.update(step=step, done=done, world_size=self.world, kind=self.kind,
+                       config=config_dict(self.cfg), model_config=config_dict(self.mcfg),
+                       run_config=config_dict(self.rc), inputs=self.inputs,
+                       tokenizer=tasks.Tokenizer().definition())
+        if self.main:
             save_checkpoint(self.ckpt_path, payload)
         self.saved_step = step
 
@@ -540,141 +831,63 @@ class RunFolder:
             return "no checkpoint of this run was written"
         return f"the last good checkpoint ({self.ckpt_path}, step {self.saved_step}) was kept"
 
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-        if self.lock is not None:
-            self.lock.close()
-        self.f = self.lock = None
+    # ---- signals
 
-
-class MetricsLog:
-    """One JSON line per (step, kind) in metrics.jsonl: kind "train" after each optimiser step, "eval"
-    for a held-out evaluation. Resuming from a checkpoint of step k keeps the lines of steps <= k
-    (every one of them was logged before that checkpoint was written) and drops what a killed run
-    wrote after it, a torn last line included, so the file reads the same whatever the history of
-    kills and resumes."""
-
-    def __init__(self, path, resume_step=None):
-        kept = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.append(line)
-                    except (ValueError, KeyError, TypeError):
-                        pass  # a line torn by a kill
-        self.f = open(path, "w")
-        self.f.writelines(kept)
-        self.f.flush()
-
-    def log(self, record, kind):
-        rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-        self.f.write(json.dumps({"step": record["step"], "kind": kind, **rounded}) + "\n")
-        self.f.flush()
-
-    def close(self):
-        self.f.close()
-
-
-class GracefulStop:
-    """On SIGINT (Ctrl-C) or SIGTERM, let the current step finish, then the loop writes a checkpoint
-    and exits. A second signal stops at once. Use as a context manager around the loop; ask
-    `requested()` once per step (under torchrun every rank asks, so all stop at the same step)."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def _handle(self, signum, frame):
+    def _on_signal(self, signum, frame):
         self.signum = signum
-        for s, h in self.previous.items():  # the next signal gets the default behaviour: stop now
+        for s, h in self.previous_handlers.items():  # a second signal: the default, stop now
             signal.signal(s, h)
 
-    def __enter__(self):
-        for s in self.SIGNALS:
-            self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-    def requested(self, device):
+    def _signalled(self):
+        """Whether any rank got a signal (every rank asks at the same step, so all stop there)."""
         got = float(self.signum is not None)
-        return (all_reduce_sum({"stop": got}, device)["stop"] if is_dist() else got) > 0
+        return (all_reduce_sum({"stop": got}, self.device)["stop"] if is_dist() else got) > 0
 
-    def exit(self, out_dir, step, hint=None, close=()):
-        """Close `close` (progress bar, run folder), print where the checkpoint is and how to go on, then
-        exit with 128 + the signal number."""
-        for thing in close:
-            thing.close()
-        hint = hint or "to continue, run the same command with --resume"
+    def _exit_on_signal(self, step):
         name = signal.Signals(self.signum).name if self.signum else "signal"
-        if rank() == 0:
-            print(f"stopped by {name} after step {step}: checkpoint saved in {out_dir}; {hint}", file=sys.stderr)
-        cleanup_dist()
+        if self.main:
+            where = (f"checkpoint saved in {self.rc.out_dir}; {self.hint}"
+                     if self.saved_step is not None else "no checkpoint of this run was written")
+            print(f"stopped by {name} after step {step}: {where}", file=sys.stderr)
+        self._close(clean=False)
         sys.exit(128 + (self.signum or signal.SIGINT))
 
+    # ---- the end
 
-def finish_run(run, first, last, what, show, owns_dist):
-    """The end of a train script's main(): print the held-out metrics before -> after (if `show`),
-    close the run folder, and take down the process group the script set up."""
-    if show and first and last:
-        print(f"before -> after {what}: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last))
-    run.close()
-    if owns_dist:
-        cleanup_dist()
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, RunError):
+            print(f"error: {self._one_line(exc)}", file=sys.stderr)
+            self._close(clean=False)
+            sys.exit(1)
+        if exc is None and self.main and not self.rc.quiet and self.finished:
+            first, last = self.first_eval or {}, self.last_eval or {}
+            if self.start == 0 and last and set(last) <= set(first):
+                print(f"before -> after {self.kind}: "
+                      + ", ".join(f"{k} {first[k]:.3f} -> {v:.3f}" for k, v in last.items()))
+        self._close(clean=exc is None)
+        return False
 
+    def _one_line(self, exc):
+        message = str(exc)
+        if isinstance(exc, NonFinite) and self.step:
+            message += f" (at step {self.step}; lower --lr?)"
+        if isinstance(exc, Collapse) and (self.saved_step or 0) >= exc.since:
+            return (f"{message}; checkpoints from step {exc.since} on ({self.ckpt_path}) hold the "
+                    "collapsed policy")
+        return f"{message}; {self.last_good()}" if self.opened else message
 
-def die(message):
-    """Stop the run with a one-line message (every rank)."""
-    print(f"error: {message}", file=sys.stderr)
-    cleanup_dist()
-    sys.exit(1)
-
-
-class Timer:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self):
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
-def networks_held(nets):
-    """{name: parameter count} of every network a script holds, and the line that prints it."""
-    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
-    line = ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})"
-    return {f"params_{k.replace(' ', '_')}": v for k, v in counts.items()}, "networks held: " + line
-
-
-def peak_memory(device):
-    """Peak memory so far, in MiB: the process's resident set (Linux reports ru_maxrss in KiB), and on CUDA the
-    allocator's peak. These are what set PPO's cost beside GRPO's."""
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return out
-
-
-def write_jsonl(path, rows):
-    """One JSON object per line, written atomically (a temporary file renamed over `path`)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def file_digest(path):
-    """SHA-256 of a file's bytes: ties a data file to the checkpoints trained on it."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    def _close(self, clean):
+        if self.bar is not None:
+            self.bar.close()
+        for s, h in self.previous_handlers.items():
+            signal.signal(s, h)
+        self.previous_handlers = {}
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.close()
+        self.metrics = self.lock = None
+        if clean and self.world > 1:  # no rank reads a file (a warm start's) before it is written
+            dist.barrier()
+        if self.owns_dist:
+            cleanup_dist()

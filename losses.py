@@ -102,6 +102,27 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
+def grpo_aggregation(mask, loss_type, max_completion_len=None):
+    """How GRPO sums its per-token losses l_{i,t} over a batch, and what it divides the sum by:
+
+        grpo    : sum_i (1/|o_i|) sum_t l_{i,t}  /  N                        (DeepSeekMath eq. 3)
+        dapo    : sum_{i,t} l_{i,t}              /  sum_i |o_i|              (arXiv 2503.14476)
+        dr_grpo : sum_{i,t} l_{i,t}              /  (N * max_completion_len) (arXiv 2503.20783)
+
+    mask: (N, T), 1 on o_i's tokens; N counts the rows left in (a row filtered out has an all-zero
+    mask and weighs nothing). Returns (|o_i| (N,), each row's divisor for grpo's per-sequence mean,
+    or None: the tokens are summed at once; the denominator, a float tensor). The one switch on
+    loss_type: the loss and the update's whole-step denominator both come from here."""
+    kept = mask.any(1).sum().float()
+    if loss_type == "grpo":
+        return mask.sum(1).clamp_min(1.0), kept
+    if loss_type == "dapo":
+        return None, mask.sum()
+    if loss_type == "dr_grpo":
+        return None, kept * (mask.size(1) if max_completion_len is None else max_completion_len)
+    raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None, beta=0.04,
               loss_type="grpo", logits=None, max_completion_len=None, normalizer=None):
     """GRPO's clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3), to be minimised:
@@ -109,22 +130,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_h
         rho_t = exp(logp_t - old_logp_t)
         l_t   = -[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t) - beta * k3_t ]
 
-    aggregated over tokens by loss_type:
-        grpo    : 1/N sum_i 1/|o_i| sum_t l_{i,t}         (DeepSeekMath: mean per sequence, then over sequences)
-        dapo    : sum_{i,t} l_{i,t} / sum_i |o_i|          (token mean over the batch)
-        dr_grpo : sum_{i,t} l_{i,t} / (N * max_completion_len)   (a constant divisor)
-
-    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) outcome or (N, T) process.
-    epsilon_high defaults to epsilon (DAPO's clip-higher sets it larger, e.g. 0.28).
-    normalizer: the divisor to use instead of this batch's (N for grpo, the token count for dapo,
-    N * max_completion_len for dr_grpo); pass the whole step's value when the batch is split into
-    micro-batches or over ranks, so that the summed gradients equal the whole batch's.
-    With one update per rollout (num_iterations = num_minibatches = 1), rho = 1 and clipping never
-    binds (only its gradient matters); later minibatches or passes see rho != 1.
-    Returns (loss, metrics) with clip fractions, mean KL, mean ratio and, given logits (N, T, V), the
-    mean entropy over masked tokens."""
-    if loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+    summed and divided as loss_type says (grpo_aggregation). logp, old_logp, ref_logp, mask:
+    (N, T); advantages: (N,) outcome or (N, T) process. epsilon_high defaults to epsilon (DAPO's
+    clip-higher sets it larger, e.g. 0.28). normalizer: the denominator of the whole step, when the
+    batch is split into micro-batches or over ranks (so that the summed gradients equal the whole
+    batch's); by default this batch's. With one update per rollout (num_iterations =
+    num_minibatches = 1), rho = 1 and clipping never binds (only its gradient matters); later
+    minibatches or passes see rho != 1. Returns (loss, metrics): clip fractions, mean KL, mean
+    ratio and, given logits (N, T, V), the mean entropy over masked tokens."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.ndim == 1 else advantages  # (N, 1) or (N, T)
@@ -132,16 +145,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_h
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     surrogate = torch.min(ratio * adv, clipped * adv)  # (N, T)
     kl = kl_k3(logp, ref_logp)  # (N, T)
-    per_token = -(surrogate - beta * kl)  # (N, T)
-    N, T = mask.shape
-    if loss_type == "grpo":
-        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (N,)
-        loss = per_seq.sum() / (N if normalizer is None else normalizer)
-    elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
-    else:
-        L = T if max_completion_len is None else max_completion_len
-        loss = (per_token * mask).sum() / (N * L if normalizer is None else normalizer)
+    per_token = -(surrogate - beta * kl) * mask  # (N, T)
+    lengths, denominator = grpo_aggregation(mask, loss_type, max_completion_len)
+    if lengths is not None:  # grpo: each sequence's mean first
+        per_token = per_token.sum(1) / lengths  # (N,)
+    loss = per_token.sum() / (denominator if normalizer is None else normalizer)
     with torch.no_grad():
         n_tok = mask.sum().clamp_min(1.0)
         adv_full = adv.expand_as(ratio)

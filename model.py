@@ -169,10 +169,10 @@ class MLA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         qk_head_dim = self.nope + self.rope
-        if cfg.q_lora_rank == 0:
+        if self.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -188,7 +188,10 @@ class MLA(nn.Module):
         """x: (B, T, D); mask: (B, 1, T, S) bool (True = may attend) or None for plain causal."""
         B, T, _ = x.shape
         H = self.n_heads
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(P+R))
+        if self.q_lora_rank == 0:
+            q = self.wq(x)  # (B, T, H*(P+R))
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(P+R))
         q_nope, q_pe = q.view(B, T, H, -1).split([self.nope, self.rope], dim=-1)  # (B, T, H, P), (B, T, H, R)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, C), (B, T, R)
@@ -350,11 +353,11 @@ class Transformer(nn.Module):
                            v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in range(n)]
 
     def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
-                cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None, continuations=None):
+                cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None):
         """idx: (B, T) token ids.
-        targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it counts.
-        positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded batches pass
-        their own so that each row's first real token sits at position 0.
+        targets: (B, T), targets[:, t] is the token after idx[:, t]; loss_mask: (B, T), 1 where it
+        counts. positions: (B, T) RoPE positions (default start_pos + arange(T)); left-padded
+        batches pass their own so that each row's first real token sits at position 0.
         pad_mask: (B, start_pos + T) bool, False for padding tokens (default: none): they are never
         attended to, and the MoE routers count only real tokens in their loads and balance loss.
         cache: from new_cache(); the new tokens are written at [start_pos, start_pos + T).
@@ -362,13 +365,7 @@ class Transformer(nn.Module):
         return_hidden. The loss is token-mean CE + mtp_lambda * mean_k CE_k + the balance losses.
         num_tokens / num_seqs: the counts that the CE sums and the per-sequence balance losses are
         divided by (default: this batch's). A batch split into micro-batches or over ranks passes
-        the whole batch's counts, so that the summed gradients equal the whole batch's gradient.
-        continuations: (group (N,), ids (N, L), mask (N, L)): score N continuations of the B
-        prefixes in idx (left-padded, pad_mask their real tokens) with forward_shared_prefix; the
-        returned logits are then (N, L, V), logits[:, t] predicting ids[:, t]."""
-        if continuations is not None:
-            logits, hidden = self.forward_shared_prefix(idx, pad_mask, *continuations)
-            return (logits, None, hidden) if return_hidden else (logits, None)
+        the whole batch's counts, so that the summed gradients equal the whole batch's gradient."""
         B, T = idx.shape
         h, balance, freqs_cis, mask, real = self.trunk(idx, positions, pad_mask, cache, start_pos)
         hidden = self.norm(h)
@@ -378,10 +375,15 @@ class Transformer(nn.Module):
             if num_tokens is None:
                 num_tokens = B * T if loss_mask is None else loss_mask.sum().clamp_min(1)
             ce = masked_sum(-token_logprobs(logits, targets), loss_mask) / num_tokens
-            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask, num_tokens, real)
-            balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)  # MoE gives a mean over B
+            mtp, mtp_balance = self._mtp_loss(idx, h, targets, loss_mask, freqs_cis, mask,
+                                              num_tokens, real)
+            balance = (balance + mtp_balance) * (1.0 if num_seqs is None else B / num_seqs)
             loss = ce + self.cfg.mtp_lambda * mtp + balance
-            self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
+            # the parts for logging, detached as one stacked tensor: under torch.compile (Inductor,
+            # torch 2.13) a detached ce of its own came back as the loss itself when the other
+            # parts were 0, and the loss had no gradient
+            parts = torch.stack([ce, mtp, balance]).detach()
+            self.loss_parts = dict(zip(("ce", "mtp", "balance"), parts))
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     def trunk(self, idx, positions=None, pad_mask=None, cache=None, start_pos=0):
@@ -485,74 +487,17 @@ class ScalarModel(nn.Module):
         self.value_head = nn.Linear(cfg.dim, 1, bias=False)
         nn.init.zeros_(self.value_head.weight)
 
-    def forward(self, idx, positions=None, pad_mask=None, continuations=None):
-        """idx, positions, pad_mask, continuations as Transformer.forward -> a scalar per position
-        (B, T), or per continuation position (N, L) given continuations."""
-        _, _, hidden = self.body(idx, positions=positions, pad_mask=pad_mask, return_hidden=True,
-                                 continuations=continuations)  # (B, T, D) or (N, L, D)
-        return self.value_head(hidden).squeeze(-1).float()
+    def forward(self, idx, positions=None, pad_mask=None):
+        """idx, positions, pad_mask as Transformer.forward -> a scalar per position (B, T)."""
+        _, _, hidden = self.body(idx, positions=positions, pad_mask=pad_mask, return_hidden=True)
+        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 
-    @torch.no_grad()
-    def score(self, prompts, completions, pad_id):
-        """Score a batch of (prompt, completion) token-id lists: the scalar at the last real token of
-        each `prompt + completion` (B,), each distinct prompt run once (the RM's AUC scores several
-        samples of each held-out prompt)."""
-        index = {}
-        group = [index.setdefault(tuple(p), len(index)) for p in prompts]  # (B,) first appearance order
-        return score_completions(self, [list(p) for p in index], group, completions, pad_id, self.value_head.weight.device)
-
-
-def score_completions(scalar_model, prompts, group, completions, pad_id, device):
-    """A ScalarModel's score of each `prompts[group[n]] + completions[n]` (token-id lists): its
-    scalar at the last real token (N,), from one forward in which each prompt runs once
-    (forward_shared_prefix). Column t of that forward's output has read the prompt and
-    completion[:t]: the score sits at column len(completion). `scalar_model` may be DDP-wrapped."""
-    prefixes, prefix_mask, conts = shared_prefix_args(prompts, group, completions, pad_id, device)
-    values = scalar_model(prefixes, pad_mask=prefix_mask, continuations=conts)  # (N, L)
-    lengths = conts[2].sum(1)  # (N,)
-    return values.gather(1, lengths[:, None]).squeeze(1)
-
-
-def left_pad(prompts, pad_id, device):
-    """prompts: list of token-id lists -> (ids (B, P), mask (B, P) bool)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = True
-    return ids.to(device), mask.to(device)
-
-
-def shared_prefix_args(prompts, group, completions, pad_id, device):
-    """Token-id lists -> Transformer.forward_shared_prefix's arguments: (prefixes (U, P) left-padded,
-    their mask (U, P), continuations=(group (N,), completions (N, L) right-padded with at least one
-    pad, their mask (N, L) bool)). prompts: U lists; group: N ints, the prompt each completion
-    follows; completions: N lists. The forward never runs a continuation's last column; the extra pad
-    column makes it run every real token, whatever the longest completion in the batch: each real
-    token's output exists (a reward model's score sits at column len(completion)) and counts in the
-    router loads, so that micro-batches count what their whole batch counts."""
-    prefixes, prefix_mask = left_pad(prompts, pad_id, device)
-    ids, _ = right_pad([list(c) + [pad_id] for c in completions], pad_id, device)  # (N, L) L = longest + 1
-    lengths = torch.tensor([len(c) for c in completions], device=device)  # (N,)
-    mask = torch.arange(ids.size(1), device=device)[None, :] < lengths[:, None]  # (N, L) the pads are not real
-    return prefixes, prefix_mask, (torch.as_tensor(group, device=device), ids, mask)
-
-
-def right_pad(seqs, pad_id, device):
-    """Token-id lists -> (idx (B, T) right-padded with pad_id, pad_mask (B, T) bool, True on real tokens)."""
-    lengths = torch.tensor([len(x) for x in seqs])
-    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        idx[i, :len(x)] = torch.tensor(x)
-    return idx.to(device), (torch.arange(idx.size(1))[None, :] < lengths[:, None]).to(device)
-
-
-def last_real(values, pad_mask):
-    """values (B, T) read at each row's last real token (pad_mask True): (B,). Works for left and
-    right padding alike."""
-    last = pad_mask.long().cumsum(1).argmax(1)  # (B,) the first index where the count of real tokens peaks
-    return values.gather(1, last[:, None]).squeeze(1)
+    def forward_shared_prefix(self, prefix_ids, prefix_mask, group, cont_ids, cont_mask):
+        """As Transformer.forward_shared_prefix -> a scalar per continuation position (N, L): the
+        one at t has read the prefix and cont_ids[:, :t]."""
+        _, hidden = self.body.forward_shared_prefix(prefix_ids, prefix_mask, group, cont_ids,
+                                                    cont_mask)
+        return self.value_head(hidden).squeeze(-1).float()  # (N, L)
 
 
 def param_counts(model):

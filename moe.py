@@ -140,9 +140,39 @@ def max_violation(load):
     return ((load.float().max() - mean) / mean.clamp_min(1e-9)).item()
 
 
-def flipped_fraction(before, after, valid):
-    """Fraction of routing decisions (token x layer) whose expert set differs between two forwards
-    of the same tokens (PITFALLS 12). before, after: lists over layers of (n, S, K) expert indices;
-    valid: (n, S) bool, the real tokens."""
-    flips = [((b.sort(-1)[0] != a.sort(-1)[0]).any(-1) & valid).sum() for b, a in zip(before, after)]
-    return float(sum(flips)) / max(1.0, float(valid.sum()) * len(flips))
+class RouteRecorder:
+    """While active, records the experts every MoE layer of a model's main blocks chose for each
+    token of each forward (with which tokens were real), through forward hooks. Two recordings of
+    the same forwards, pi_old's scoring and the update's, give the fraction of routing decisions
+    that flipped between them: the importance ratio of an RL update then compares two differently
+    routed networks (a known instability of RL on MoE models)."""
+
+    def __init__(self, model):
+        self.layers = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+        self.routes = []  # (indices (B, T, K), real tokens (B, T) bool) per MoE call, in order
+
+    def __enter__(self):
+        self.hooks = [m.register_forward_hook(self._record) for m in self.layers]
+        return self
+
+    def _record(self, module, args, output):
+        indices = module.last_indices  # (B, T, K)
+        real = args[1] if len(args) > 1 and args[1] is not None else indices.new_ones(indices.shape[:2])
+        self.routes.append((indices, real.bool()))
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+    def flipped_fraction(self, before):
+        """The fraction of real tokens' routing decisions (token x layer) whose expert set differs
+        from `before`'s recording of the same forwards (this one may repeat them: several passes
+        over one rollout). 0 when either recorded nothing."""
+        if not before.routes or not self.routes:
+            return 0.0
+        flips = total = 0
+        for i, (after, real) in enumerate(self.routes):
+            old = before.routes[i % len(before.routes)][0]
+            flips += int(((old.sort(-1)[0] != after.sort(-1)[0]).any(-1) & real).sum())
+            total += int(real.sum())
+        return flips / max(total, 1)

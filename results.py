@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 
@@ -139,10 +140,13 @@ PANELS = {
 
 def shared_init(**settings):
     """The SFT warm start of the RL configs with these settings (out/sft by default); made here if
-    missing, so that no run's time includes it."""
-    cfg = train_grpo.GRPOConfig(quiet=True, **settings)
-    train_sft.load_or_make_init(cfg, tasks.Tokenizer(), set(), ModelConfig(), torch.device("cpu"))
-    return train_sft.init_path(cfg)
+    missing, so that no run's time includes it. load_or_make_init reads what it needs of a run
+    (its model flags and config, its run config, its device) from the namespace."""
+    cfg = train_grpo.GRPOConfig(**settings)
+    run = types.SimpleNamespace(model_flags=set(), mcfg=ModelConfig(), main=True,
+                                rc=common.RunConfig(quiet=True), device=torch.device("cpu"))
+    train_sft.load_or_make_init(cfg, run)
+    return cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
 
 
 def read_run(out_dir):
@@ -188,7 +192,7 @@ def run_methods(name, methods, seeds, steps):
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9-]+", "_", method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
             folder = os.path.join("out", "results", name, slug, f"seed{seed}")
-            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet"]
+            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", "--overwrite"]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
             elif steps:
@@ -232,7 +236,8 @@ def passk(args):
     claim = "RL raises maj@k more than pass@k: it sharpens the distribution more than it adds ability (DeepSeekMath Figure 7)"
     print(f"passk: {claim}")
     folder = os.path.join("out", "results", "passk", "grpo")
-    train_grpo.main(["--out_dir", folder, "--quiet"] + (["--steps", str(args.steps)] if args.steps else []))
+    train_grpo.main(["--out_dir", folder, "--quiet", "--overwrite"]
+                    + (["--steps", str(args.steps)] if args.steps else []))
     tok, task = tasks.Tokenizer(), tasks.get_task("add", 0)
     problems, ks, out = task.eval_set(256), list(range(1, 17)), {}
     for label, path in (("SFT init", shared_init()), ("after GRPO", os.path.join(folder, "ckpt.pt"))):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import common
 import losses
 import tasks
-from model import attention_mask, expand_cache, left_pad
+from model import attention_mask, expand_cache
 
 
 @dataclass
@@ -53,51 +53,112 @@ class Rollout:
 
 @dataclass
 class Experience:
-    """One RL step's rollout batch and what the update derives from it (GRPO-Zero's Episode, OpenRLHF's
-    Experience): the same object feeds GRPO's and PPO's updates. Rows are N = B*G completions."""
-    rollout: Rollout                       # prompts, completions, the sampler's log-probs
-    rewards: torch.Tensor                  # (N,) the task's (or a reward model's) score of each completion
-    advantages: torch.Tensor               # (N,) outcome or (N, L) per-token advantages
-    mask: torch.Tensor                     # (N, L) completion tokens that count in the loss (filtered rows: 0)
-    old_logp: torch.Tensor = None          # (N, L) log pi_old, the policy that sampled
-    ref_logp: torch.Tensor = None          # (N, L) log pi_ref, the frozen reference
-    routes: dict = None                    # experts pi_old routed each micro-batch to (PITFALLS 12)
-    values: torch.Tensor = None            # (N, L) PPO: the critic's V_old
-    returns: torch.Tensor = None           # (N, L) PPO: GAE returns
+    """One RL step's rollout batch and what the update derives from it (GRPO-Zero's Episode,
+    OpenRLHF's Experience): the same object feeds GRPO's and PPO's updates. Rows are N = B*G."""
+    rollout: Rollout  # prompts, completions, the sampler's log-probs
+    rewards: torch.Tensor  # (N,) the task's (or a reward model's) score of each completion
+    advantages: torch.Tensor  # (N,) outcome or (N, L) per-token advantages
+    mask: torch.Tensor  # (N, L) completion tokens that count in the loss (filtered rows: 0)
+    old_logp: torch.Tensor = None  # (N, L) log pi_old, the policy that sampled
+    ref_logp: torch.Tensor = None  # (N, L) log pi_ref, the frozen reference
+    values: torch.Tensor = None  # (N, L) PPO: the critic's V_old
+    returns: torch.Tensor = None  # (N, L) PPO: GAE returns
+    batches: list = None  # GRPO: the update's minibatches, each a list of micro-batches of rows
+    routes: object = None  # GRPO: the experts pi_old chose (a moe.RouteRecorder)
 
 
-def shared_prefix_batch(r, rows, device):
-    """The forward arguments that score rollout r's `rows` with each prompt run once
-    (Transformer.forward_shared_prefix): (prompts (U, P), their masks, continuations=(group (n,),
-    completions (n, L), completion masks (n, L)))."""
-    rows = torch.as_tensor(rows, device=r.completion_ids.device)  # index on the rollout's device (CUDA too)
+# ----------------------------------------------------------------------------------------------
+# Batching: token lists to padded tensors, and scoring completions with each prompt run once
+
+
+def left_pad(prompts, pad_id, device):
+    """prompts: list of token-id lists -> (ids (B, P), mask (B, P) bool)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs, pad_id, device):
+    """Token-id lists -> (idx (B, T) right-padded with pad_id, pad_mask (B, T) bool, True on real
+    tokens)."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        idx[i, :len(x)] = torch.tensor(x)
+    return idx.to(device), (torch.arange(idx.size(1))[None, :] < lengths[:, None]).to(device)
+
+
+def last_real(values, pad_mask):
+    """values (B, T) read at each row's last real token (pad_mask True): (B,). Works for left and
+    right padding alike."""
+    last = pad_mask.long().cumsum(1).argmax(1)  # (B,) the first index where the count peaks
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def shared_prefix_args(prompts, group, completions, pad_id, device):
+    """Token-id lists -> the arguments of a network's forward_shared_prefix: (prefixes (U, P)
+    left-padded, their mask (U, P), group (N,), completions (N, L) right-padded with at least one
+    pad, their mask (N, L) bool). prompts: U lists; group: N ints, the prompt each completion
+    follows; completions: N lists. The forward never runs a continuation's last column; the extra
+    pad column makes it run every real token, whatever the longest completion in the batch: each
+    real token's output exists (a reward model's score sits at column len(completion)) and counts
+    in the router loads, so that micro-batches count what their whole batch counts."""
+    prefixes, prefix_mask = left_pad(prompts, pad_id, device)
+    ids, _ = right_pad([list(c) + [pad_id] for c in completions], pad_id, device)  # (N, L)
+    lengths = torch.tensor([len(c) for c in completions], device=device)  # (N,)
+    mask = torch.arange(ids.size(1), device=device)[None, :] < lengths[:, None]  # (N, L) real
+    return prefixes, prefix_mask, torch.as_tensor(group, device=device), ids, mask
+
+
+def shared_prefix_batch(r, rows):
+    """The forward_shared_prefix arguments that score rollout r's `rows` with each prompt run once:
+    (prompts (U, P), their masks, group (n,), completions (n, L), completion masks (n, L))."""
+    rows = torch.as_tensor(rows, device=r.completion_ids.device)
     group = rows if r.group is None else r.group[rows]
-    uniq, inv = torch.unique(group, return_inverse=True)  # (U,), (n,): the prompts among these rows
+    uniq, inv = torch.unique(group, return_inverse=True)  # (U,), (n,): the prompts of these rows
     first = torch.full((len(uniq),), len(rows), device=rows.device).scatter_reduce(
         0, inv, torch.arange(len(rows), device=rows.device), "amin")  # (U,) a row of each
-    conts = (inv.to(device), r.completion_ids[rows].to(device), r.completion_mask[rows].bool().to(device))
-    return r.prompt_ids[rows[first]].to(device), r.prompt_mask[rows[first]].to(device), conts
+    return (r.prompt_ids[rows[first]], r.prompt_mask[rows[first]], inv, r.completion_ids[rows],
+            r.completion_mask[rows].bool())
 
 
-def completion_logprobs(model, r, rows, device, temperature=1.0):
+def completion_logprobs(forward, r, rows, temperature=1.0):
     """log pi(o_t | q, o_<t) of the completion tokens of rollout r's `rows`: (n, L), and the logits
-    (n, L, V), from one forward in which each prompt runs once for its whole group. The logits are
-    divided by the sampling temperature, so that pi is the distribution the tokens were sampled from.
-    The one log-prob helper of GRPO and PPO (pi_old, pi_ref and the update)."""
-    prompts, prompt_mask, conts = shared_prefix_batch(r, rows, device)
-    logits, _ = model(prompts, pad_mask=prompt_mask, continuations=conts)  # (n, L, V): logits[:, t] predict token t
+    (n, L, V), from one forward in which each prompt runs once for its whole group. forward: a
+    network's forward_shared_prefix, or what Run.wrap(net, shared_prefix=True) made of it. The
+    logits are divided by the sampling temperature, so that pi is the distribution the tokens were
+    sampled from. The one log-prob helper of GRPO and PPO (pi_old, pi_ref and the update)."""
+    args = shared_prefix_batch(r, rows)
+    logits, _ = forward(*args)  # (n, L, V): logits[:, t] predict token t
     logits = logits / temperature
-    return losses.token_logprobs(logits, conts[1]), logits
+    return losses.token_logprobs(logits, args[3]), logits
 
 
-def completion_values(critic, r, rows, device):
-    """A critic's (model.ScalarModel) value of every completion position of rollout r's `rows`:
-    (n, L), V_t read where the policy's logits for token t are, so it sees q and o_<t."""
-    prompts, prompt_mask, conts = shared_prefix_batch(r, rows, device)
-    return critic(prompts, pad_mask=prompt_mask, continuations=conts)  # (n, L)
+def completion_values(forward, r, rows):
+    """A critic's value of every completion position of rollout r's `rows`: (n, L), V_t read where
+    the policy's logits for token t are, so that it sees q and o_<t. forward: the critic's
+    forward_shared_prefix (model.ScalarModel), or what Run.wrap made of it."""
+    return forward(*shared_prefix_batch(r, rows))  # (n, L)
 
 
-class NonFiniteLogits(FloatingPointError):
+def score_completions(rm, prompts, completions, pad_id):
+    """A reward model's (model.ScalarModel) score of each (prompt, completion) pair of token-id
+    lists: its scalar at the completion's last token (B,), from one forward in which each distinct
+    prompt runs once. Column t of that forward has read the prompt and completion[:t]: the score
+    sits at column len(completion)."""
+    index = {}
+    group = [index.setdefault(tuple(p), len(index)) for p in prompts]  # (B,) first appearance order
+    args = shared_prefix_args([list(p) for p in index], group, completions, pad_id,
+                              rm.value_head.weight.device)
+    values = rm.forward_shared_prefix(*args)  # (B, L)
+    return values.gather(1, args[4].sum(1)[:, None]).squeeze(1)
+
+
+class NonFiniteLogits(common.NonFinite):
     """The model produced NaN or infinite logits: its weights have diverged."""
 
 
@@ -428,15 +489,17 @@ def save_pairs(path, pairs, settings):
 
 
 def load_pairs(path, task=None):
-    """(pairs, settings) from a file written by save_pairs; ValueError with one line if it is not
-    one, or (given a task) if its pairs are of another task or digit count."""
+    """(pairs, settings) from a file written by save_pairs; a one-line common.ConfigError if it is
+    not one, or (given a task) if its pairs are of another task or digit count."""
     try:
         lines = common.read_jsonl(path)
         settings, pairs = lines[0]["settings"], lines[1:]
         assert all({"prompt_ids", "chosen_ids", "rejected_ids", "split"} <= set(p) for p in pairs)
     except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as e:
-        raise ValueError(f"{path} is not a pairs file written by save_pairs ({type(e).__name__})") from None
-    if task is not None and (settings.get("task"), settings.get("n_digits")) != (task.name, task.n_digits):
-        raise ValueError(f"{path} holds pairs of task {settings.get('task')} with {settings.get('n_digits')} digits, "
-                         f"not {task.name} with {task.n_digits}")
+        raise common.ConfigError(f"{path} is not a pairs file written by save_pairs "
+                                 f"({type(e).__name__})") from None
+    made = (settings.get("task"), settings.get("n_digits"))
+    if task is not None and made != (task.name, task.n_digits):
+        raise common.ConfigError(f"{path} holds pairs of task {made[0]} with {made[1]} digits, not "
+                                 f"{task.name} with {task.n_digits}")
     return pairs, settings

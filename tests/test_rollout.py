@@ -273,8 +273,8 @@ def trained_looking(seed=0, steps=150):
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     task, rng = tasks.Addition(2), random.Random(seed)
     for _ in range(steps):
-        train_sft.train_step(m, m, opt, [train_sft.make_batch(task, tasks.Tokenizer(), rng, 32, torch.device("cpu"))],
-                             torch.device("cpu"), 1.0)
+        batch = train_sft.make_batch(task, tasks.Tokenizer(), rng, 32, torch.device("cpu"))
+        train_sft.train_step(m, m, opt, [batch], 1.0)
     return m.eval(), task
 
 

@@ -80,7 +80,7 @@ GRPO_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "nan"], "--lr"), (["--
             (["--mla_impl", "bogus"], "--mla_impl"), (["--grad_clip", "-1"], "--grad_clip"),
             (["--warmstart_target_acc", "2"], "--warmstart_target_acc"), (["--steps", "0"], "--steps"),
             (["--eval_every", "0"], "--eval_every"), (["--batch_size", "-8"], "--batch_size"),
-            (["--max_seq_len", "4"], "--max_seq_len"), (["--n_digits", "30"], "n_digits"),
+            (["--max_seq_len", "4"], "max_seq_len (32, not 4)"), (["--n_digits", "30"], "n_digits"),
             (["--temperature", "0"], "--temperature"), (["--num_generations", "1"], "--num_generations"),
             (["--epsilon", "0"], "--epsilon"), (["--loss_type", "ppo"], "--loss_type"),
             (["--supervision", "process"], "--supervision"), (["--num_minibatches", "5"], "--num_minibatches"),
@@ -88,10 +88,16 @@ GRPO_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "nan"], "--lr"), (["--
             (["--resume", "--dim", "48"], "dim"), (["--resume", "--beta", "0.5"], "beta")]
 
 
+def again(argv):
+    """Flags that run again in a folder holding a run: --resume, or --overwrite."""
+    return argv if "--resume" in argv else argv + ["--overwrite"]
+
+
 @pytest.mark.parametrize("argv,flag", SFT_BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_sft_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
     before = snapshot(runs)
-    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(runs / "sft")] + argv, capsys)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(runs / "sft")] + again(argv),
+                           capsys)
     assert flag in err
     assert snapshot(runs) == before
 
@@ -100,7 +106,7 @@ def test_sft_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys)
 def test_grpo_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
     before = snapshot(runs)
     err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"), "--steps", "2",
-                                                         "--out_dir", str(runs / "grpo")] + argv, capsys)
+                                                         "--out_dir", str(runs / "grpo")] + again(argv), capsys)
     assert flag in err
     assert snapshot(runs) == before
 
@@ -235,13 +241,14 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monk
     monkeypatch.undo()
     resumed, _ = sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100", "--resume")
     same_weights(full, resumed)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_s")} for r in rs]  # noqa: E731
+    timings = ("tokens_per_s", "step_s", "peak_rss_mb")  # measured, not computed
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timings} for r in rs]  # noqa: E731
     assert strip(metrics(tmp_path / "b")) == strip(metrics(tmp_path / "full"))
 
 
 def test_sigterm_stops_grpo_with_a_checkpoint_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
     full, _, _ = grpo(runs / "sft", tmp_path / "full", "--steps", "4", "--ckpt_every", "100")
-    interrupt_at(monkeypatch, train_grpo, "make_rollouts", 2, signal.SIGTERM)
+    interrupt_at(monkeypatch, train_grpo, "make_experience", 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         grpo(runs / "sft", tmp_path / "b", "--steps", "4", "--ckpt_every", "100")
     assert e.value.code == 128 + signal.SIGTERM
@@ -294,16 +301,16 @@ def test_sft_metrics_after_stop_crash_and_finished_resume(tmp_path, monkeypatch)
     sft(tmp_path / "b", *flags, "--stop_at", "3")
     assert keys(tmp_path / "b") == [k for k in expected if k[0] <= 3]
     # killed after step 6's evaluation, before its checkpoint; the kill tears the last line too
-    real_save = common.RunFolder.save
+    real_save = common.Run.save
 
-    def killed(self, step, payload):
+    def killed(self, step, done):
         if step == 6:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(self.rc.out_dir, "metrics.jsonl"), "a") as f:
                 f.write('{"step": 7, "ki')
             raise KeyboardInterrupt
-        return real_save(self, step, payload)
+        return real_save(self, step, done)
 
-    monkeypatch.setattr(common.RunFolder, "save", killed)
+    monkeypatch.setattr(common.Run, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         sft(tmp_path / "b", *flags, "--resume")
     monkeypatch.undo()

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import common
 import losses
 import rollout
 import tasks
@@ -34,9 +35,14 @@ def synthetic_pairs(n=6, seed=0):
 
 
 def with_ref(ref, pairs):
+    """The pairs as train_dpo.Pairs, with the reference's log-probs."""
     pairs = copy.deepcopy(pairs)
     train_dpo.add_ref_logprobs(ref, pairs, TOK.pad_id, CPU)
-    return pairs
+    return train_dpo.Pairs.of(pairs, CPU)
+
+
+def logprobs(policy, pairs):
+    return train_dpo.pair_logprobs(policy.forward_shared_prefix, pairs, TOK.pad_id)
 
 
 def config(**kw):
@@ -44,12 +50,12 @@ def config(**kw):
 
 
 def test_policy_equal_to_reference_gives_exactly_ln2():
-    """PITFALLS 9, on a real model's log-probs: with the policy equal to the reference, every pair's
-    loss is exactly ln 2 and both implicit rewards exactly 0 (no dropout, no stale state)."""
+    """On a real model's log-probs: with the policy equal to the reference, every pair's loss is
+    exactly ln 2 and both implicit rewards exactly 0 (no dropout, no stale state)."""
     policy = tiny()
     pairs = with_ref(copy.deepcopy(policy).eval(), synthetic_pairs())
-    chosen, rejected = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
-    loss, rc, rr = train_dpo.preference_loss(config(), chosen, rejected, pairs, CPU)
+    chosen, rejected = logprobs(policy, pairs)
+    loss, rc, rr = train_dpo.preference_loss(config(), chosen, rejected, pairs)
     assert torch.equal(loss, torch.full_like(loss, math.log(2)))
     assert torch.equal(rc, torch.zeros_like(rc)) and torch.equal(rr, torch.zeros_like(rr))
     assert chosen.abs().min() > 1  # real log-probs, not zeros
@@ -57,7 +63,7 @@ def test_policy_equal_to_reference_gives_exactly_ln2():
 
 def margin(policy, pairs):
     with torch.no_grad():
-        c, r = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
+        c, r = logprobs(policy, pairs)
     return c - r
 
 
@@ -67,28 +73,30 @@ def test_one_step_raises_chosen_relative_to_rejected(loss):
     pairs = with_ref(copy.deepcopy(policy).eval(), synthetic_pairs(8))
     before = margin(policy, pairs)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    m = train_dpo.train_step(policy, policy, opt, [pairs], config(loss=loss), len(pairs), TOK.pad_id, CPU)
-    assert m is not None and (margin(policy, pairs) - before).mean() > 0
+    train_dpo.train_step(policy.forward_shared_prefix, policy, opt, [pairs], config(loss=loss),
+                         len(pairs), TOK.pad_id)
+    assert (margin(policy, pairs) - before).mean() > 0
 
 
 def test_simpo_never_reads_a_reference():
-    pairs = synthetic_pairs()  # no reference log-probs in them at all
-    chosen, rejected = train_dpo.pair_logprobs(tiny(), pairs, TOK.pad_id, CPU)
-    loss, _, _ = train_dpo.preference_loss(config(loss="simpo"), chosen, rejected, pairs, CPU)
+    pairs = train_dpo.Pairs.of(synthetic_pairs(), CPU)  # no reference log-probs in them at all
+    assert pairs.ref_chosen is None and pairs.ref_rejected is None
+    chosen, rejected = logprobs(tiny(), pairs)
+    loss, _, _ = train_dpo.preference_loss(config(loss="simpo"), chosen, rejected, pairs)
     assert torch.isfinite(loss).all()
-    with pytest.raises(KeyError):
-        train_dpo.preference_loss(config(loss="dpo"), chosen, rejected, pairs, CPU)
+    with pytest.raises(TypeError):  # DPO needs them
+        train_dpo.preference_loss(config(loss="dpo"), chosen, rejected, pairs)
 
 
 def test_length_normalised_dpo_averages_both_log_ratios():
     policy, ref = tiny(0), tiny(1)
     pairs = with_ref(ref, synthetic_pairs())
-    chosen, rejected = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
+    chosen, rejected = logprobs(policy, pairs)
     cfg = config(length_normalize=True)
-    got, _, _ = train_dpo.preference_loss(cfg, chosen, rejected, pairs, CPU)
-    lc = torch.tensor([float(len(p["chosen_ids"])) for p in pairs])
-    lr = torch.tensor([float(len(p["rejected_ids"])) for p in pairs])
-    rc, rr = (torch.tensor([p[k] for p in pairs]) for k in ("ref_chosen_logp", "ref_rejected_logp"))
+    got, _, _ = train_dpo.preference_loss(cfg, chosen, rejected, pairs)
+    lc = torch.tensor([float(len(p["chosen_ids"])) for p in pairs.items])
+    lr = torch.tensor([float(len(p["rejected_ids"])) for p in pairs.items])
+    rc, rr = (torch.tensor([p[k] for p in pairs.items]) for k in ("ref_chosen_logp", "ref_rejected_logp"))
     want, _, _ = losses.dpo_loss(chosen / lc, rejected / lr, rc / lc, rr / lr, cfg.beta)
     torch.testing.assert_close(got, want)
 
@@ -100,7 +108,7 @@ def test_pair_logprobs_equal_a_per_sequence_loop():
     pairs = synthetic_pairs(3)
     pairs[1]["rejected_ids"] = pairs[1]["rejected_ids"][:2] + pairs[1]["rejected_ids"]  # the longest side
     pairs.append(dict(pairs[0], chosen_ids=pairs[0]["chosen_ids"][1:]))  # the same prompt again, a shorter side
-    got = train_dpo.pair_logprobs(policy, pairs, TOK.pad_id, CPU)
+    got = logprobs(policy, train_dpo.Pairs.of(pairs, CPU))
     for side, values in zip(("chosen_ids", "rejected_ids"), got):
         for i, p in enumerate(pairs):
             ids = torch.tensor([p["prompt_ids"] + p[side]])
@@ -221,7 +229,7 @@ def test_pairs_file_of_another_task_is_an_error(tmp_path, sft_ckpt, capsys):
 
 def fixed_pairs():
     ref = tiny(1)
-    pairs = with_ref(ref, synthetic_pairs(8, seed=2))
+    pairs = synthetic_pairs(8, seed=2)
     pairs[0]["rejected_ids"] = pairs[0]["rejected_ids"][:2] + pairs[0]["rejected_ids"]  # ragged lengths
     return with_ref(ref, pairs)
 
@@ -229,7 +237,8 @@ def fixed_pairs():
 def dpo_step(pairs, cfg, micro, model=None, n_global=8):
     policy = tiny(3)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # not Adam: see test_train_sft.fresh
-    train_dpo.train_step(model(policy) if model else policy, policy, opt, micro, cfg, n_global, TOK.pad_id, CPU)
+    forward = model(policy) if model else policy.forward_shared_prefix
+    train_dpo.train_step(forward, policy, opt, micro, cfg, n_global, TOK.pad_id)
     return policy
 
 
@@ -237,15 +246,16 @@ def dpo_step(pairs, cfg, micro, model=None, n_global=8):
 def test_grad_accumulation_equals_one_batch(loss):
     pairs, cfg = fixed_pairs(), config(loss=loss)
     a = dpo_step(pairs, cfg, [pairs])
-    b = dpo_step(pairs, replace(cfg, grad_accum=2), [pairs[:3], pairs[3:]])
+    b = dpo_step(pairs, replace(cfg, grad_accum=2), [pairs[[0, 1, 2]], pairs[[3, 4, 5, 6, 7]]])
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
 
 
 def _ddp_dpo(rank, world, path, pairs):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    mine = pairs[rank::world]
-    policy = dpo_step(pairs, config(), [mine[:2], mine[2:]], model=lambda m: DDP(m, find_unused_parameters=True))
+    mine = list(range(8))[rank::world]
+    policy = dpo_step(pairs, config(), [pairs[mine[:2]], pairs[mine[2:]]],
+                      model=lambda m: DDP(common.SharedPrefix(m), find_unused_parameters=True))
     if rank == 0:
         torch.save(policy.state_dict(), path)
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import random
@@ -7,6 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+import common
+import moe
 import rollout
 import tasks
 import train_grpo
@@ -16,25 +19,24 @@ from dist_helpers import run_on_two_ranks
 from model import Transformer
 from test_train_sft import TINY_MODEL
 
-CPU = torch.device("cpu")
-
 
 def tiny_policy(seed=0):
     torch.manual_seed(seed)
     return Transformer(tiny_config())  # with an MTP module, as the default model (unused by GRPO)
 
 
-def rollout_batch(policy, n_prompts=4, G=4, seed=0, cfg=None):
-    """An Experience of n_prompts x G completions of 2-digit additions (at most 6 new tokens)."""
-    tok, task = tasks.Tokenizer(), tasks.Addition(2)
-    cfg = cfg or train_grpo.GRPOConfig(num_generations=G, n_digits=2, max_new_tokens=6)
-    problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
-    exp, _, _ = train_grpo.make_rollouts(policy, task, tok, problems, cfg, torch.Generator().manual_seed(seed), CPU)
-    return exp
-
-
 def config(**kw):
     return train_grpo.GRPOConfig(n_digits=2, max_new_tokens=6, **kw)
+
+
+def rollout_batch(policy, n_prompts=4, G=4, seed=0, cfg=None, ref=None):
+    """make_experience on n_prompts x G completions of 2-digit additions (at most 6 new tokens)."""
+    tok, task = tasks.Tokenizer(), tasks.Addition(2)
+    cfg = cfg or config(num_generations=G)
+    problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
+    return train_grpo.make_experience(policy, policy.forward_shared_prefix,
+                                      ref or copy.deepcopy(policy), task, tok, problems, cfg,
+                                      torch.Generator().manual_seed(seed))
 
 
 def with_logps(exp, advantages, old, ref, mask=None):
@@ -45,7 +47,19 @@ def with_logps(exp, advantages, old, ref, mask=None):
 
 def logps(policy, r):
     with torch.no_grad():
-        return rollout.completion_logprobs(policy, r, torch.arange(r.completion_ids.size(0)), CPU)[0]
+        rows = torch.arange(r.completion_ids.size(0))
+        return rollout.completion_logprobs(policy.forward_shared_prefix, r, rows)[0]
+
+
+def update(policy, exp, cfg, opt, forward=None):
+    """update_policy on the experience's rows split as cfg says; the statistics' means over the
+    micro-batches, the number of optimiser steps and the largest sampler/trainer gap."""
+    exp = replace(exp, batches=train_grpo.micro_batches(exp.mask, cfg))
+    stats = train_grpo.update_policy(forward or policy.forward_shared_prefix, opt, exp, cfg)
+    out = {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats)
+           for k in {k for s in stats for k in s}}
+    return {**out, "updates": sum("grad_norm" in s for s in stats),
+            "gap": max(s["gap"] for s in stats if "gap" in s)}
 
 
 def test_grpo_step_moves_logprobs_with_the_advantage():
@@ -59,12 +73,13 @@ def test_grpo_step_moves_logprobs_with_the_advantage():
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     cfg = config(num_generations=2, beta=0.0)
     before = (old * r.completion_mask).sum(1)
-    stats, n = train_grpo.update_policy(policy, policy, opt, exp, train_grpo.micro_batches(2, cfg), cfg, CPU)
+    stats = update(policy, exp, cfg, opt)
     after = (logps(policy, r) * r.completion_mask).sum(1)
-    assert n == 1
+    assert stats["updates"] == 1
     assert after[0] > before[0] and after[1] < before[1]
-    assert stats["ratio"] == 1.0 and stats["clip_low"] == 0.0 and stats["clip_high"] == 0.0  # PITFALLS 10
-    assert stats["kl"] == 0.0  # PITFALLS 9: the policy is the reference at the start
+    # one update per rollout: the ratio is exactly 1 and clipping never binds
+    assert stats["ratio"] == 1.0 and stats["clip_low"] == 0.0 and stats["clip_high"] == 0.0
+    assert stats["kl"] == 0.0  # the policy is the reference at the start: no stale state
 
 
 def test_clipping_binds_after_several_updates():
@@ -74,12 +89,13 @@ def test_clipping_binds_after_several_updates():
     exp = with_logps(exp, torch.tensor([1.0, -1.0] * 4), old, old.clone())
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
     cfg = config(num_generations=4, num_iterations=6)
-    stats, n = train_grpo.update_policy(policy, policy, opt, exp, train_grpo.micro_batches(8, cfg), cfg, CPU)
-    assert n == 6 and stats["clip_low"] + stats["clip_high"] > 0 and stats["kl"] > 0
+    stats = update(policy, exp, cfg, opt)
+    assert stats["updates"] == 6 and stats["clip_low"] + stats["clip_high"] > 0 and stats["kl"] > 0
 
 
 def test_rollout_logprobs_match_the_training_forward():
-    """PITFALLS 7/8: the log-probs stored by the sampler equal the trainer's recomputed ones."""
+    """The log-probs the sampler stores (KV cache, one token at a time) equal the trainer's
+    recomputed ones (one shared-prefix forward): no off-by-one between logits and labels."""
     policy = tiny_policy().eval()
     r = rollout_batch(policy).rollout
     torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask, atol=1e-5, rtol=1e-5)
@@ -87,7 +103,7 @@ def test_rollout_logprobs_match_the_training_forward():
 
 @pytest.mark.parametrize("G", [1, 4])
 def test_online_rft_coefficient_is_one_exactly_on_correct_completions(G, monkeypatch):
-    """Issue 13: online RFT's gradient coefficient is 1[correct] (DeepSeekMath 5.2.1): no baseline, no
+    """Online RFT's gradient coefficient is 1[correct] (DeepSeekMath 5.2.1): no baseline, no
     scaling, so a group of all-correct completions still pushes them up and G = 1 is allowed."""
     monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
     exp = rollout_batch(tiny_policy(), G=G, cfg=config(num_generations=G, gradient_coef="rft"))
@@ -109,10 +125,9 @@ def test_filter_zero_std_masks_flat_groups():
     assert torch.equal(exp.advantages[flat], torch.zeros(int(flat.sum())))
 
 
-def _split_step(policy, exp, cfg, model=None):
+def _split_step(policy, exp, cfg, forward=None):
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # not Adam: see test_train_sft.fresh
-    batches = train_grpo.micro_batches(exp.mask.size(0), cfg)
-    return train_grpo.update_policy(model or policy, policy, opt, exp, batches, cfg, CPU)
+    return update(policy, exp, cfg, opt, forward)
 
 
 def fixed_experience():
@@ -154,8 +169,9 @@ def _ddp_grpo(rank, world, path, exp):
     local = rows_of(exp, slice(rank * 4, rank * 4 + 4))  # each rank holds two whole groups
     for loss_type, accum in DDP_CASES:  # MoE layers, no_sync and find_unused_parameters: where DDP bugs hide
         policy = tiny_policy(seed=1)
-        model = DDP(policy, find_unused_parameters=True)
-        _split_step(policy, local, config(num_generations=2, loss_type=loss_type, grad_accum=accum), model)
+        model = DDP(common.SharedPrefix(policy), find_unused_parameters=True)  # as Run.wrap does
+        _split_step(policy, local, config(num_generations=2, loss_type=loss_type, grad_accum=accum),
+                    model)
         if rank == 0:
             torch.save(policy.state_dict(), f"{path}.{loss_type}.{accum}")
 
@@ -244,22 +260,21 @@ def test_init_with_other_model_flags_is_an_error(sft_ckpt, tmp_path, capsys):
 
 
 def test_old_logprobs_give_ratio_one_and_no_routing_flips_before_updates():
-    """PITFALLS 7/12: pi_old from the same micro-batches as the update: the first ratio is exactly 1
-    and no routing decision has flipped; later updates of the same rollout flip some."""
+    """pi_old scored on the micro-batches the update runs: the first ratio is exactly 1 and no
+    routing decision has flipped; later updates of the same rollout flip some (MoE routing can
+    change between the policy that sampled and the one being trained)."""
     policy = tiny_policy()
-    ref = tiny_policy()
-    exp = rollout_batch(policy, n_prompts=2, G=4)
     cfg = config(num_generations=4, grad_accum=2, num_minibatches=2, num_iterations=1)
-    batches = train_grpo.micro_batches(8, cfg)
-    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, cfg, CPU)
-    assert set(exp.routes) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    exp = rollout_batch(policy, n_prompts=2, cfg=cfg, ref=tiny_policy())
+    assert len(exp.routes.routes) == 4 * 2  # 4 micro-batches, a prompt and a completion pass each
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # no movement: ratio 1, no flips
-    stats, _ = train_grpo.update_policy(policy, policy, opt, replace(exp, advantages=torch.ones(8)), batches, cfg, CPU)
-    assert stats["ratio"] == 1.0 and stats["routing_flips"] == 0.0
-    opt = torch.optim.SGD(policy.parameters(), lr=50.0)  # large steps: the second minibatch sees new routes
-    exp = replace(exp, advantages=torch.tensor([1.0, -1.0] * 4))
-    stats, _ = train_grpo.update_policy(policy, policy, opt, exp, batches, cfg, CPU)
-    assert stats["routing_flips"] > 0
+    with moe.RouteRecorder(policy) as routes:
+        stats = update(policy, replace(exp, advantages=torch.ones(8)), cfg, opt)
+    assert stats["ratio"] == 1.0 and routes.flipped_fraction(exp.routes) == 0.0
+    opt = torch.optim.SGD(policy.parameters(), lr=50.0)  # large steps: the second minibatch moves
+    with moe.RouteRecorder(policy) as routes:
+        update(policy, replace(exp, advantages=torch.tensor([1.0, -1.0] * 4)), cfg, opt)
+    assert routes.flipped_fraction(exp.routes) > 0
 
 
 def test_process_step_rewards_penalise_missing_steps():
@@ -277,22 +292,21 @@ def test_one_update_shortcut_equals_the_explicit_old_forward():
     """With one update per rollout, pi_old taken from the update's own forward (detached) gives the
     same step as a separate pi_old forward: the ratio is exactly 1 either way."""
     policy, ref = tiny_policy(seed=1), tiny_policy(seed=2)
-    exp = rollout_batch(policy, n_prompts=2, G=4, seed=5)
-    exp = replace(exp, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]))
     cfg = config(num_generations=4)
-    batches = train_grpo.micro_batches(8, cfg)
-    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, cfg, CPU)
+    exp = rollout_batch(policy, n_prompts=2, seed=5, cfg=cfg, ref=ref)
+    exp = replace(exp, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]))
     assert exp.old_logp is None and exp.ref_logp is not None  # no forward spent on pi_old
     explicit = replace(exp, old_logp=logps(policy, exp.rollout))
     a, b = tiny_policy(seed=1), tiny_policy(seed=1)
-    stats_a, _ = _split_step(a, exp, cfg)
-    stats_b, _ = _split_step(b, explicit, cfg)
+    stats_a = _split_step(a, exp, cfg)
+    stats_b = _split_step(b, explicit, cfg)
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
     assert stats_a["ratio"] == 1.0 and stats_a["clip_low"] == stats_a["clip_high"] == 0.0
-    assert stats_a["logprob_gap"] < 1e-4  # the sampler's log-probs against the update's own forward
+    assert stats_a["gap"] < 1e-4  # the sampler's log-probs against the update's own forward
+    assert stats_b["updates"] == 1
     no_ref = config(num_generations=4, beta=0.0)
-    train_grpo.score_old_and_ref(policy, policy, ref, exp, batches, no_ref, CPU)
+    exp = rollout_batch(policy, n_prompts=2, seed=5, cfg=no_ref, ref=ref)
     assert exp.ref_logp is None  # beta = 0: no reference forward either
-    stats_c, _ = _split_step(tiny_policy(seed=1), exp, no_ref)
+    stats_c = _split_step(tiny_policy(seed=1), exp, no_ref)
     assert stats_c["kl"] == 0.0

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import common
 import rollout
 import tasks
 import train_ppo
@@ -35,14 +36,21 @@ def config(**kw):
     return train_ppo.PPOConfig(n_digits=2, max_new_tokens=6, **kw)
 
 
-def experience(policy, ref, critic, cfg=None, n=8, seed=0, rm=None):
+def nets_of(policy, ref, critic, policy_ddp=None, critic_ddp=None):
+    return train_ppo.Nets(policy, ref, critic, None, policy_ddp or policy.forward_shared_prefix,
+                          critic_ddp or critic.forward_shared_prefix)
+
+
+def experience(policy, ref, critic, cfg=None, n=8, seed=0):
     problems = [TASK.sample(random.Random(seed + i)) for i in range(n)]
-    return train_ppo.make_experience(policy, ref, critic, rm, TASK, TOK, problems, cfg or config(), 0.1,
-                                     torch.Generator().manual_seed(seed), CPU)
+    exp, correct = train_ppo.make_experience(nets_of(policy, ref, critic), TASK, TOK, problems,
+                                             cfg or config(), 0.1, torch.Generator().manual_seed(seed))
+    return exp, None, correct
 
 
 def test_policy_equal_to_reference_gives_exactly_zero_kl():
-    """PITFALLS 9: at the start the per-token KL penalty is exactly 0, so the rewards are the scores."""
+    """At the start the per-token KL penalty is exactly 0 (no stale state), so the rewards are the
+    scores."""
     policy, ref, critic = nets()
     exp, _, _ = experience(policy, ref, critic)
     assert torch.equal(exp.old_logp, exp.ref_logp)
@@ -67,13 +75,17 @@ def test_truncated_completions_get_the_chosen_treatment(treatment):
 
 def logps(policy, exp):
     with torch.no_grad():
-        return rollout.completion_logprobs(policy, exp.rollout, torch.arange(exp.mask.size(0)), CPU)[0]
+        return rollout.completion_logprobs(policy.forward_shared_prefix, exp.rollout,
+                                           torch.arange(exp.mask.size(0)))[0]
 
 
 def step(exp, cfg, policy, critic, policy_model=None, critic_model=None):
+    """One PPO update; the statistics' means over the micro-batches (and the steps)."""
     opts = [torch.optim.SGD(policy.parameters(), lr=0.5), torch.optim.SGD(critic.parameters(), lr=0.5)]
-    return train_ppo.update(policy_model or policy, policy, critic_model or critic, critic, opts, exp, cfg,
-                            torch.Generator().manual_seed(0), CPU)
+    nets = nets_of(policy, None, critic, policy_model, critic_model)
+    stats = train_ppo.update(nets, opts, exp, cfg, torch.Generator().manual_seed(0))
+    return {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats)
+            for k in {k for s in stats for k in s}}
 
 
 def test_one_update_raises_positive_advantage_tokens():
@@ -94,7 +106,7 @@ def test_critic_moves_toward_the_returns():
     exp = replace(exp, returns=torch.ones_like(exp.returns) * exp.mask)  # the critic starts at V = 0
     step(exp, config(ppo_epochs=1, num_minibatches=1, value_clip=10.0), policy, critic)
     with torch.no_grad():
-        v = rollout.completion_values(critic, exp.rollout, torch.arange(8), CPU)
+        v = rollout.completion_values(critic.forward_shared_prefix, exp.rollout, torch.arange(8))
     assert ((v * exp.mask).sum() / exp.mask.sum()) > 0.05
 
 
@@ -129,7 +141,7 @@ def rows_of(exp, rows):
 def _ddp_ppo(rank, world, path, exp):
     from torch.nn.parallel import DistributedDataParallel as DDP
     policy, _, critic = nets(seed=5)
-    ddp = lambda m: DDP(m, find_unused_parameters=True)  # noqa: E731
+    ddp = lambda m: DDP(common.SharedPrefix(m), find_unused_parameters=True)  # noqa: E731
     step(rows_of(exp, slice(rank * 4, rank * 4 + 4)), config(ppo_epochs=1, num_minibatches=1, grad_accum=2),
          policy, critic, ddp(policy), ddp(critic))
     if rank == 0:

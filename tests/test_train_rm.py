@@ -10,7 +10,7 @@ import tasks
 import train_rm
 from conftest import one_line_failure, tiny_config
 from dist_helpers import run_on_two_ranks
-from model import ScalarModel, last_real
+from model import ScalarModel
 from test_train_dpo import synthetic_pairs
 from test_train_sft import TINY_MODEL
 
@@ -27,9 +27,13 @@ def tiny_rm(seed=0):
     return rm
 
 
+def score(rm, prompts, completions):
+    return rollout.score_completions(rm, prompts, completions, TOK.pad_id)
+
+
 def test_zero_head_scores_exactly_zero():
     rm = ScalarModel(tiny_config())
-    assert torch.equal(rm.score([[15, 1, 10, 2, 13]], [[3, 16]], TOK.pad_id), torch.zeros(1))
+    assert torch.equal(score(rm, [[15, 1, 10, 2, 13]], [[3, 16]]), torch.zeros(1))
 
 
 def test_scores_read_the_last_real_token_whatever_the_padding():
@@ -38,11 +42,11 @@ def test_scores_read_the_last_real_token_whatever_the_padding():
     rm = tiny_rm().eval()
     rng = random.Random(0)
     seqs = [[15] + [rng.randrange(15) for _ in range(n)] for n in (3, 9, 5, 1)]
-    batch = rm.score(seqs, [[] for _ in seqs], TOK.pad_id)
+    batch = score(rm, seqs, [[] for _ in seqs])
     alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
     ids, mask = rollout.left_pad(seqs, TOK.pad_id, CPU)
-    left = last_real(rm(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask), mask)
+    left = rollout.last_real(rm(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask), mask)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
     assert len(set(alone.tolist())) == 4
 
@@ -60,7 +64,7 @@ def test_scores_run_each_prompt_once_and_equal_each_sequence_alone():
         return rm(torch.tensor([p + c]))[0, -1]
 
     want = torch.stack([alone(p, c) for p, c in zip(prompts, completions)])
-    torch.testing.assert_close(rm.score(prompts, completions, TOK.pad_id), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score(rm, prompts, completions), want, atol=1e-5, rtol=1e-5)
     pairs = synthetic_pairs(3)
     pairs[2]["rejected_ids"] = pairs[2]["rejected_ids"][:3] + pairs[2]["rejected_ids"]  # the longest side
     with torch.no_grad():
@@ -130,8 +134,8 @@ def test_end_to_end_resume_and_load(sft_ckpt, tmp_path, capsys):
         assert torch.equal(a, b), n
     rm = train_rm.load_reward_model(str(tmp_path / "a"), TOK, TASK, CPU)
     p = rollout.load_pairs(str(tmp_path / "a" / "pairs.jsonl"))[0][0]
-    torch.testing.assert_close(rm.score([p["prompt_ids"]], [p["chosen_ids"]], TOK.pad_id),
-                               full.eval().cpu().score([p["prompt_ids"]], [p["chosen_ids"]], TOK.pad_id))  # CUDA runs too
+    torch.testing.assert_close(score(rm, [p["prompt_ids"]], [p["chosen_ids"]]),
+                               score(full.eval().cpu(), [p["prompt_ids"]], [p["chosen_ids"]]))  # CUDA runs too
     with pytest.raises(common.CheckpointError, match="not add with 3"):
         train_rm.load_reward_model(str(tmp_path / "a"), TOK, tasks.Addition(3), CPU)
     with pytest.raises(common.CheckpointError, match="is a sft checkpoint"):
@@ -154,11 +158,12 @@ def test_held_out_pairs_do_not_depend_on_the_number_of_training_prompts(tmp_path
     sft = Transformer(tiny_config()).eval()
     held = {}
     for n in (4, 12):
-        cfg = train_rm.RMConfig(n_digits=2, num_prompts=n, num_generations=4, auc_samples=2, out_dir=str(tmp_path / str(n)))
-        os.makedirs(cfg.out_dir)
-        train_rm.make_run_data(cfg, sft, TOK, TASK, TASK.eval_set(8), CPU)
-        pairs = rollout.load_pairs(os.path.join(cfg.out_dir, "pairs.jsonl"))[0]
+        cfg = train_rm.RMConfig(n_digits=2, num_prompts=n, num_generations=4, auc_samples=2)
+        run_cfg = common.RunConfig(out_dir=str(tmp_path / str(n)))
+        os.makedirs(run_cfg.out_dir)
+        train_rm.make_run_data(cfg, run_cfg, sft, TOK, TASK, TASK.eval_set(8))
+        pairs = rollout.load_pairs(os.path.join(run_cfg.out_dir, "pairs.jsonl"))[0]
         assert sum(p["split"] == "train" for p in pairs) > 0
         held[n] = ([p for p in pairs if p["split"] == "heldout"],
-                   open(os.path.join(cfg.out_dir, "heldout_samples.jsonl")).read())
+                   open(os.path.join(run_cfg.out_dir, "heldout_samples.jsonl")).read())
     assert held[4][0] and held[4] == held[12]

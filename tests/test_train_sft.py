@@ -71,7 +71,7 @@ def test_overfit_a_fixed_batch():
     m, opt = fresh(mtp_depth=0)
     batch = fixed_batch(8)
     for _ in range(150):
-        metrics = train_sft.train_step(m, m, opt, [batch], torch.device("cpu"), 1.0)
+        metrics = train_sft.train_step(m, m, opt, [batch], 1.0)
     assert metrics["ce"] < 0.05, metrics
 
 
@@ -80,10 +80,10 @@ def test_grad_accumulation_equals_one_big_batch():
     idx, targets, mask, pad = fixed_batch(8, seed=3)
     mask[:4, -2:] = 0  # make the two halves' token counts differ, so naive averaging would be wrong
     a, opt_a = fresh(seed=1, sgd=True)
-    train_sft.train_step(a, a, opt_a, [(idx, targets, mask, pad)], torch.device("cpu"), 1.0)
+    train_sft.train_step(a, a, opt_a, [(idx, targets, mask, pad)], 1.0)
     b, opt_b = fresh(seed=1, sgd=True)
     halves = [(idx[:4], targets[:4], mask[:4], pad[:4]), (idx[4:], targets[4:], mask[4:], pad[4:])]
-    train_sft.train_step(b, b, opt_b, halves, torch.device("cpu"), 1.0)
+    train_sft.train_step(b, b, opt_b, halves, 1.0)
     for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
 
@@ -93,7 +93,7 @@ def _ddp_step(rank, world, path, batch):
     m, opt = fresh(seed=1, sgd=True)
     ddp = DDP(m, find_unused_parameters=True)
     half = slice(rank * 4, rank * 4 + 4)
-    train_sft.train_step(ddp, m, opt, [tuple(t[half] for t in batch)], torch.device("cpu"), 1.0)
+    train_sft.train_step(ddp, m, opt, [tuple(t[half] for t in batch)], 1.0)
     if rank == 0:
         torch.save(m.state_dict(), path)
 
@@ -104,7 +104,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     path = str(tmp_path / "ddp.pt")
     run_on_two_ranks(_ddp_step, path, batch)
     single, opt = fresh(seed=1, sgd=True)
-    train_sft.train_step(single, single, opt, [batch], torch.device("cpu"), 1.0)
+    train_sft.train_step(single, single, opt, [batch], 1.0)
     ddp_state = torch.load(path)
     for n, p in single.state_dict().items():
         torch.testing.assert_close(ddp_state[n], p, atol=1e-6, rtol=0, msg=n)
@@ -202,10 +202,10 @@ def test_cli_rejects_bad_flags(argv, name, capsys):
 
 
 def test_cli_forms_and_help(capsys):
-    (cfg, mcfg), given = common.parse_config([train_sft.SFTConfig, tiny_config().__class__],
+    cfg, mcfg, run_cfg = common.parse_config([train_sft.SFTConfig, tiny_config().__class__],
                                              ["--lr=0.5", "--steps", "7", "--resume", "--dim=64"])
-    assert cfg.lr == 0.5 and cfg.steps == 7 and cfg.resume is True and mcfg.dim == 64
-    assert given == {"lr", "steps", "resume", "dim"}
+    assert cfg.lr == 0.5 and cfg.steps == 7 and run_cfg.resume is True and mcfg.dim == 64
+    assert set(run_cfg.given) == {"lr", "steps", "resume", "dim"}
     with pytest.raises(SystemExit):
         train_sft.main(["--help"])
     out = capsys.readouterr().out
@@ -241,7 +241,7 @@ def test_rft_data_keeps_exactly_the_correct_ended_samples(monkeypatch):
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
     cfg = train_sft.SFTConfig(n_digits=2, rft_prompts=6, rft_samples=4)
     torch.manual_seed(0)
-    seqs, solved = train_sft.make_rft_data(Transformer(tiny_config()), tok, task, cfg, torch.device("cpu"))
+    seqs, solved = train_sft.make_rft_data(Transformer(tiny_config()), tok, task, cfg, 0)
     assert 0 < len(seqs) < 24 and 0 < solved <= 6
     prompts = {tok.decode(ids[1:k]) for ids, k in seqs}
     stream = random.Random(common.stream_seed(0, "rft", 0))
@@ -278,8 +278,11 @@ def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch,
 
 
 def test_a_field_added_after_a_checkpoint_was_saved_counts_as_its_default():
-    cfg = train_sft.SFTConfig(n_digits=2)
-    saved = common.config_dict(cfg)
-    del saved["data"], saved["rft_samples"]  # a checkpoint from before RFT existed
-    assert common.resume_mismatches({"config": saved}, cfg) == []
-    assert common.resume_mismatches({"config": saved}, train_sft.SFTConfig(n_digits=2, data="rft")) == ["data"]
+    cfg, run_cfg = train_sft.SFTConfig(n_digits=2), common.RunConfig()
+    saved = {"config": common.config_dict(cfg), "run_config": common.config_dict(run_cfg)}
+    del saved["config"]["data"], saved["config"]["rft_samples"]  # saved before RFT existed
+    assert common.config_mismatches(saved, cfg, run_cfg) == []
+    rft = train_sft.SFTConfig(n_digits=2, data="rft")
+    assert common.config_mismatches(saved, rft, run_cfg) == ["data"]  # init may change
+    saved["config"]["gone"] = 1  # a field that no longer exists is not compared
+    assert common.config_mismatches(saved, cfg, common.RunConfig(seed=1)) == ["seed"]
