@@ -5,6 +5,7 @@
     python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config, the default model,
                                # the contract's op floor, and the step's matmul FLOPs at this machine's peak
     python bench.py spec --ckpt out/sft_multistep   # MTP speculative decoding: acceptance, tokens/s
+    python bench.py style      # the code's shape: main() sizes, GRPO's reading path, long lines
 """
 import argparse
 import contextlib
@@ -266,9 +267,92 @@ def bench_spec(args):
               f"{speed[True] / speed[False]:.2f}x")
 
 
+def _spans(path):
+    """{function name: (first line, last line)} of a file's top-level functions (1-based)."""
+    import ast
+    tree = ast.parse(open(path).read())
+    return {n.name: (n.lineno, n.end_lineno) for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def _marked(lines, start, end, marker):
+    """The lines of [start, end) in the block under a `# ---- <marker>` comment: from the comment
+    to the next `# ----` comment or the end of its indented block."""
+    out, inside, indent = set(), False, 0
+    for i in range(start, end):
+        text = lines[i]
+        stripped = text.strip()
+        if stripped.startswith("# ----"):
+            inside, indent = stripped.startswith(f"# ---- {marker}"), len(text) - len(text.lstrip())
+        elif inside and stripped and len(text) - len(text.lstrip()) < indent:
+            inside = False
+        if inside and stripped:
+            out.add(i)
+    return out
+
+
+def _size(lines, ranges, docstrings=True):
+    """(non-blank lines, characters of them) over line ranges [(first, last)], 1-based; without
+    the functions' docstrings if docstrings is False."""
+    keep = [i for a, b in ranges for i in range(a - 1, b) if lines[i].strip()]
+    if not docstrings:
+        import ast
+        tree = ast.parse("\n".join(lines))
+        doc = {i for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and ast.get_docstring(n)
+               for i in range(n.body[0].lineno - 1, n.body[0].end_lineno)}
+        keep = [i for i in keep if i not in doc]
+    return len(keep), sum(len(lines[i]) for i in keep)
+
+
+def bench_style(args):
+    """The numbers the code keeps (STYLE.md), measured on the files as they are: each train
+    script's length, its main()'s length and the share of main() outside its `# ---- plumbing`
+    blocks (the algorithm and its setup), its `try` blocks, the distinct common.* names it uses;
+    the step of GRPO and of PPO as a reader follows it, from sampling to the optimiser step (the
+    loop's `# ---- the algorithm` block, the script's functions from the one that makes the
+    experience to the update, and the body of the loss it optimises, its docstring's equations
+    read once: contiguous spans are one place; the sampler, the reward, the advantage and KL
+    formulas are named calls, each with its own docstring); lines over 100 characters in every
+    .py; README.md's lines and words."""
+    import glob
+    import re
+    print("| script | lines | main() lines | algorithm + setup share | try | common.* names |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(glob.glob("train_*.py")):
+        lines = open(path).read().splitlines()
+        a, b = _spans(path)["main"]
+        body = [i for i in range(a - 1, b) if lines[i].strip()]
+        plumbing = _marked(lines, a - 1, b, "plumbing")
+        names = sorted(set(re.findall(r"\bcommon\.([A-Za-z_]+)", "\n".join(lines))))
+        tries = sum(line.strip() == "try:" for line in lines)
+        print(f"| {path} | {len(lines)} | {len(body)} | {1 - len(plumbing) / len(body):.0%} | "
+              f"{tries} | {len(names)}: {', '.join(names)} |")
+    for script, helpers, loss in (("train_grpo.py", ("make_experience", "update_policy"),
+                                   ("grpo_aggregation", "grpo_loss")),
+                                  ("train_ppo.py", ("make_experience", "update"),
+                                   ("ppo_policy_loss", "value_loss"))):
+        lines, spans = open(script).read().splitlines(), _spans(script)
+        loop = sorted(_marked(lines, spans["main"][0] - 1, spans["main"][1], "the algorithm"))
+        first, last = spans[helpers[0]][0], spans[helpers[-1]][1]
+        n, chars = _size(lines, [(loop[0] + 1, loop[-1] + 1), (first, last)])
+        loss_lines, loss_spans = open("losses.py").read().splitlines(), _spans("losses.py")
+        ln, lc = _size(loss_lines, [loss_spans[f] for f in loss], False)
+        order = list(loss_spans)  # the functions of losses.py in file order
+        places = 2 + sum(1 for i, f in enumerate(loss) if i == 0 or
+                         order.index(f) != order.index(loss[i - 1]) + 1)
+        print(f"{script}: the step as a reader follows it: {n + ln} non-blank lines, "
+              f"{chars + lc:,} characters, {places} places (the loop {len(loop)} lines, "
+              f"{' .. '.join(helpers)} {n - len(loop)}, losses.{' + '.join(loss)} {ln})")
+    wide = [(p, i + 1, len(t)) for p in sorted(glob.glob("*.py") + glob.glob("tests/*.py"))
+            for i, t in enumerate(open(p).read().splitlines()) if len(t) > 100]
+    print(f"lines over 100 characters in every .py: {len(wide)}"
+          + "".join(f"\n  {p}:{i} ({n})" for p, i, n in wide[:20]))
+    readme = open("README.md").read()
+    print(f"README.md: {len(readme.splitlines())} lines, {len(readme.split()):,} words")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["rollout", "train", "grpo", "spec"])
+    p.add_argument("what", choices=["rollout", "train", "grpo", "spec", "style"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--cached", type=int, default=1024)
@@ -280,7 +364,8 @@ def main():
     p.add_argument("--grpo_steps", type=int, default=60)
     p.add_argument("--ckpt", default="out/sft")
     args = p.parse_args()
-    {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo, "spec": bench_spec}[args.what](args)
+    {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo, "spec": bench_spec,
+     "style": bench_style}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -199,21 +199,6 @@ def check_out_dir(path):
         raise ConfigError(f"--out_dir {path}: {ckpt} exists and is not a file")
 
 
-def check_lengths(task, max_seq_len, max_new_tokens=None):
-    """Raise ConfigError unless the task's longest sequence fits the model: `<bos> prompt
-    completion <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and max_new_tokens
-    leaves room for the longest reference answer and its end token."""
-    prompt, completion = task.max_lengths()
-    needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
-    if needed > max_seq_len:
-        raise ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} with "
-                          f"{task.n_digits} digits: its longest sequence has {needed} tokens")
-    if max_new_tokens is not None and max_new_tokens < completion + 1:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest answer of "
-                          f"task {task.name} ({completion} tokens and an end token): it could never "
-                          "be written")
-
-
 # Fields that may differ between a run and its resumption: the length of the run, and how an RL
 # run got its init (irrelevant once it has a checkpoint of its own)
 RESUMABLE_FIELDS = {"steps", "samples", "init", "warmstart_steps", "warmstart_target_acc"}
@@ -277,13 +262,15 @@ def all_reduce_sum(values, device=None):
 
 
 def gather_rows(t):
-    """(every rank's equal-shaped tensor t concatenated along dim 0, the slice of that which is this
-    rank's t): the identity and slice(None) in one process."""
+    """(every rank's equal-shaped tensor t concatenated along dim 0, on t's device; the slice of it
+    that is this rank's t): t and slice(None) in one process."""
     if not is_dist():
         return t, slice(None)
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.cat(out), slice(rank() * len(t), (rank() + 1) * len(t))
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else t.device  # nccl gathers CUDA tensors only
+    out = [torch.zeros_like(t, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.to(device))
+    return torch.cat(out).to(t.device), slice(rank() * len(t), (rank() + 1) * len(t))
 
 
 def gather_objects(obj):

@@ -103,65 +103,62 @@ def kl_k3(logp, ref_logp):
 
 
 def grpo_aggregation(mask, loss_type, max_completion_len=None):
-    """How GRPO sums its per-token losses l_{i,t} over a batch, and what it divides the sum by:
-
-        grpo    : sum_i (1/|o_i|) sum_t l_{i,t}  /  N                        (DeepSeekMath eq. 3)
-        dapo    : sum_{i,t} l_{i,t}              /  sum_i |o_i|              (arXiv 2503.14476)
-        dr_grpo : sum_{i,t} l_{i,t}              /  (N * max_completion_len) (arXiv 2503.20783)
-
-    mask: (N, T), 1 on o_i's tokens; N counts the rows left in (a row filtered out has an all-zero
-    mask and weighs nothing). Returns (|o_i| (N,), each row's divisor for grpo's per-sequence mean,
-    or None: the tokens are summed at once; the denominator, a float tensor). The one switch on
-    loss_type: the loss and the update's whole-step denominator both come from here."""
+    """How GRPO sums its per-token losses l_{i,t}, and what it divides the sum by:
+        grpo    : sum_i 1/|o_i| sum_t l_{i,t}  /  N                (DeepSeekMath eq. 3)
+        dapo    : sum_{i,t} l_{i,t}            /  sum_i |o_i|      (arXiv 2503.14476)
+        dr_grpo : sum_{i,t} l_{i,t}            /  N * max length   (arXiv 2503.20783)
+    mask: (N, T); N counts the rows left in. Returns (|o_i| (N,) or None, the denominator)."""
     kept = mask.any(1).sum().float()
     if loss_type == "grpo":
         return mask.sum(1).clamp_min(1.0), kept
     if loss_type == "dapo":
         return None, mask.sum()
     if loss_type == "dr_grpo":
-        return None, kept * (mask.size(1) if max_completion_len is None else max_completion_len)
+        return None, kept * (max_completion_len or mask.size(1))
     raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None, beta=0.04,
-              loss_type="grpo", logits=None, max_completion_len=None, normalizer=None):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None,
+              beta=0.04, loss_type="grpo", denominator=None, logits=None):
     """GRPO's clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3), to be minimised:
-
         rho_t = exp(logp_t - old_logp_t)
-        l_t   = -[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t) - beta * k3_t ]
-
-    summed and divided as loss_type says (grpo_aggregation). logp, old_logp, ref_logp, mask:
-    (N, T); advantages: (N,) outcome or (N, T) process. epsilon_high defaults to epsilon (DAPO's
-    clip-higher sets it larger, e.g. 0.28). normalizer: the denominator of the whole step, when the
-    batch is split into micro-batches or over ranks (so that the summed gradients equal the whole
-    batch's); by default this batch's. With one update per rollout (num_iterations =
-    num_minibatches = 1), rho = 1 and clipping never binds (only its gradient matters); later
-    minibatches or passes see rho != 1. Returns (loss, metrics): clip fractions, mean KL, mean
-    ratio and, given logits (N, T, V), the mean entropy over masked tokens."""
+        l_t   = -[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t) - beta k3_t ]
+    aggregated by loss_type over a denominator: the whole step's for a split batch, else this
+    batch's. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) or (N, T)."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.ndim == 1 else advantages  # (N, 1) or (N, T)
     ratio = torch.exp(logp - old_logp)  # (N, T)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    surrogate = torch.min(ratio * adv, clipped * adv)  # (N, T)
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
     kl = kl_k3(logp, ref_logp)  # (N, T)
     per_token = -(surrogate - beta * kl) * mask  # (N, T)
-    lengths, denominator = grpo_aggregation(mask, loss_type, max_completion_len)
+    lengths, own = grpo_aggregation(mask, loss_type)  # own: this batch's denominator
     if lengths is not None:  # grpo: each sequence's mean first
         per_token = per_token.sum(1) / lengths  # (N,)
-    loss = per_token.sum() / (denominator if normalizer is None else normalizer)
-    with torch.no_grad():
-        n_tok = mask.sum().clamp_min(1.0)
-        adv_full = adv.expand_as(ratio)
-        low = ((ratio < 1 - epsilon) & (adv_full < 0)).float()  # the clip bound that binds for A < 0
-        high = ((ratio > 1 + eps_high) & (adv_full > 0)).float()  # ... and for A > 0
-        metrics = {"clip_low": (low * mask).sum() / n_tok, "clip_high": (high * mask).sum() / n_tok,
-                   "kl": (kl * mask).sum() / n_tok, "ratio": (ratio * mask).sum() / n_tok}
-        if logits is not None:
-            logp_all = F.log_softmax(logits.float(), -1)  # (N, T, V)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
-            metrics["entropy"] = (entropy * mask).sum() / n_tok
-    return loss, {k: v.item() for k, v in metrics.items()}
+    loss = per_token.sum() / (own if denominator is None else denominator)
+    return loss, grpo_stats(ratio, adv, kl, mask, epsilon, eps_high, logits)
+
+
+@torch.no_grad()
+def grpo_stats(ratio, adv, kl, mask, epsilon, eps_high, logits=None):
+    """GRPO's diagnostics over the masked tokens: how often each clip bound binds (the low one for
+    A < 0, the high one for A > 0), the mean k3 KL and ratio, and given the logits (N, T, V) the
+    mean entropy. With one update per rollout (num_iterations = num_minibatches = 1) rho = 1 and
+    clipping never binds (only its gradient matters); later minibatches or passes see rho != 1."""
+    n_tok, adv = mask.sum().clamp_min(1.0), adv.expand_as(ratio)
+    low = ((ratio < 1 - epsilon) & (adv < 0)).float()
+    high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+    stats = {"clip_low": (low * mask).sum() / n_tok, "clip_high": (high * mask).sum() / n_tok,
+             "kl": (kl * mask).sum() / n_tok, "ratio": (ratio * mask).sum() / n_tok}
+    if logits is not None:
+        stats["entropy"] = (entropy(logits) * mask).sum() / n_tok
+    return {k: v.item() for k, v in stats.items()}
+
+
+def entropy(logits):
+    """The entropy of each position's distribution, H = -sum_v p_v log p_v: (N, T, V) -> (N, T)."""
+    logp = F.log_softmax(logits.float(), -1)  # (N, T, V)
+    return -(logp.exp() * logp).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,17 +289,11 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, epsilon=0.2, normalizer=No
         rho_t = exp(log pi(o_t) - log pi_old(o_t))
         loss  = -masked mean of min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
 
-    logp, old_logp, advantages, mask: (N, T). Returns (loss, metrics): clip_frac (tokens whose ratio
-    left the clip range), approx_kl (the k3 estimate of KL(pi_old || pi)) and the mean ratio."""
+    logp, old_logp, advantages, mask: (N, T). Returns (loss, ppo_stats)."""
     ratio = torch.exp(logp - old_logp)  # (N, T)
-    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
-    loss = -masked_mean(surrogate, mask, normalizer)
-    with torch.no_grad():
-        log_ratio = logp - old_logp
-        metrics = {"clip_frac": masked_mean(((ratio - 1).abs() > epsilon).float(), mask).item(),
-                   "approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask).item(),
-                   "ratio": masked_mean(ratio, mask).item()}
-    return loss, metrics
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    loss = -masked_mean(torch.min(ratio * advantages, clipped * advantages), mask, normalizer)
+    return loss, ppo_stats(logp, old_logp, ratio, mask, epsilon)
 
 
 def value_loss(values, old_values, returns, mask, clip_range=0.2, normalizer=None):
@@ -317,6 +308,16 @@ def value_loss(values, old_values, returns, mask, clip_range=0.2, normalizer=Non
     unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
     loss = masked_mean(0.5 * torch.max(unclipped_sq, clipped_sq), mask, normalizer)
     return loss, {"value_clip_frac": masked_mean((clipped_sq > unclipped_sq).float(), mask).item()}
+
+
+@torch.no_grad()
+def ppo_stats(logp, old_logp, ratio, mask, epsilon):
+    """PPO's diagnostics over the masked tokens: clip_frac (the ratio left the clip range),
+    approx_kl (the k3 estimate of KL(pi_old || pi)) and the mean ratio."""
+    log_ratio = logp - old_logp
+    return {"clip_frac": masked_mean(((ratio - 1).abs() > epsilon).float(), mask).item(),
+            "approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask).item(),
+            "ratio": masked_mean(ratio, mask).item()}
 
 
 class FixedKLController:

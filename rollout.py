@@ -138,6 +138,16 @@ def completion_logprobs(forward, r, rows, temperature=1.0):
     return losses.token_logprobs(logits, args[3]), logits
 
 
+@torch.no_grad()
+def batched_logprobs(forward, exp, temperature=1.0):
+    """completion_logprobs of every row of exp.rollout (N, L), forward by forward over exp.batches
+    (lists of row sets: the micro-batches the update runs, so that its numbers are the same)."""
+    out = torch.zeros_like(exp.rollout.logprobs)
+    for rows in (rows for minibatch in exp.batches for rows in minibatch):
+        out[rows] = completion_logprobs(forward, exp.rollout, rows, temperature)[0]
+    return out
+
+
 def completion_values(forward, r, rows):
     """A critic's value of every completion position of rollout r's `rows`: (n, L), V_t read where
     the policy's logits for token t are, so that it sees q and o_<t. forward: the critic's
@@ -156,6 +166,22 @@ def score_completions(rm, prompts, completions, pad_id):
                               rm.value_head.weight.device)
     values = rm.forward_shared_prefix(*args)  # (B, L)
     return values.gather(1, args[4].sum(1)[:, None]).squeeze(1)
+
+
+def check_lengths(task, max_seq_len, max_new_tokens=None):
+    """Raise common.ConfigError unless the task's longest sequence fits the model: `<bos> prompt
+    completion <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and
+    max_new_tokens leaves room for the longest reference answer and its end token."""
+    prompt, completion = task.max_lengths()
+    needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
+    if needed > max_seq_len:
+        raise common.ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} "
+                                 f"with {task.n_digits} digits: its longest sequence has {needed} "
+                                 "tokens")
+    if max_new_tokens is not None and max_new_tokens < completion + 1:
+        raise common.ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest "
+                                 f"answer of task {task.name} ({completion} tokens and an end "
+                                 "token): it could never be written")
 
 
 class NonFiniteLogits(common.NonFinite):

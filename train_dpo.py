@@ -270,7 +270,7 @@ def main(argv=None):
         if cfg.pairs_file:
             rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
         policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
-        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass

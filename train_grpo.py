@@ -106,78 +106,76 @@ class GRPOConfig:
 
 @torch.no_grad()
 def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
-    """Alg. 1 lines 6-9: G completions per problem from pi_old (the policy as it is), their rewards,
-    the advantages, and the log-probs under pi_old and pi_ref that the update's ratio and KL need,
-    on the micro-batches the update runs (so that the first ratio is exactly 1)."""
+    """Alg. 1 lines 6-9: G completions per problem from pi_old, rewards, advantages, and log-probs
+    under pi_old and pi_ref (on the update's micro-batches: the first ratio is exactly 1)."""
     G, prompts = cfg.num_generations, [tasks.encode_problem(tok, p, False)[0] for p in problems]
-    with common.autocast():  # sample in the precision the trainer scores in (bf16 on CUDA)
-        r = rollout.generate(policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                             num_generations=G, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, generator=gen, mla_impl=cfg.mla_impl)
+    with common.autocast():
+        r = rollout.generate(
+            policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
+            mla_impl=cfg.mla_impl)
     texts = rollout.decode_completions(tok, r)
-    rewards = torch.tensor([task.reward(c, problems[i // G]) for i, c in enumerate(texts)])  # (N,)
-    if cfg.supervision == "process":  # a reward per step (DeepSeekMath 4.1.3)
-        steps, ends = step_rewards(task, texts, [problems[i // G] for i in range(len(texts))],
-                                   r.ended.tolist(), r.completion_ids.size(1))
-        adv = losses.process_advantages(steps, ends, G, r.completion_ids.size(1), 1e-4,
-                                        cfg.unbiased_std)  # (N, L)
-    elif cfg.gradient_coef == "rft":  # online RFT (5.2.1): GC = 1[correct], no baseline
+    rewards = torch.tensor([task.reward(c, problems[i // G]) for i, c in enumerate(texts)])
+    if cfg.supervision == "process":  # a reward per step (4.1.3)
+        adv = process_advantages(task, texts, problems, r, cfg)  # (N, L)
+    elif cfg.gradient_coef == "rft":  # online RFT (5.2.1)
         adv = (rewards == 1).float()  # (N,)
-    else:  # outcome (4.1.2); under DDP every rank sees all rewards, so "batch" uses the batch's std
-        everyone, mine = common.gather_rows(rewards.to(r.completion_ids.device))
-        adv = losses.grpo_advantages(everyone.cpu(), G, cfg.scale_rewards, 1e-4,
-                                     cfg.unbiased_std)[mine]  # (N,)
-    flat = adv.view(len(problems), -1).abs().amax(1) == 0  # (N/G,) zero-variance groups
-    keep = ~flat.repeat_interleave(G) if cfg.filter_zero_std else torch.ones(len(texts), dtype=bool)
-    mask = r.completion_mask * keep[:, None].to(r.completion_mask)  # (N, L) filtered rows: 0
+    else:  # outcome (4.1.2), all ranks' rewards
+        everyone, mine = common.gather_rows(rewards)
+        adv = losses.grpo_advantages(everyone, G, cfg.scale_rewards, 1e-4, cfg.unbiased_std)[mine]
+    mask = r.completion_mask.clone()  # (N, L)
+    if cfg.filter_zero_std:  # DAPO: drop groups of equal rewards
+        mask[(adv.view(len(problems), -1) == 0).all(1).repeat_interleave(G)] = 0.0
     exp = rollout.Experience(r, rewards, adv.to(mask.device), mask, batches=micro_batches(mask, cfg))
-    policy.eval()  # the same numbers as train mode, but these forwards count no router loads
+    policy.eval()  # no router loads counted
     with common.autocast(), moe.RouteRecorder(policy) as exp.routes:  # pi_old's experts
-        if cfg.num_iterations > 1 or cfg.num_minibatches > 1:  # else the update's own forward
-            exp.old_logp = logprobs(policy_ddp, exp, cfg)
-    if cfg.beta > 0:
-        exp.ref_logp = logprobs(ref.forward_shared_prefix, exp, cfg)
+        if cfg.num_iterations * cfg.num_minibatches > 1:  # else the update's own forward
+            exp.old_logp = rollout.batched_logprobs(policy_ddp, exp, cfg.temperature)
+        if cfg.beta > 0:
+            exp.ref_logp = rollout.batched_logprobs(ref.forward_shared_prefix, exp, cfg.temperature)
     policy.train()
     return exp
 
 
-def logprobs(forward, exp, cfg):
-    """log pi of every completion token, (N, L), forward by forward on the update's micro-batches."""
-    out = torch.zeros_like(exp.mask)
-    with common.autocast():
-        for rows in (rows for minibatch in exp.batches for rows in minibatch):
-            out[rows] = rollout.completion_logprobs(forward, exp.rollout, rows, cfg.temperature)[0]
-    return out
+def micro_batches(mask, cfg):
+    """Each optimiser step's rows (strided: groups mix), in grad_accum micro-batches."""
+    rows = torch.arange(mask.size(0), device=mask.device)
+    return [rows[i::cfg.num_minibatches].chunk(cfg.grad_accum) for i in range(cfg.num_minibatches)]
 
 
 def update_policy(policy_ddp, opt, exp, cfg):
-    """Alg. 1 lines 10-11: num_iterations passes over the rollout batch, one AdamW step per
-    minibatch on the GRPO objective (DeepSeekMath eq. 3). Every micro-batch divides by its whole
-    minibatch's denominator over all ranks, so that gradient accumulation and DDP give the big
-    batch's gradient. Returns each micro-batch's statistics, and each step's gradient norm."""
+    """Alg. 1 lines 10-11: mu passes, an AdamW step a minibatch on eq. 3. Every micro-batch divides
+    by its minibatch's denominator over all ranks: accumulation and DDP equal one batch."""
     stats = []
     for _ in range(cfg.num_iterations):  # mu
-        for minibatch in exp.batches:  # micro-batches of rows
-            rows = torch.cat(minibatch)
-            denom = common.all_reduce_sum(losses.grpo_aggregation(
-                exp.mask[rows], cfg.loss_type, cfg.max_new_tokens)[1])  # every rank's share
-            if denom == 0:  # every group filtered out, on every rank: nothing to learn
+        for minibatch in exp.batches:
+            mask = exp.mask[torch.cat(minibatch)]
+            denom = losses.grpo_aggregation(mask, cfg.loss_type, cfg.max_new_tokens)[1]
+            denom = common.all_reduce_sum(denom)
+            if denom == 0:  # all rows filtered out
                 continue
             for j, rows in enumerate(minibatch):
                 with common.micro_batch(policy_ddp, last=j == len(minibatch) - 1) as world:
-                    logp, logits = rollout.completion_logprobs(policy_ddp, exp.rollout, rows,
-                                                               cfg.temperature)  # (n, L)
-                    old = logp.detach() if exp.old_logp is None else exp.old_logp[rows]  # pi_old
-                    ref = logp.detach() if exp.ref_logp is None else exp.ref_logp[rows]  # beta 0
+                    logp, logits = rollout.completion_logprobs(
+                        policy_ddp, exp.rollout, rows, cfg.temperature)
+                    old = logp.detach() if exp.old_logp is None else exp.old_logp[rows]
+                    ref = logp.detach() if exp.ref_logp is None else exp.ref_logp[rows]
                     loss, m = losses.grpo_loss(
                         logp, old, ref, exp.advantages[rows], exp.mask[rows], cfg.epsilon,
-                        cfg.epsilon_high, cfg.beta, cfg.loss_type, logits.detach(),
-                        cfg.max_new_tokens, normalizer=denom)
-                    (loss * world).backward()  # DDP averages over ranks; denom is the sum
-                gap = (old - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]  # sampler, trainer
+                        cfg.epsilon_high, cfg.beta, cfg.loss_type, denom, logits)
+                    (loss * world).backward()  # DDP averages over ranks
+                gap = (old - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]
                 stats.append({**m, "loss": loss.item() * len(minibatch), "gap": gap.max().item()})
             stats.append({"grad_norm": common.optimizer_step(opt, cfg.grad_clip)})
     return stats
+
+
+def process_advantages(task, texts, problems, r, cfg):
+    """Process supervision's advantages (N, L): each step's reward, normalised over its group."""
+    G, L = cfg.num_generations, r.completion_ids.size(1)
+    steps, ends = step_rewards(task, texts, [problems[i // G] for i in range(len(texts))],
+                               r.ended.tolist(), L)
+    return losses.process_advantages(steps, ends, G, L, unbiased_std=cfg.unbiased_std)
 
 
 def step_rewards(task, texts, problems, ended, L):
@@ -193,13 +191,6 @@ def step_rewards(task, texts, problems, ended, L):
         steps.append(ok + [0.0] * missing)
         ends.append(task.step_ends(c) + [min(len(c) if done else len(c) - 1, L - 1)] * missing)
     return steps, ends
-
-
-def micro_batches(mask, cfg):
-    """The rows of each optimiser step (minibatch), each split into grad_accum micro-batches.
-    Strided minibatches mix groups; every forward (pi_old, pi_ref, the update) runs on these."""
-    rows = torch.arange(mask.size(0), device=mask.device)
-    return [rows[i::cfg.num_minibatches].chunk(cfg.grad_accum) for i in range(cfg.num_minibatches)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +263,7 @@ def main(argv=None):
                     f"--grad_accum {cfg.grad_accum}")
         tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
         policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))  # Alg. 1 line 1
-        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
@@ -292,15 +283,14 @@ def main(argv=None):
         for step in run.steps(cfg.steps):
             # ---- the algorithm
             lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            opt.param_groups[0]["lr"] = lr
             if cfg.ref_reset_every and step and step % cfg.ref_reset_every == 0:
-                ref.load_state_dict(policy.state_dict())  # line 3 again: iterative GRPO
+                ref.load_state_dict(policy.state_dict())  # line 3: iterative GRPO
             problems = [task.sample(data) for _ in range(cfg.batch_size // run.world)]  # line 5
             exp = make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen)  # 6-9
-            with moe.RouteRecorder(policy) as routes:  # the update's experts, beside pi_old's
+            with moe.RouteRecorder(policy) as routes:  # for the routing flips
                 stats = update_policy(policy_ddp, opt, exp, cfg)  # lines 10-11
-            balance = policy.update_router_biases()  # DeepSeek-V3 2.1.2: once per rollout
+            balance = policy.update_router_biases()  # V3 2.1.2, once a rollout
 
             # ---- plumbing: logging, evaluation, checkpoints (tests/test_runs.py guards it)
             metrics = grpo_metrics(exp, stats, routes, cfg)

@@ -110,28 +110,16 @@ class Nets:
 
 @torch.no_grad()
 def make_experience(nets, task, tok, problems, cfg, kl_coef, gen):
-    """One completion per problem from pi_old, its score, log-probs under pi_old and pi_ref, the
-    critic's V_old, per-token rewards (the k1 KL penalty on every token, the score on the last),
-    GAE advantages (whitened over all ranks) and returns: (the Experience, whether each is right)."""
-    prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
-    with common.autocast():  # sample in the precision the trainer scores in
-        r = rollout.generate(nets.policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             generator=gen)
-    texts, device = rollout.decode_completions(tok, r), r.completion_mask.device
-    correct = torch.tensor([task.reward(c, p) for c, p in zip(texts, problems)], device=device)
-    scores = correct.clone()  # (N,) the rule reward
-    if nets.rm is not None:
-        lengths = r.completion_mask.sum(1).long().tolist()
-        completions = [row[:n] for row, n in zip(r.completion_ids.tolist(), lengths)]
-        scores = rollout.score_completions(nets.rm, prompts, completions, tok.pad_id).float()
-    mask = r.completion_mask.clone()  # (N, L) the tokens in the loss
-    if cfg.truncation == "penalty":  # a completion cut at max_new_tokens never ended
-        scores = torch.where(~r.ended, torch.full_like(scores, cfg.truncation_penalty), scores)
-    else:
-        mask[~r.ended] = 0.0  # no loss from a completion that never ended
+    """One completion a problem from pi_old, scored; pi_old's and pi_ref's log-probs, V_old; token
+    rewards (k1 KL on each, the score on the last), GAE advantages. Also: which are right."""
+    prompts = [tasks.encode_problem(tok, p, False)[0] for p in problems]
+    with common.autocast():
+        r = rollout.generate(
+            nets.policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=gen,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    scores, correct, mask = score(nets.rm, task, tok, problems, prompts, r, cfg)  # (N,), (N, L)
     rows = torch.arange(len(prompts))
-    nets.policy.eval()  # the same numbers as train mode; no router loads counted
+    nets.policy.eval()  # no router loads counted
     with common.autocast():
         old = rollout.completion_logprobs(nets.policy_ddp, r, rows, cfg.temperature)[0]
         ref = rollout.completion_logprobs(nets.ref.forward_shared_prefix, r, rows,
@@ -139,51 +127,70 @@ def make_experience(nets, task, tok, problems, cfg, kl_coef, gen):
         values = rollout.completion_values(nets.critic_ddp, r, rows).float() * r.completion_mask
     nets.policy.train()
     rewards = losses.token_rewards(scores, old, ref, r.completion_mask, kl_coef)  # (N, L)
-    advantages, returns = losses.gae(rewards, values, r.completion_mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:  # over every rank's real tokens
-        s = common.all_reduce_sum({"n": mask.sum().item(), "a": (advantages * mask).sum().item(),
-                                   "a2": (advantages ** 2 * mask).sum().item()}, device)
-        mean = s["a"] / max(s["n"], 1.0)
-        std = max(s["a2"] / max(s["n"], 1.0) - mean ** 2, 0.0) ** 0.5
-        advantages = (advantages - mean) / (std + 1e-8) * mask
-    exp = rollout.Experience(r, scores, advantages, mask, old, ref, values=values, returns=returns)
-    return exp, correct
+    adv, returns = losses.gae(rewards, values, r.completion_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, mask)
+    return rollout.Experience(r, scores, adv, mask, old, ref, values, returns), correct
 
 
 def update(nets, opts, exp, cfg, gen):
-    """ppo_epochs passes of shuffled minibatches over the rollout batch, each one AdamW step of the
-    policy (clipped surrogate minus an entropy bonus) and one of the critic (clipped value loss).
-    Every micro-batch divides by its minibatch's token count over all ranks (PPO's token mean), so
-    that accumulation and DDP equal one big batch. Returns each micro-batch's statistics and each
-    step's gradient norms."""
-    stats, r, N = [], exp.rollout, exp.mask.size(0)
+    """ppo_epochs passes of shuffled minibatches: AdamW steps of the policy (clipped surrogate,
+    entropy bonus) and the critic (clipped value loss), on the token mean over all ranks."""
+    stats, r = [], exp.rollout
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(N, generator=gen, device=gen.device)
+        order = torch.randperm(len(exp.mask), generator=gen, device=gen.device)
         for minibatch in order.chunk(cfg.num_minibatches):
-            n_tok = common.all_reduce_sum({"n": exp.mask[minibatch].sum().item()},
-                                          exp.mask.device)["n"]
+            n = common.all_reduce_sum({"n": exp.mask[minibatch].sum().item()}, gen.device)["n"]
+            n = max(n, 1.0)  # the minibatch's tokens, over every rank
             micro = minibatch.chunk(cfg.grad_accum)
             for j, rows in enumerate(micro):
-                last, m = j == len(micro) - 1, exp.mask[rows]
+                m, last = exp.mask[rows], j == len(micro) - 1
                 with common.micro_batch(nets.policy_ddp, last) as world:
-                    logp, logits = rollout.completion_logprobs(nets.policy_ddp, r, rows,
-                                                               cfg.temperature)
-                    loss, pm = losses.ppo_policy_loss(logp, exp.old_logp[rows], exp.advantages[rows],
-                                                      m, cfg.epsilon, normalizer=max(n_tok, 1.0))
-                    logp_all = torch.log_softmax(logits.float(), -1)  # (n, L, V)
-                    entropy = losses.masked_mean(-(logp_all.exp() * logp_all).sum(-1), m,
-                                                 max(n_tok, 1.0))
-                    ((loss - cfg.entropy_coef * entropy) * world).backward()  # DDP: over ranks
+                    logp, logits = rollout.completion_logprobs(
+                        nets.policy_ddp, r, rows, cfg.temperature)
+                    loss, pm = losses.ppo_policy_loss(
+                        logp, exp.old_logp[rows], exp.advantages[rows], m, cfg.epsilon, n)
+                    entropy = losses.masked_mean(losses.entropy(logits), m, n)
+                    ((loss - cfg.entropy_coef * entropy) * world).backward()  # DDP averages
                 with common.micro_batch(nets.critic_ddp, last) as world:
                     values = rollout.completion_values(nets.critic_ddp, r, rows).float()
-                    vloss, vm = losses.value_loss(values, exp.values[rows], exp.returns[rows], m,
-                                                  cfg.value_clip, normalizer=max(n_tok, 1.0))
+                    vloss, vm = losses.value_loss(
+                        values, exp.values[rows], exp.returns[rows], m, cfg.value_clip, n)
                     (vloss * world).backward()
                 shares = {"policy_loss": loss, "value_loss": vloss, "entropy": entropy}
                 stats.append({**pm, **vm, **{k: v.item() * len(micro) for k, v in shares.items()}})
             stats.append({"grad_norm": common.optimizer_step(opts[0], cfg.grad_clip),
                           "critic_grad_norm": common.optimizer_step(opts[1], cfg.grad_clip)})
     return stats
+
+
+def score(rm, task, tok, problems, prompts, r, cfg):
+    """Each completion's score: the task's exact-answer reward, or the reward model's. One cut at
+    max_new_tokens (no end token) scores --truncation_penalty, or leaves the loss (--truncation
+    mask). Returns (scores (N,), whether each is right (N,), the loss mask (N, L))."""
+    texts = rollout.decode_completions(tok, r)
+    correct = torch.tensor([task.reward(c, p) for c, p in zip(texts, problems)],
+                           device=r.completion_mask.device)
+    scores = correct.clone()
+    if rm is not None:
+        lengths = r.completion_mask.sum(1).long().tolist()
+        completions = [row[:n] for row, n in zip(r.completion_ids.tolist(), lengths)]
+        scores = rollout.score_completions(rm, prompts, completions, tok.pad_id).float()
+    mask = r.completion_mask.clone()
+    if cfg.truncation == "penalty":
+        scores = torch.where(~r.ended, torch.full_like(scores, cfg.truncation_penalty), scores)
+    else:
+        mask[~r.ended] = 0.0  # no loss from a completion that never ended
+    return scores, correct, mask
+
+
+def whiten(x, mask):
+    """x normalised to mean 0 and std 1 over every rank's real tokens (mask), 0 elsewhere."""
+    s = common.all_reduce_sum({"n": mask.sum().item(), "a": (x * mask).sum().item(),
+                               "a2": (x ** 2 * mask).sum().item()}, x.device)
+    mean = s["a"] / max(s["n"], 1.0)
+    std = max(s["a2"] / max(s["n"], 1.0) - mean ** 2, 0.0) ** 0.5
+    return (x - mean) / (std + 1e-8) * mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def main(argv=None):
         rm = train_rm.load_reward_model(cfg.reward_model, tok, task, run.device) \
             if cfg.reward_model else None
         policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
-        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
                     "another model config than the policy")
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
@@ -263,8 +270,8 @@ def main(argv=None):
         for step in run.steps(cfg.steps):
             # ---- the algorithm
             for opt, lr in zip(opts, (cfg.lr, cfg.critic_lr)):
-                for group in opt.param_groups:
-                    group["lr"] = common.lr_at(step, lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+                opt.param_groups[0]["lr"] = common.lr_at(
+                    step, lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
             problems = [task.sample(data) for _ in range(per_rank)]
             exp, correct = make_experience(nets, task, tok, problems, cfg, kl_ctl.value, gen)
             stats = update(nets, opts, exp, cfg, gen)

@@ -206,7 +206,7 @@ def main(argv=None):
         if cfg.pairs_file:
             rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
         rm = run.model(lambda: reward_model(train_sft.load_or_make_init(cfg, run)), ScalarModel)
-        common.check_lengths(task, rm.cfg.max_seq_len, cfg.max_new_tokens)
+        rollout.check_lengths(task, rm.cfg.max_seq_len, cfg.max_new_tokens)
         opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         run.begin(model=rm, optimizer=opt)  # restored by --resume; opens the run folder

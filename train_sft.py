@@ -231,7 +231,7 @@ def main(argv=None, resume_hint=None):
                     f"not match the tokenizer's {tok.vocab_size}")
         model = run.model(lambda: load_or_make_init(cfg, run) if rft else
                           Transformer(mcfg).to(run.device))  # from the flags, seeded by --seed
-        common.check_lengths(task, model.cfg.max_seq_len,
+        rollout.check_lengths(task, model.cfg.max_seq_len,
                              task.max_lengths()[1] + 2 if rft else None)  # RFT samples too
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import losses
-from losses import grpo_advantages, grpo_loss, kl_k1, kl_k3, process_advantages, token_logprobs
+from losses import (grpo_advantages, grpo_aggregation, grpo_loss, kl_k1, kl_k3,
+                    process_advantages, token_logprobs)
 
 # The lectures' worked examples (shared/seeds/003_7a20ea8372669740.txt and 002_1da79691c3c5a056.txt).
 # Their printed advantages are loose or wrong: for [0.9, 0.7, 0.4, 0.2] they divide by sigma ~ 0.33,
@@ -166,16 +167,25 @@ def test_loss_type_normalisations_by_hand(loss_type):
     assert (g * (1 - mask) == 0).all()  # padding gets no gradient
 
 
-def test_dr_grpo_constant_and_normalizer_splits():
+def test_aggregation_by_hand_and_a_split_batch_sums_to_the_whole():
+    """grpo_aggregation's per-row divisors and denominators by hand (a filtered row, all-zero
+    mask, counts in no N); micro-batches that divide by the whole batch's denominator sum to the
+    whole batch's loss, for every loss_type."""
     logp, mask = ragged()
+    lengths, d = grpo_aggregation(torch.cat([mask, torch.zeros(1, 5)]), "grpo")
+    assert lengths.tolist() == [2, 4, 1] and d.item() == 2  # N = 2 rows left in
+    assert grpo_aggregation(mask, "dapo")[0] is None and grpo_aggregation(mask, "dapo")[1] == 6
+    assert grpo_aggregation(mask, "dr_grpo", 8)[1] == 2 * 8  # N * max_completion_len
+    assert grpo_aggregation(mask, "dr_grpo")[1] == 2 * 5  # the batch's width by default
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_aggregation(mask, "ppo")
     adv = torch.tensor([0.7, -0.3])
     ref = logp.detach() - 0.05
-    full, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type="dr_grpo", max_completion_len=8)
-    assert abs(full.item() - grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type="dr_grpo", normalizer=16)[0].item()) < 1e-7
-    for lt, norm in (("grpo", 2), ("dapo", 6), ("dr_grpo", 16)):
-        whole, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type=lt, max_completion_len=8)
-        parts = sum(grpo_loss(logp[i:i + 1], logp[i:i + 1].detach(), ref[i:i + 1], adv[i:i + 1], mask[i:i + 1],
-                              loss_type=lt, max_completion_len=8, normalizer=norm)[0] for i in range(2))
+    for lt in ("grpo", "dapo", "dr_grpo"):
+        d = grpo_aggregation(mask, lt, 8)[1]
+        whole, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, loss_type=lt, denominator=d)
+        parts = sum(grpo_loss(logp[i:i + 1], logp[i:i + 1].detach(), ref[i:i + 1], adv[i:i + 1],
+                              mask[i:i + 1], loss_type=lt, denominator=d)[0] for i in range(2))
         assert abs(whole.item() - parts.item()) < 1e-6, lt
 
 
