@@ -1,9 +1,11 @@
 """Benchmarks that print figures (not tests). Ratios are measured in one run, on this machine.
 
-    python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes, absorbed vs naive
+    python bench.py rollout    # KV cache vs full recompute, MLA vs MHA cache bytes,
+                               # absorbed vs naive
     python bench.py train      # training tokens/s, MLA+MoE vs MHA+dense at equal active parameters
-    python bench.py grpo       # seconds per GRPO step by phase: issue 11's contract config, the default model,
-                               # the contract's op floor, and the step's matmul FLOPs at this machine's peak
+    python bench.py grpo       # seconds per GRPO step by phase: the contract config, the default
+                               # model, the contract's op floor, and the step's matmul FLOPs at
+                               # this machine's peak
     python bench.py spec --ckpt out/sft_multistep   # MTP speculative decoding: acceptance, tokens/s
     python bench.py style      # the code's shape: main() sizes, GRPO's reading path, long lines
 """
@@ -54,14 +56,17 @@ def bench_rollout(args):
     kw = dict(eos_id=-1, pad_id=17, max_new_tokens=new, temperature=0.0)  # eos -1: never stop early
     t_cache = timed(lambda: rollout.generate(m, prompts, **kw), args.repeats)
     t_full = timed(lambda: decode_full_recompute(m, prompts, new, 17), args.repeats)
-    print(f"decode {n} sequences x {new} new tokens (default model, {torch.get_num_threads()} threads):")
+    print(f"decode {n} sequences x {new} new tokens "
+          f"(default model, {torch.get_num_threads()} threads):")
     print(f"  KV cache (absorbed MLA): {t_cache:.3f} s = {n * new / t_cache:,.0f} tok/s")
     print(f"  full recompute each step: {t_full:.3f} s = {n * new / t_full:,.0f} tok/s")
     print(f"  cache speed-up: {t_full / t_cache:.1f}x")
 
-    mla, mha = cfg.kv_cache_elements_per_token(), model.ModelConfig(attention="mha").kv_cache_elements_per_token()
+    mla = cfg.kv_cache_elements_per_token()
+    mha = model.ModelConfig(attention="mha").kv_cache_elements_per_token()
     print(f"KV cache per token per layer: MLA {mla} elements ({4 * mla} bytes fp32), "
-          f"MHA {mha} elements ({4 * mha} bytes): MLA/MHA = {mla / mha:.3f} ({mha / mla:.1f}x smaller)")
+          f"MHA {mha} elements ({4 * mha} bytes): "
+          f"MLA/MHA = {mla / mha:.3f} ({mha / mla:.1f}x smaller)")
 
     # absorbed vs naive: one decode step with S cached tokens
     S, B = args.cached, args.decode_batch
@@ -76,14 +81,16 @@ def bench_rollout(args):
             step = lambda: m(x[:, :1], cache=cache, start_pos=S)  # noqa: E731
             times[impl] = timed(lambda: [step() for _ in range(10)], args.repeats) / 10
     print(f"one decode step, batch {B}, {S} cached tokens: naive {1e3 * times['naive']:.2f} ms, "
-          f"absorbed {1e3 * times['absorbed']:.2f} ms: absorbed is {times['naive'] / times['absorbed']:.2f}x faster")
+          f"absorbed {1e3 * times['absorbed']:.2f} ms: "
+          f"absorbed is {times['naive'] / times['absorbed']:.2f}x faster")
 
 
 def bench_train(args):
     """Training tokens/s of the default MLA+MoE model against an MHA+dense model with the same
     active parameters per token (its dense FFN width solved for), on the SFT batch. The two models
     take their steps alternately, so that the machine's drift during the run hits both alike. Then
-    the FFN alone: one MoE layer against the dense FFN, forward + backward over one batch's tokens."""
+    the FFN alone: one MoE layer against the dense FFN, forward + backward over one batch's
+    tokens."""
     import random
 
     import tasks
@@ -95,30 +102,34 @@ def bench_train(args):
     def mha_dense(inter_dim):
         return model.ModelConfig(attention="mha", n_dense_layers=base.n_layers, inter_dim=inter_dim)
 
-    inter = min(range(16, 4096, 8), key=lambda w: abs(model.param_counts(model.Transformer(mha_dense(w)))["active_per_token"] - target))
+    inter = min(range(16, 4096, 8), key=lambda w: abs(
+        model.param_counts(model.Transformer(mha_dense(w)))["active_per_token"] - target))
     tok, task = tasks.Tokenizer(), tasks.Addition(3)
     rng = random.Random(0)
-    batches = [train_sft.make_batch(task, tok, rng, args.train_batch, cpu) for _ in range(args.train_steps + 3)]
+    batches = [train_sft.make_batch(task, tok, rng, args.train_batch, cpu)
+               for _ in range(args.train_steps + 3)]
     n_tok = sum(b[0].numel() for b in batches[3:])
     names = ("MLA + MoE (default)", f"MHA + dense (inter_dim {inter})")
     runs = []
     for cfg in (base, mha_dense(inter)):
         torch.manual_seed(0)
         m = model.Transformer(cfg)
-        runs.append((m, torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, fused=True)))
+        runs.append((m, torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99),
+                                          weight_decay=0.0, fused=True)))
     seconds = [0.0, 0.0]
     for i, b in enumerate(batches):
         for j, (m, opt) in enumerate(runs):
             t = time.perf_counter()
             train_sft.train_step(m, m, opt, [b], 1.0)
             seconds[j] += (time.perf_counter() - t) if i >= 3 else 0.0  # 3 warm-up steps
-    print(f"SFT training step, batch {args.train_batch}, {torch.get_num_threads()} threads (MTP on in both):")
+    print(f"SFT training step, batch {args.train_batch}, {torch.get_num_threads()} threads "
+          "(MTP on in both):")
     for name, (m, _), dt in zip(names, runs, seconds):
         c = model.param_counts(m)
-        print(f"  {name}: active/token {c['active_per_token']:,}, total {c['total']:,}: {n_tok / dt:,.0f} tokens/s "
-              f"({1e3 * dt / args.train_steps:.1f} ms/step)")
+        print(f"  {name}: active/token {c['active_per_token']:,}, total {c['total']:,}: "
+              f"{n_tok / dt:,.0f} tokens/s ({1e3 * dt / args.train_steps:.1f} ms/step)")
     print(f"  MLA+MoE / MHA+dense throughput: {seconds[1] / seconds[0]:.2f}")
-    # the FFN alone: one MoE layer against the dense FFN of the same active width, forward + backward
+    # the FFN alone: one MoE layer against the dense FFN of equal active width, forward + backward
     torch.manual_seed(0)
     x = torch.randn(n_tok // args.train_steps, base.dim, requires_grad=True)  # one batch's tokens
     layer, dense = moe.MoE(base), moe.MLP(base.dim, inter)
@@ -129,20 +140,25 @@ def bench_train(args):
 
     ffn = {"MoE layer": moe_step, "dense FFN": lambda: dense(x).sum().backward()}
     ms = {k: 1e3 * timed(f, 20) for k, f in ffn.items()}
-    print(f"  one FFN, forward + backward over {len(x):,} tokens: MoE layer {ms['MoE layer']:.1f} ms, dense FFN "
-          f"(inter_dim {inter}) {ms['dense FFN']:.1f} ms: dense / MoE {ms['dense FFN'] / ms['MoE layer']:.2f}")
+    print(f"  one FFN, forward + backward over {len(x):,} tokens: "
+          f"MoE layer {ms['MoE layer']:.1f} ms, "
+          f"dense FFN (inter_dim {inter}) {ms['dense FFN']:.1f} ms: "
+          f"dense / MoE {ms['dense FFN'] / ms['MoE layer']:.2f}")
 
 
-CONTRACT = dict(attention="mha", n_layers=4, n_dense_layers=4, dim=128, n_heads=4, inter_dim=512, mtp_depth=0,
-                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)  # the dense MHA model of issue 11, ~1.05M params
-# The contract with its residual stream and FFN 8 wide (heads unchanged, so attention runs the same kernels on
-# the same shapes): its step runs every operation of the contract's, with almost no matrix-product FLOPs. Its
-# time is what the step costs besides those FLOPs: Python, op dispatch, attention, elementwise work.
+# a dense MHA model, ~1.05M params
+CONTRACT = dict(attention="mha", n_layers=4, n_dense_layers=4, dim=128, n_heads=4, inter_dim=512,
+                mtp_depth=0, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)
+# The contract with its residual stream and FFN 8 wide (heads unchanged, so attention runs the same
+# kernels on the same shapes): its step runs every operation of the contract's, with almost no
+# matrix-product FLOPs. Its time is what the step costs besides those FLOPs: Python, op dispatch,
+# attention, elementwise work.
 FLOOR = dict(CONTRACT, dim=8, inter_dim=8)
 
 
 def matmul_peak(repeats=200):
-    """FLOP/s of this machine's best (1024, 128) @ (128, 512) matrix product, the shape of the model's FFN."""
+    """FLOP/s of this machine's best (1024, 128) @ (128, 512) matrix product, the shape of the
+    model's FFN."""
     a, b = torch.randn(1024, 128), torch.randn(128, 512)
     return 2 * 1024 * 128 * 512 / timed(lambda: a @ b, repeats)
 
@@ -178,21 +194,28 @@ def bench_grpo(args):
 
     rollout.generate = timed_generate
     peak = matmul_peak()
-    print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s ((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
+    print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s "
+          f"((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
     contract_length = 6
-    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {}), ("op floor: the contract at width 8", FLOOR)):
+    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {}),
+                     ("op floor: the contract at width 8", FLOOR)):
         torch.manual_seed(0)
         cfg = model.ModelConfig(**kw)
         policy = model.Transformer(cfg)
-        opt = torch.optim.AdamW(policy.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+        opt = torch.optim.AdamW(policy.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0,
+                                fused=True)
         rng = random.Random(0)
         for _ in range(args.warm_steps):  # a short SFT warm start: sensible completions to time
-            train_sft.train_step(policy, policy, opt, [train_sft.make_batch(task, tok, rng, 64, cpu)], 1.0)
-        # the width-8 model is too narrow to learn when to stop: it samples as many tokens as the contract's did
-        gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8, max_new_tokens=contract_length if kw is FLOOR else 6,
+            train_sft.train_step(policy, policy, opt,
+                                 [train_sft.make_batch(task, tok, rng, 64, cpu)], 1.0)
+        # the width-8 model is too narrow to learn when to stop: it samples as many tokens as the
+        # contract's did
+        gcfg = train_grpo.GRPOConfig(batch_size=16, num_generations=8,
+                                     max_new_tokens=contract_length if kw is FLOOR else 6,
                                      temperature=1.0, beta=0.04, lr=5e-5)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
-        opt = torch.optim.AdamW(policy.parameters(), lr=gcfg.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+        opt = torch.optim.AdamW(policy.parameters(), lr=gcfg.lr, betas=(0.9, 0.99),
+                                weight_decay=0.0, fused=True)
         gen = torch.Generator().manual_seed(0)
         times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
         lengths = []
@@ -202,8 +225,8 @@ def bench_grpo(args):
                 t0 = time.perf_counter()
                 problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
                 sampling.clear()
-                exp = train_grpo.make_experience(policy, policy.forward_shared_prefix, ref, task, tok,
-                                                 problems, gcfg, gen)
+                exp = train_grpo.make_experience(policy, policy.forward_shared_prefix, ref, task,
+                                                 tok, problems, gcfg, gen)
                 t1 = t0 + sampling[0]
                 t2 = time.perf_counter()
                 with moe.RouteRecorder(policy):
@@ -220,11 +243,13 @@ def bench_grpo(args):
         med = {k: statistics.median(v) for k, v in times.items()}
         if kw is CONTRACT:
             contract_length = int(statistics.median(lengths))
-        print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, {torch.get_num_threads()} threads:")
+        print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, "
+              f"{torch.get_num_threads()} threads:")
         print("  " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
               f"; completions {statistics.median(lengths):.0f} tokens; peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-        print(f"  matrix products: {flops / 1e9:.2f} GFLOP a step = {1e3 * flops / peak:.1f} ms at the matmul peak")
+        print(f"  matrix products: {flops / 1e9:.2f} GFLOP a step = "
+              f"{1e3 * flops / peak:.1f} ms at the matmul peak")
 
 
 def bench_spec(args):
@@ -243,11 +268,13 @@ def bench_spec(args):
     prompts = [tasks.encode_problem(tok, p, False)[0] for p in problems]
     new = task.max_lengths()[1] + 2
     kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=new)
-    print(f"{args.ckpt}: task {task.name} ({task.n_digits} digits, completions up to {new - 2} tokens + end), "
-          f"MTP depth {m.cfg.mtp_depth}, {torch.get_num_threads()} threads")
+    print(f"{args.ckpt}: task {task.name} ({task.n_digits} digits, completions up to {new - 2} "
+          f"tokens + end), MTP depth {m.cfg.mtp_depth}, {torch.get_num_threads()} threads")
     for temperature in (0.0, 1.0):
-        r = rollout.generate(m, prompts, speculative=True, temperature=temperature, generator=torch.Generator().manual_seed(0), **kw)
-        print(f"  T={temperature:g}: draft accepted {r.stats['acceptance']:.1%} of {r.stats['proposed']} proposals, "
+        r = rollout.generate(m, prompts, speculative=True, temperature=temperature,
+                             generator=torch.Generator().manual_seed(0), **kw)
+        print(f"  T={temperature:g}: draft accepted {r.stats['acceptance']:.1%} of "
+              f"{r.stats['proposed']} proposals, "
               f"{r.stats['tokens_per_forward']:.2f} tokens per main-model forward")
     for rows, n_batches in ((1, 32), (256, 1)):  # batch 1: 32 prompts decoded one at a time
         batches = [prompts[i * rows:(i + 1) * rows] for i in range(n_batches)]
@@ -262,8 +289,9 @@ def bench_spec(args):
                     per_forward += [r.stats["tokens_per_forward"]] if spec else []
                 best[spec], tokens[spec] = min(best[spec], time.perf_counter() - t), n
         speed = {spec: tokens[spec] / best[spec] for spec in best}
-        print(f"  batch {rows} (T=1, {n_batches * rows} prompts): ordinary {speed[False]:,.0f} tokens/s, speculative "
-              f"{speed[True]:,.0f} tokens/s ({sum(per_forward) / len(per_forward):.2f} tokens per main-model forward): "
+        print(f"  batch {rows} (T=1, {n_batches * rows} prompts): "
+              f"ordinary {speed[False]:,.0f} tokens/s, speculative {speed[True]:,.0f} tokens/s "
+              f"({sum(per_forward) / len(per_forward):.2f} tokens per main-model forward): "
               f"{speed[True] / speed[False]:.2f}x")
 
 
@@ -275,16 +303,19 @@ def _spans(path):
 
 
 def _marked(lines, start, end, marker):
-    """The lines of [start, end) in the block under a `# ---- <marker>` comment: from the comment
-    to the next `# ----` comment or the end of its indented block."""
+    """The lines of [start, end) in the blocks under a `# ---- <marker>` comment: from the comment
+    to the next `# ----` comment, a blank line at the comment's indentation, or a dedent."""
     out, inside, indent = set(), False, 0
     for i in range(start, end):
         text = lines[i]
-        stripped = text.strip()
+        stripped, depth = text.strip(), len(text) - len(text.lstrip())
         if stripped.startswith("# ----"):
-            inside, indent = stripped.startswith(f"# ---- {marker}"), len(text) - len(text.lstrip())
-        elif inside and stripped and len(text) - len(text.lstrip()) < indent:
+            inside, indent = stripped.startswith(f"# ---- {marker}"), depth
+        elif inside and stripped and depth < indent:
             inside = False
+        elif inside and not stripped and i + 1 < end and (
+                len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= indent):
+            inside = False  # a blank line, and the next line is at the block's depth or less
         if inside and stripped:
             out.add(i)
     return out
@@ -351,7 +382,8 @@ def bench_style(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["rollout", "train", "grpo", "spec", "style"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)

@@ -82,7 +82,7 @@ class RunConfig:
     seed: int = 0  # seed of the weights (from scratch) and of every problem and sampling stream
     eval_every: int = 25  # steps between held-out evaluations (and at the end)
     ckpt_every: int = 50  # steps between checkpoints (and at the end)
-    stop_at: int = 0  # stop (with a checkpoint) after this step, to resume later; 0 = run to the end
+    stop_at: int = 0  # stop (with a checkpoint) after this step, to resume later; 0 = never
     compile: bool = False  # torch.compile the networks that are trained
     quiet: bool = False  # no progress bar or printed samples
     given: tuple = dataclasses.field(default=(), metadata={"flag": False})  # the flags typed
@@ -160,10 +160,11 @@ def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None):
+def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, ordered=()):
     """Raise one ConfigError naming every bad field of a config dataclass (each a --flag): every
-    float must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1], and
-    `choices` maps a field to its allowed values. Call it from __post_init__."""
+    float must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1],
+    `choices` maps a field to its allowed values, and each pair (a, b) of `ordered` needs a <= b.
+    Call it from __post_init__."""
     errors = []
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -178,6 +179,8 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None):
         elif f.name in (choices or {}) and v not in choices[f.name]:
             allowed = ", ".join(map(str, choices[f.name]))
             errors.append(f"--{f.name} must be one of {allowed}; got {v!r}")
+    errors += [f"--{b} must be >= --{a}, got {getattr(cfg, b)} < {getattr(cfg, a)}"
+               for a, b in ordered if getattr(cfg, b) < getattr(cfg, a)]
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -423,21 +426,23 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
     bad = f"checkpoint {path} is corrupt or truncated"
+    advice = "delete it or point to another"
     try:
         with zipfile.ZipFile(path) as z:
             record = z.testzip()
     except Exception as e:  # not a zip at all: truncated, empty, random bytes
-        raise CheckpointError(f"{bad} ({type(e).__name__}); delete it or point to another") from None
+        raise CheckpointError(f"{bad} ({type(e).__name__}); {advice}") from None
     if record is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: record {record} fails its CRC32 "
                               "check; delete it or point to another")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # unpickling junk: one clear message
-        raise CheckpointError(f"{bad} ({type(e).__name__}); delete it or point to another") from None
+        raise CheckpointError(f"{bad} ({type(e).__name__}); {advice}") from None
     required = {"model", "model_config", "config", "step", "tokenizer"}
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
-        raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys {sorted(required)})")
+        raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys "
+                              f"{sorted(required)})")
     return ckpt
 
 
@@ -449,6 +454,18 @@ def check_checkpoint(ckpt, what, kind, tok):
     if ckpt.get("kind") != kind:
         raise CheckpointError(f"{what} is a {ckpt.get('kind', 'unknown')} checkpoint, not a "
                               f"{kind} run's")
+
+
+def load_trained(path, what, kind, task):
+    """The checkpoint at path (a run folder or its ckpt.pt) of a `kind` run of this task, with this
+    project's tokenizer; CheckpointError otherwise. what: how to name it in an error."""
+    ckpt = load_checkpoint(path)
+    check_checkpoint(ckpt, what, kind, tasks.Tokenizer())
+    trained = (ckpt["config"].get("task"), ckpt["config"].get("n_digits"))
+    if trained != (task.name, task.n_digits):
+        raise CheckpointError(f"{what} was trained on task {trained[0]} with {trained[1]} digits, "
+                              f"not {task.name} with {task.n_digits}")
+    return ckpt
 
 
 def model_mismatches(ckpt, model_flags, mcfg):
@@ -477,6 +494,14 @@ def write_jsonl(path, rows):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def fingerprint(model):
+    """A short hash of a model's weights: which model, say, a file's stored log-probs came from."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def file_digest(path):
@@ -552,7 +577,7 @@ class Run:
             for step in run.steps(cfg.steps):                # tqdm; ends at --stop_at
                 ...                                          # the algorithm
                 run.log({"step": step + 1, ...})             # metrics.jsonl and the bar
-                run.end_step(step + 1)                       # checkpoint when due; Ctrl-C stops here
+                run.end_step(step + 1)                       # a checkpoint when due; Ctrl-C
 
     Everything begin() names is saved in every checkpoint and restored by --resume: modules,
     optimisers and anything else with state_dict(), plain dicts (restored in place), and the
@@ -657,7 +682,8 @@ class Run:
                 thing.update(self.ckpt[name])
             else:
                 thing.load_state_dict(self.ckpt[name])
-        nets = {k: v for k, v in {**state, **(held or {})}.items() if isinstance(v, torch.nn.Module)}
+        nets = {k: v for k, v in {**state, **(held or {})}.items()
+                if isinstance(v, torch.nn.Module)}
         self.params = {f"params_{k.replace(' ', '_')}": _parameters(v) for k, v in nets.items()}
         if self.main:
             self._open_folder()
@@ -847,6 +873,8 @@ class Run:
             self._close(clean=False)
             sys.exit(1)
         if exc is None and self.main and not self.rc.quiet and self.finished:
+            if self.step < self.total:
+                print(f"finished at step {self.step} of {self.total}")
             first, last = self.first_eval or {}, self.last_eval or {}
             if self.start == 0 and last and set(last) <= set(first):
                 print(f"before -> after {self.kind}: "

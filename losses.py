@@ -1,7 +1,7 @@
 """Every loss and estimator as a pure function of tensors and masks.
 
 - `token_logprobs`: the one log-prob helper every algorithm uses.
-- `grpo_advantages`: group-relative outcome advantages (DeepSeekMath, arXiv 2402.03300, section 4.1.2),
+- `grpo_advantages`: group-relative outcome advantages (DeepSeekMath, arXiv 2402.03300, 4.1.2),
   with Dr. GRPO's unscaled variant (arXiv 2503.20783) and batch-level scaling.
 - `process_advantages`: process supervision (DeepSeekMath section 4.1.3).
 - `kl_k1`, `kl_k3`: per-token KL estimators (Schulman, "Approximating KL divergence", 2020).
@@ -16,8 +16,8 @@
   `ppo_policy_loss` (the clipped surrogate, arXiv 1707.06347 eq. 7), `value_loss` (clipped),
   `AdaptiveKLController` / `FixedKLController` (Ziegler et al. section 2.2).
 
-Shape legend: B batch (sequences or preference pairs), N = B*G sequences in groups of G, T completion
-time, V vocabulary.
+Shape legend: B batch (sequences or preference pairs), N = B*G sequences in groups of G,
+T completion time, V vocabulary.
 """
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ def token_logprobs(logits, targets):
     logits: (B, T, V) where logits[:, t] predicts targets[:, t]; targets: (B, T) -> (B, T) float32.
     (The caller aligns them: for a sequence x, logits[:, :-1] predict x[:, 1:].)"""
     B, T, V = logits.shape
-    return -F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), reduction="none").view(B, T)
+    flat = logits.float().reshape(B * T, V)  # (B*T, V)
+    return -F.cross_entropy(flat, targets.reshape(B * T), reduction="none").view(B, T)
 
 
 def grpo_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4, unbiased_std=False):
@@ -40,16 +41,19 @@ def grpo_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4, u
         A_i =  r_i - mean(r_group)                                scale_rewards="none" (Dr. GRPO)
 
     rewards: (N,) ordered as N/G contiguous groups of G = num_generations -> (N,) float32.
-    std is the population std (1/G, as the lectures write it) unless unbiased_std (1/(G-1), as TRL).
+    std is the population std (1/G, as DeepSeekMath writes it) unless unbiased_std (1/(G-1), as
+    TRL).
     A group whose rewards are all equal gets advantages of exactly 0 (never noise / eps)."""
     G = num_generations
-    assert rewards.ndim == 1 and rewards.numel() % G == 0, f"{rewards.numel()} rewards do not split into groups of {G}"
+    assert rewards.ndim == 1 and rewards.numel() % G == 0, (
+        f"{rewards.numel()} rewards do not split into groups of {G}")
     r = rewards.float().view(-1, G)  # (N/G, G)
     centred = r - r.mean(dim=1, keepdim=True)  # (N/G, G)
     flat = (r.amax(1, keepdim=True) == r.amin(1, keepdim=True))  # (N/G, 1) zero-variance groups
-    centred = centred.masked_fill(flat, 0.0)  # the mean of equal floats can differ from them by rounding
+    centred = centred.masked_fill(flat, 0.0)  # the mean of equal floats can differ from them
     if scale_rewards == "group":
-        std = r.std(dim=1, keepdim=True, unbiased=unbiased_std) if G > 1 else torch.zeros_like(r[:, :1])
+        std = (r.std(dim=1, keepdim=True, unbiased=unbiased_std) if G > 1
+               else torch.zeros_like(r[:, :1]))
         adv = centred / (std + eps)
     elif scale_rewards == "batch":
         std = r.flatten().std(unbiased=unbiased_std) if r.numel() > 1 else r.new_zeros(())
@@ -61,7 +65,8 @@ def grpo_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4, u
     return adv.flatten()
 
 
-def process_advantages(step_rewards, step_ends, num_generations, length, eps=1e-4, unbiased_std=False):
+def process_advantages(step_rewards, step_ends, num_generations, length, eps=1e-4,
+                       unbiased_std=False):
     """Process-supervised advantages (DeepSeekMath section 4.1.3). For output i with steps j ending
     at token index(j) and step rewards r_i^index(j):
 
@@ -79,25 +84,28 @@ def process_advantages(step_rewards, step_ends, num_generations, length, eps=1e-
         flat = torch.tensor([r for rs in step_rewards[g:g + G] for r in rs], dtype=torch.float32)
         if flat.numel() == 0 or flat.max() == flat.min():
             continue
-        mean, std = flat.mean(), flat.std(unbiased=unbiased_std) if flat.numel() > 1 else flat.new_zeros(())
+        std = flat.std(unbiased=unbiased_std) if flat.numel() > 1 else flat.new_zeros(())
+        mean = flat.mean()
         for i in range(g, g + G):
             for r, end in zip(step_rewards[i], step_ends[i]):
-                adv[i, :min(end, length - 1) + 1] += (r - mean) / (std + eps)  # reaches every t <= index(j)
+                # reaches every t <= index(j)
+                adv[i, :min(end, length - 1) + 1] += (r - mean) / (std + eps)
     return adv
 
 
 def kl_k1(logp, ref_logp):
-    """k1 = log pi - log pi_ref per token: unbiased for KL(pi || pi_ref) when tokens come from pi, can
-    be negative. Used as a per-token reward penalty (PPO / InstructGPT), not differentiated."""
+    """k1 = log pi - log pi_ref per token: unbiased for KL(pi || pi_ref) when tokens come from pi,
+    can be negative. Used as a per-token reward penalty (PPO / InstructGPT), not differentiated."""
     return logp - ref_logp
 
 
 def kl_k3(logp, ref_logp):
     """k3 = pi_ref/pi - log(pi_ref/pi) - 1 per token (DeepSeekMath eq. 4): >= 0, unbiased for
-    KL(pi || pi_ref) under samples from pi, lower variance than k1. Differentiated in the loss, as GRPO
-    does, its expected gradient under samples from pi is that of KL(pi_ref || pi), not of
-    KL(pi || pi_ref) (PITFALLS 1; tests/test_losses.py), and samples from pi_old add more bias. It
-    still pulls pi toward pi_ref; for the exact reverse-KL gradient use k1 as a reward penalty (PPO)."""
+    KL(pi || pi_ref) under samples from pi, lower variance than k1 (Schulman 2020). Differentiated
+    in the loss, as GRPO does, its expected gradient under samples from pi is that of
+    KL(pi_ref || pi), not of KL(pi || pi_ref) (tests/test_losses.py measures both), and samples from
+    pi_old add more bias. It still pulls pi toward pi_ref; for the exact reverse-KL gradient use k1
+    as a reward penalty (PPO)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
@@ -174,15 +182,16 @@ def sequence_logprobs(token_logps, mask, average=False):
     return total / mask.sum(-1).clamp_min(1.0) if average else total
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             label_smoothing=0.0):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, label_smoothing=0.0):
     """DPO (Rafailov et al., arXiv 2305.18290, eq. 7), with conservative label smoothing (cDPO,
     Mitchell 2023; robust DPO, arXiv 2403.00409) when label_smoothing = e > 0:
 
         h    = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
         loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
 
-    Implicit rewards (detached): beta (log pi(y_w) - log ref(y_w)) and beta (log pi(y_l) - log ref(y_l)).
+    Implicit rewards (detached): beta (log pi(y_w) - log ref(y_w)) and
+    beta (log pi(y_l) - log ref(y_l)).
     At pi = ref, h = 0 and the loss is exactly ln 2 for any e. e = 0.5 makes the loss symmetric in h
     (smallest at h = 0): no preference is learned.
     Inputs are sequence log-probs (B,) (summed; average them for length-normalised DPO).
@@ -190,11 +199,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen = policy_chosen_logps - ref_chosen_logps  # (B,)
     rejected = policy_rejected_logps - ref_rejected_logps  # (B,)
     h = chosen - rejected
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+              - label_smoothing * F.logsigmoid(-beta * h))
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1):
     """IPO (Azar et al., arXiv 2310.12036, eq. 17): regress the log-ratio margin onto a fixed target
     instead of pushing it to infinity:
 
@@ -202,7 +213,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         loss = (h - 1 / (2 beta))^2
 
     Feed it length-AVERAGED log-probs (sequence_logprobs(..., average=True)): with sums, the target
-    1/(2 beta) means a different per-token margin for every length (PITFALLS 12). Here beta is the
+    1/(2 beta) means a different per-token margin for every length. Here beta is the
     paper's tau (the regularisation strength). Returns (losses (B,), chosen_rewards (B,),
     rejected_rewards (B,)), the rewards beta (log pi - log ref), detached, as for DPO."""
     chosen = policy_chosen_logps - ref_chosen_logps  # (B,)
@@ -211,7 +222,8 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
+               beta=2.0, gamma=0.5):
     """SimPO (Meng et al., arXiv 2405.14734, eq. 6): no reference model; the implicit reward is the
     length-averaged log-prob, with a target margin gamma:
 
@@ -241,21 +253,22 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
 
 
 def masked_mean(x, mask, normalizer=None):
-    """sum(x * mask) / sum(mask), or / normalizer: the whole step's token count when a batch is split
-    into micro-batches or over ranks, so that the summed gradients equal the whole batch's."""
+    """sum(x * mask) / sum(mask), or / normalizer: the whole step's token count when a batch is
+    split into micro-batches or over ranks, so that the summed gradients equal the whole batch's."""
     mask = mask.float()
     return (x * mask).sum() / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
 
 
 def token_rewards(scores, logp, ref_logp, mask, kl_coef):
-    """The per-token reward of PPO for language models (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
+    """The per-token reward of PPO for language models (Ziegler et al. 2019, eq. 2; InstructGPT
+    eq. 2):
 
         r_t = -kl_coef * (log pi(o_t) - log pi_ref(o_t))             on every completion token
             + score(q, o) on the last completion token (the end token)
 
-    The KL term is the k1 estimator (PITFALLS 1): in the reward it is not differentiated, and its
-    expectation under samples from pi is KL(pi || pi_ref). scores: (N,); logp, ref_logp, mask: (N, T)
-    with mask 1 on a prefix of each row. Padding gets 0 and never the score."""
+    The KL term is the k1 estimator (Schulman 2020): in the reward it is not differentiated, and
+    its expectation under samples from pi is KL(pi || pi_ref). scores: (N,); logp, ref_logp, mask:
+    (N, T) with mask 1 on a prefix of each row. Padding gets 0 and never the score."""
     mask = mask.float()
     rewards = -kl_coef * kl_k1(logp, ref_logp) * mask  # (N, T)
     last = (mask.sum(1).long() - 1).clamp_min(0)  # (N,) index of each row's last real token
@@ -270,14 +283,15 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         returns = A + V                          (the value targets)
 
     rewards, values, mask: (N, T) over completion tokens, mask 1 on a prefix of each row. Returns
-    (advantages, returns), both 0 on padding. gamma = lam = 1 gives the Monte-Carlo return minus V."""
+    (advantages, returns), both 0 on padding. gamma = lam = 1 gives the Monte-Carlo return minus
+    V."""
     mask = mask.float()
     N, T = rewards.shape
     advantages = torch.zeros_like(rewards)
     next_value, next_adv = rewards.new_zeros(N), rewards.new_zeros(N)
     for t in reversed(range(T)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (N,)
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # padding: 0, and nothing flows back from it
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # padding: 0, and nothing back
         advantages[:, t] = next_adv
         next_value = values[:, t] * mask[:, t]
     return advantages, (advantages + values) * mask
@@ -297,13 +311,14 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, epsilon=0.2, normalizer=No
 
 
 def value_loss(values, old_values, returns, mask, clip_range=0.2, normalizer=None):
-    """The critic's clipped value loss (OpenAI baselines' PPO2, as InstructGPT-style trainers use it):
+    """The critic's clipped value loss (OpenAI baselines' PPO2, as InstructGPT-style trainers use
+    it):
 
         V_clip = V_old + clip(V - V_old, -c, c)
         loss   = masked mean of 0.5 * max((V - R)^2, (V_clip - R)^2)
 
-    values, old_values, returns, mask: (N, T). Returns (loss, metrics): value_clip_frac (tokens where
-    the clipped term is the larger one)."""
+    values, old_values, returns, mask: (N, T). Returns (loss, metrics): value_clip_frac (tokens
+    where the clipped term is the larger one)."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
     loss = masked_mean(0.5 * torch.max(unclipped_sq, clipped_sq), mask, normalizer)

@@ -3,14 +3,14 @@
 - RMSNorm, pre-norm blocks, untied embedding and output head.
 - Decoupled RoPE on the rope part of queries and keys only; consecutive pairs rotate together, as in
   DeepSeek's complex view (DeepSeek-V2, arXiv 2405.04434, section 2.1.3).
-- Multi-head Latent Attention (V2 section 2.1.2): low-rank KV compression `wkv_a -> kv_norm -> wkv_b`,
+- Multi-head Latent Attention (V2 2.1.2): low-rank KV compression `wkv_a -> kv_norm -> wkv_b`,
   optional low-rank query `wq_a -> q_norm -> wq_b`, one rope key shared across heads.
   Inference caches only the latent `c_kv` and the rope key `k_pe`; the `absorbed` decode folds
   `wkv_b` into the query and the output and attends in the latent space (V2 section 2.1.2, end).
 - Plain multi-head attention (`attention="mha"`), only to compare KV-cache size and quality.
 - Dense SwiGLU FFN in the first `n_dense_layers` blocks, DeepSeekMoE (moe.py) in the rest.
-- Multi-Token Prediction (DeepSeek-V3, arXiv 2412.19437, section 2.2): `mtp_depth` sequential modules
-  sharing the embedding and the output head; loss weighted by `mtp_lambda`.
+- Multi-Token Prediction (DeepSeek-V3, arXiv 2412.19437, section 2.2): `mtp_depth` sequential
+  modules sharing the embedding and the output head; loss weighted by `mtp_lambda`.
 
 Shape legend: B batch, T query time, S key time (cache length), D dim, H heads, V vocabulary,
 C kv_lora_rank, R qk_rope_head_dim, P qk_nope_head_dim, E v_head_dim.
@@ -30,7 +30,7 @@ class ModelConfig:
     vocab_size: int = 18  # tasks.Tokenizer().vocab_size
     dim: int = 128  # model width
     inter_dim: int = 384  # hidden width of the dense SwiGLU FFN
-    moe_inter_dim: int = 64  # hidden width of one routed expert (shared experts: n_shared_experts times this)
+    moe_inter_dim: int = 64  # a routed expert's hidden width (shared: n_shared_experts x this)
     n_layers: int = 4  # transformer blocks in the main model
     n_dense_layers: int = 2  # the first blocks use a dense FFN, the rest MoE
     n_heads: int = 4  # attention heads
@@ -46,7 +46,7 @@ class ModelConfig:
     n_limited_groups: int = 1  # groups each token may route to
     score_func: str = "sigmoid"  # router scores: sigmoid (V3) or softmax (V2)
     route_scale: float = 1.0  # scale of the routed experts' gate weights
-    rope_theta: float = 100.0  # RoPE base (DeepSeek uses 10000; 100 resolves positions better in a 64-token window)
+    rope_theta: float = 100.0  # RoPE base (DeepSeek: 10000; 100 resolves a 64-token window better)
     max_seq_len: int = 64  # longest sequence (prompt + completion + special tokens)
     mtp_depth: int = 1  # multi-token prediction modules (0 = off)
     mtp_lambda: float = 0.3  # weight of the MTP loss
@@ -63,28 +63,39 @@ class ModelConfig:
                 errors.append(f"{f.name} must be an integer, got {v!r}")
         if errors:
             raise ValueError("; ".join(errors))
-        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                    "n_activated_experts", "n_expert_groups", "n_limited_groups", "max_seq_len"]
-        errors += [f"{n} must be positive, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
-        nonneg = ["q_lora_rank", "n_shared_experts", "mtp_depth", "mtp_lambda", "bias_update_speed", "balance_loss_alpha"]
-        errors += [f"{n} must be >= 0, got {getattr(self, n)}" for n in nonneg if getattr(self, n) < 0]
+        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                    "n_limited_groups", "max_seq_len"]
+        errors += [f"{n} must be positive, got {getattr(self, n)}"
+                   for n in positive if getattr(self, n) <= 0]
+        nonneg = ["q_lora_rank", "n_shared_experts", "mtp_depth", "mtp_lambda", "bias_update_speed",
+                  "balance_loss_alpha"]
+        errors += [f"{n} must be >= 0, got {getattr(self, n)}"
+                   for n in nonneg if getattr(self, n) < 0]
         if self.qk_rope_head_dim % 2:
-            errors.append(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            errors.append("qk_rope_head_dim must be even (RoPE rotates pairs), "
+                          f"got {self.qk_rope_head_dim}")
         if not 0 <= self.n_dense_layers <= self.n_layers:
-            errors.append(f"n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+            errors.append(f"n_dense_layers must be in [0, n_layers={self.n_layers}], "
+                          f"got {self.n_dense_layers}")
         if self.n_activated_experts > self.n_routed_experts:
-            errors.append(f"n_activated_experts ({self.n_activated_experts}) > n_routed_experts ({self.n_routed_experts})")
+            errors.append(f"n_activated_experts ({self.n_activated_experts}) > "
+                          f"n_routed_experts ({self.n_routed_experts})")
         if self.n_expert_groups > 0 and self.n_routed_experts % self.n_expert_groups:
-            errors.append(f"n_routed_experts ({self.n_routed_experts}) must divide into n_expert_groups ({self.n_expert_groups})")
+            errors.append(f"n_routed_experts ({self.n_routed_experts}) must divide into "
+                          f"n_expert_groups ({self.n_expert_groups})")
         elif self.n_expert_groups > 1:
             if self.n_limited_groups > self.n_expert_groups:
-                errors.append(f"n_limited_groups ({self.n_limited_groups}) > n_expert_groups ({self.n_expert_groups})")
+                errors.append(f"n_limited_groups ({self.n_limited_groups}) > "
+                              f"n_expert_groups ({self.n_expert_groups})")
             per_group = self.n_routed_experts // self.n_expert_groups
             if self.score_func == "sigmoid" and per_group < 2:
-                errors.append("group-limited sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group")
+                errors.append("group-limited sigmoid routing scores a group by its top-2 experts: "
+                              "need >= 2 experts per group")
             if self.n_activated_experts > self.n_limited_groups * per_group:
-                errors.append(f"n_activated_experts ({self.n_activated_experts}) > experts in the {self.n_limited_groups} allowed groups")
+                errors.append(f"n_activated_experts ({self.n_activated_experts}) > experts in the "
+                              f"{self.n_limited_groups} allowed groups")
         if self.score_func not in ("sigmoid", "softmax"):
             errors.append(f"score_func must be sigmoid or softmax, got {self.score_func!r}")
         if self.attention not in ("mla", "mha"):
@@ -93,7 +104,7 @@ class ModelConfig:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
 
     def kv_cache_elements_per_token(self):
-        """Cached elements per token per layer: MLA keeps c_kv and k_pe; MHA keeps every head's K and V."""
+        """Cached elements per token per layer: MLA keeps c_kv and k_pe, MHA each head's K and V."""
         if self.attention == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.n_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
@@ -110,15 +121,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+                * self.weight)
 
 
 def precompute_freqs_cis(cfg):
-    """e^{i m theta_j} for positions m < max_seq_len, theta_j = rope_theta^(-2j/R): (max_seq_len, R/2) complex."""
+    """e^{i m theta_j} for positions m < max_seq_len, theta_j = rope_theta^(-2j/R):
+    (max_seq_len, R/2) complex."""
     d = cfg.qk_rope_head_dim
     freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (R/2,)
     t = torch.arange(cfg.max_seq_len, dtype=torch.float32)
-    return torch.polar(torch.ones(cfg.max_seq_len, d // 2), torch.outer(t, freqs))  # (max_seq_len, R/2)
+    return torch.polar(torch.ones(cfg.max_seq_len, d // 2),
+                       torch.outer(t, freqs))  # (max_seq_len, R/2)
 
 
 def apply_rotary_emb(x, freqs_cis):
@@ -132,9 +146,10 @@ def apply_rotary_emb(x, freqs_cis):
 
 @dataclass
 class LayerCache:
-    """One layer's inference cache, preallocated to (B, max_len, ...). MLA fills `c_kv` (B, S, C) and
-    `k_pe` (B, S, R); MHA fills `k` (B, S, H, P+R) and `v` (B, S, H, E). `impl` picks the MLA decode:
-    "naive" decompresses K and V with wkv_b, "absorbed" folds wkv_b into the query and the output."""
+    """One layer's inference cache, preallocated to (B, max_len, ...). MLA fills `c_kv` (B, S, C)
+    and `k_pe` (B, S, R); MHA fills `k` (B, S, H, P+R) and `v` (B, S, H, E). `impl` picks the MLA
+    decode: "naive" decompresses K and V with wkv_b, "absorbed" folds wkv_b into the query and the
+    output."""
     impl: str = "absorbed"
     c_kv: torch.Tensor = None
     k_pe: torch.Tensor = None
@@ -143,14 +158,15 @@ class LayerCache:
 
 
 def attention_mask(valid, start_pos, T):
-    """(B, 1, T, S) bool, True where query start_pos + t may attend key s: causally, to the real keys
-    (valid (B, S), S = start_pos + T). A padding query may see nothing real; letting every query see
-    itself avoids NaN rows."""
+    """(B, 1, T, S) bool, True where query start_pos + t may attend key s: causally, to the real
+    keys (valid (B, S), S = start_pos + T). A padding query may see nothing real; letting every
+    query see itself avoids NaN rows."""
     S = valid.size(1)
     q_pos = torch.arange(start_pos, start_pos + T, device=valid.device)
     k_pos = torch.arange(S, device=valid.device)
     causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-    return (causal[None] & (valid.bool()[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)
+    return (causal[None]
+            & (valid.bool()[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])).unsqueeze(1)
 
 
 def expand_cache(caches, group, extra):
@@ -160,7 +176,8 @@ def expand_cache(caches, group, extra):
     def extend(t):
         rows = t[group]  # (N, P, ...)
         return torch.cat([rows, rows.new_zeros(rows.size(0), extra, *rows.shape[2:])], 1)
-    return [LayerCache(c.impl, **{k: extend(getattr(c, k)) for k in ("c_kv", "k_pe", "k", "v") if getattr(c, k) is not None})
+    return [LayerCache(c.impl, **{k: extend(getattr(c, k)) for k in ("c_kv", "k_pe", "k", "v")
+                                  if getattr(c, k) is not None})
             for c in caches]
 
 
@@ -169,8 +186,10 @@ class MLA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.q_lora_rank, self.kv_lora_rank = cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank
-        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = (cfg.n_heads, cfg.q_lora_rank,
+                                                             cfg.kv_lora_rank)
+        self.nope, self.rope, self.v_dim = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                            cfg.v_head_dim)
         qk_head_dim = self.nope + self.rope
         if self.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
@@ -192,10 +211,13 @@ class MLA(nn.Module):
             q = self.wq(x)  # (B, T, H*(P+R))
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(P+R))
-        q_nope, q_pe = q.view(B, T, H, -1).split([self.nope, self.rope], dim=-1)  # (B, T, H, P), (B, T, H, R)
+        q_nope, q_pe = q.view(B, T, H, -1).split(
+            [self.nope, self.rope], dim=-1)  # (B, T, H, P), (B, T, H, R)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # (B, T, C), (B, T, R)
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # (B, T, R) one key for all heads
+        kv, k_pe = self.wkv_a(x).split(
+            [self.kv_lora_rank, self.rope], dim=-1)  # (B, T, C), (B, T, R)
+        k_pe = apply_rotary_emb(
+            k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # (B, T, R) one key for all heads
         c_kv = self.kv_norm(kv)  # (B, T, C) the latent that inference caches
         if cache is not None:
             end = start_pos + T
@@ -204,20 +226,26 @@ class MLA(nn.Module):
             c_kv, k_pe = cache.c_kv[:, :end], cache.k_pe[:, :end]  # (B, S, C), (B, S, R)
         S = c_kv.size(1)
         if cache is not None and cache.impl == "absorbed":
-            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, P+E, C)
-            q_lat = torch.einsum("bthp,hpc->bthc", q_nope, wkv_b[:, :self.nope])  # (B, T, H, C) W_UK absorbed
-            scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
-                      + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale  # (B, H, T, S)
+            wkv_b = self.wkv_b.weight.view(
+                H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, P+E, C)
+            q_lat = torch.einsum(
+                "bthp,hpc->bthc", q_nope, wkv_b[:, :self.nope])  # (B, T, H, C) W_UK absorbed
+            scores = ((torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
+                       + torch.einsum("bthr,bsr->bhts", q_pe, k_pe))
+                      * self.softmax_scale)  # (B, H, T, S)
             scores = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(x)
             o = torch.einsum("bhts,bsc->bthc", scores, c_kv)  # (B, T, H, C) attend in latent space
-            o = torch.einsum("bthc,hec->bthe", o, wkv_b[:, self.nope:])  # (B, T, H, E) W_UV absorbed
+            o = torch.einsum(
+                "bthc,hec->bthe", o, wkv_b[:, self.nope:])  # (B, T, H, E) W_UV absorbed
         else:
-            k_nope, v = self.wkv_b(c_kv).view(B, S, H, -1).split([self.nope, self.v_dim], dim=-1)  # (B, S, H, P), (B, S, H, E)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, P+R)
+            k_nope, v = self.wkv_b(c_kv).view(B, S, H, -1).split(
+                [self.nope, self.v_dim], dim=-1)  # (B, S, H, P), (B, S, H, E)
+            k = torch.cat(
+                [k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, P+R)
             q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, P+R)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None,
-                                               scale=self.softmax_scale).transpose(1, 2)  # (B, T, H, E)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None, scale=self.softmax_scale).transpose(1, 2)  # (B, T, H, E)
         return self.wo(o.flatten(2))  # (B, T, D)
 
 
@@ -227,7 +255,8 @@ class MHA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.nope, self.rope, self.v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.nope, self.rope, self.v_dim = (cfg.n_heads, cfg.qk_nope_head_dim,
+                                                          cfg.qk_rope_head_dim, cfg.v_head_dim)
         qk_head_dim = self.nope + self.rope
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
@@ -260,7 +289,8 @@ class MHA(nn.Module):
 # Blocks, MTP and the model
 
 class Block(nn.Module):
-    """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)). Returns (x, balance loss)."""
+    """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)).
+    Returns (x, balance loss)."""
 
     def __init__(self, cfg, moe):
         super().__init__()
@@ -280,9 +310,9 @@ class Block(nn.Module):
 
 class MTPModule(nn.Module):
     """One MTP depth k (DeepSeek-V3 eq. 21-23):
-        h'_i^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]   (embedding first, as the released weights)
-        h^k    = TRM_k(h'^k)                                         (one causal block)
-        P^k_{i+k+1} = OutHead(RMSNorm_k(h_i^k))                      (head shared with the main model)
+        h'_i^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]  (embedding first, as released)
+        h^k    = TRM_k(h'^k)                                       (one causal block)
+        P^k_{i+k+1} = OutHead(RMSNorm_k(h_i^k))                    (head shared with the main model)
     The released V3 weights also give each MTP module its own final norm before the shared head."""
 
     def __init__(self, cfg):
@@ -294,7 +324,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h_prev, emb_next, freqs_cis, mask, token_mask=None, cache=None, start_pos=0):
-        """cache / start_pos: its own layer cache, when it drafts tokens (rollout's speculative decoding)."""
+        """cache / start_pos: its own layer cache, when it drafts tokens (rollout's speculative
+        decoding)."""
         x = self.proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # (B, T-k, D)
         return self.block(x, freqs_cis, mask, cache, start_pos, token_mask)
 
@@ -302,7 +333,8 @@ class MTPModule(nn.Module):
 def mtp_slices(T, k):
     """Which positions depth k (1-based) uses, for a sequence of length T where targets[:, i] is the
     token after idx[:, i]: position i (i < T-k) reads h_i^{k-1} and Emb(idx[i+k]) = Emb(t_{i+k}) and
-    predicts targets[i+k] = t_{i+k+1}. Returns (hidden positions, embedded-token positions, target positions)."""
+    predicts targets[i+k] = t_{i+k+1}. Returns (hidden positions, embedded-token positions,
+    target positions)."""
     return slice(0, T - k), slice(k, T), slice(k, T)
 
 
@@ -315,7 +347,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from embed
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
@@ -334,7 +367,7 @@ class Transformer(nn.Module):
 
     def routed_experts(self):
         """The experts each MoE layer of the main model chose in its last forward: a list of
-        (B, T, K) index tensors (for logging routing flips in RL, PITFALLS 12)."""
+        (B, T, K) index tensors."""
         return [layer.ffn.last_indices for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def new_cache(self, batch_size, max_len, impl="absorbed", n_layers=None):
@@ -347,10 +380,12 @@ class Transformer(nn.Module):
         n = len(self.layers) if n_layers is None else n_layers
         if c.attention == "mla":
             return [LayerCache(impl, c_kv=torch.zeros(batch_size, max_len, c.kv_lora_rank, **kw),
-                               k_pe=torch.zeros(batch_size, max_len, c.qk_rope_head_dim, **kw)) for _ in range(n)]
+                               k_pe=torch.zeros(batch_size, max_len, c.qk_rope_head_dim, **kw))
+                    for _ in range(n)]
         dk = c.qk_nope_head_dim + c.qk_rope_head_dim
         return [LayerCache(impl, k=torch.zeros(batch_size, max_len, c.n_heads, dk, **kw),
-                           v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw)) for _ in range(n)]
+                           v=torch.zeros(batch_size, max_len, c.n_heads, c.v_head_dim, **kw))
+                for _ in range(n)]
 
     def forward(self, idx, targets=None, loss_mask=None, *, positions=None, pad_mask=None,
                 cache=None, start_pos=0, return_hidden=False, num_tokens=None, num_seqs=None):
@@ -399,9 +434,11 @@ class Transformer(nn.Module):
             freqs_cis = self.freqs_cis[positions]  # (B, T, R/2)
         mask = None  # None = plain causal (SDPA's fast path)
         if cache is not None or pad_mask is not None:
-            valid = torch.ones(B, start_pos + T, dtype=torch.bool, device=idx.device) if pad_mask is None else pad_mask
+            valid = (torch.ones(B, start_pos + T, dtype=torch.bool, device=idx.device)
+                     if pad_mask is None else pad_mask)
             mask = attention_mask(valid, start_pos, T)
-        real = None if pad_mask is None else pad_mask[:, start_pos:].bool()  # (B, T) the new tokens that are real
+        real = (None if pad_mask is None
+                else pad_mask[:, start_pos:].bool())  # (B, T) the new tokens that are real
         h = self.embed(idx)  # (B, T, D)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
@@ -409,7 +446,8 @@ class Transformer(nn.Module):
             balance = balance + aux
         return h, balance, freqs_cis, mask, real
 
-    def forward_shared_prefix(self, prefix_ids, prefix_mask, group, cont_ids, cont_mask, impl="absorbed"):
+    def forward_shared_prefix(self, prefix_ids, prefix_mask, group, cont_ids, cont_mask,
+                              impl="absorbed"):
         """One forward over B prefixes and N continuations, continuation n following prefix group[n]
         (the G completions of a GRPO group, DPO's chosen and rejected, ...). In a causal model the
         prefix positions do not depend on what follows, so each prefix runs once; its per-layer
@@ -419,27 +457,32 @@ class Transformer(nn.Module):
         computation once, summed over its continuations.
         prefix_ids, prefix_mask: (B, P) left-padded prompts and their real tokens; group: (N,) long;
         cont_ids, cont_mask: (N, L) continuations and their real tokens.
-        Returns (logits (N, L, V), hidden (N, L, D)): position t predicts cont_ids[:, t], the first
-        from the prefix's last token. The continuations' last token is not run (nothing reads it)."""
+        Returns (logits (N, L, V), hidden (N, L, D)): position t predicts cont_ids[:, t], the
+        first from the prefix's last token. The continuations' last token is not run (nothing
+        reads it)."""
         B, P = prefix_ids.shape
         N, L = cont_ids.shape
         prefix_mask = prefix_mask.bool()
         caches = self.new_cache(B, P, impl)  # filled by the prefix pass, with the autograd graph
-        h, _, _, _, _ = self.trunk(prefix_ids, (prefix_mask.long().cumsum(1) - 1).clamp_min(0), prefix_mask, caches)
-        h = h[group, -1:]  # (N, 1, D) the last prompt token of each continuation's prefix (left padding)
+        h, _, _, _, _ = self.trunk(prefix_ids, (prefix_mask.long().cumsum(1) - 1).clamp_min(0),
+                                   prefix_mask, caches)
+        h = h[group, -1:]  # (N, 1, D) the last token of each continuation's prefix (left padding)
         if L > 1:
-            rows = expand_cache(caches, group, L - 1)  # the prefix's keys at every row, room for the continuation's
-            positions = prefix_mask.sum(1)[group][:, None] + torch.arange(L - 1, device=cont_ids.device)  # (N, L-1)
-            pad_mask = torch.cat([prefix_mask[group], cont_mask[:, :-1].bool()], 1)  # (N, P + L - 1)
-            h_cont, _, _, _, _ = self.trunk(cont_ids[:, :-1], positions, pad_mask, rows, start_pos=P)
+            # the prefix's keys at every row, with room for the continuation's
+            rows = expand_cache(caches, group, L - 1)
+            positions = (prefix_mask.sum(1)[group][:, None]
+                         + torch.arange(L - 1, device=cont_ids.device))  # (N, L-1)
+            pad_mask = torch.cat([prefix_mask[group], cont_mask[:, :-1].bool()], 1)  # (N, P+L-1)
+            h_cont, _, _, _, _ = self.trunk(cont_ids[:, :-1], positions, pad_mask, rows,
+                                            start_pos=P)
             h = torch.cat([h, h_cont], 1)  # (N, L, D)
         hidden = self.norm(h)
         return self.head(hidden), hidden
 
     def mtp_forward(self, idx, h, freqs_cis, mask=None, real=None):
-        """Run the MTP depths on the main model's last hidden state h = h^0 (B, T, D, before the final
-        norm); real: (B, T) bool real-token mask or None. Yields (k, logits (B, T-k, V) predicting
-        t_{i+k+1} at position i, balance loss)."""
+        """Run the MTP depths on the main model's last hidden state h = h^0 (B, T, D, before the
+        final norm); real: (B, T) bool real-token mask or None. Yields (k, logits (B, T-k, V)
+        predicting t_{i+k+1} at position i, balance loss)."""
         T = idx.size(1)
         for k, module in enumerate(self.mtp, start=1):
             if T <= k:
@@ -507,7 +550,8 @@ def param_counts(model):
     total = sum(p.numel() for p in model.parameters())
     mtp = sum(p.numel() for p in model.mtp.parameters())
     main = total - mtp
-    per_expert = sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters()) if model.moe_layers() else 0
+    per_expert = (sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters())
+                  if model.moe_layers() else 0)
     n_moe_main = cfg.n_layers - cfg.n_dense_layers
     inactive = n_moe_main * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
     return {"total": total, "main": main, "mtp": mtp, "active_per_token": main - inactive}
@@ -516,8 +560,9 @@ def param_counts(model):
 if __name__ == "__main__":
     # python model.py: the default model's sizes, as the README's table reports them.
     torch.manual_seed(0)
-    for name, cfg in (("MLA + MoE (default)", ModelConfig()), ("MHA option", ModelConfig(attention="mha"))):
+    for name, cfg in (("MLA + MoE (default)", ModelConfig()),
+                      ("MHA option", ModelConfig(attention="mha"))):
         c = param_counts(Transformer(cfg))
         print(f"{name}: total {c['total']:,} | main model {c['main']:,} | MTP {c['mtp']:,} | "
-              f"active per token {c['active_per_token']:,} | KV cache {cfg.kv_cache_elements_per_token()} "
-              f"elements per token per layer")
+              f"active per token {c['active_per_token']:,} | "
+              f"KV cache {cfg.kv_cache_elements_per_token()} elements per token per layer")

@@ -1,9 +1,11 @@
-"""DeepSeekMoE: fine-grained routed experts + always-on shared experts, with aux-loss-free balancing.
+"""DeepSeekMoE: fine-grained routed + always-on shared experts, with aux-loss-free balancing.
 
 - Fine-grained routed experts and shared experts (DeepSeekMoE, arXiv 2401.06066, section 3).
 - Sigmoid gating with top-k selection, gate weights normalised over the selected experts and scaled
-  by `route_scale`; softmax gating as an option (DeepSeek-V2) (DeepSeek-V3, arXiv 2412.19437, eq. 12-15).
-- Group-limited routing: keep the `n_limited_groups` best of `n_expert_groups` groups (V2 2.1.3, V3).
+  by `route_scale`; softmax gating as an option (DeepSeek-V2) (DeepSeek-V3, arXiv 2412.19437,
+  eq. 12-15).
+- Group-limited routing: keep the `n_limited_groups` best of `n_expert_groups` groups
+  (V2 2.1.3, V3).
 - Auxiliary-loss-free load balancing: a per-expert bias, outside the gradient, added to the scores
   for the top-k selection only; after each optimiser step `b_i += gamma * sign(mean(load) - load_i)`
   (V3 2.1.2, eq. 16; Wang et al. arXiv 2408.15664).
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward `w2(silu(w1 x) * w3 x)`: the dense FFN, each expert, and the shared experts."""
+    """SwiGLU FFN `w2(silu(w1 x) * w3 x)`: the dense FFN, each expert, and the shared experts."""
 
     def __init__(self, dim, inter_dim):
         super().__init__()
@@ -37,7 +39,8 @@ class Gate(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
+        self.topk, self.n_groups, self.topk_groups = (cfg.n_activated_experts, cfg.n_expert_groups,
+                                                      cfg.n_limited_groups)
         self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
         self.weight = nn.Parameter(torch.randn(cfg.n_routed_experts, cfg.dim) * 0.02)
         # The balancing bias is state, not a parameter: the optimiser never sees it. Persistent, so
@@ -51,10 +54,13 @@ class Gate(nn.Module):
         if self.n_groups > 1:
             grouped = biased.view(x.size(0), self.n_groups, -1)  # (N, G, E/G)
             # V3 scores a group by the sum of its two best biased scores; V2 (softmax) by its best.
-            group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if self.score_func == "sigmoid" else grouped.amax(-1)  # (N, G)
+            group_scores = (grouped.topk(2, dim=-1)[0].sum(-1) if self.score_func == "sigmoid"
+                            else grouped.amax(-1))  # (N, G)
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]  # (N, G')
-            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # (N, G) True = dropped
-            biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(
+                1, keep, False)  # (N, G) True = dropped
+            biased = grouped.masked_fill(
+                group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
         indices = biased.topk(self.topk, dim=-1)[1]  # (N, K)
         weights = scores.gather(1, indices)  # (N, K) unbiased: the bias never reaches the output
         if self.score_func == "sigmoid":
@@ -67,11 +73,14 @@ class MoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_routed_experts, self.n_activated_experts = cfg.n_routed_experts, cfg.n_activated_experts
+        self.n_routed_experts, self.n_activated_experts = (cfg.n_routed_experts,
+                                                           cfg.n_activated_experts)
         self.alpha = cfg.balance_loss_alpha
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
-        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+                               if cfg.n_shared_experts > 0 else None)
         # Tokens routed to each expert since the last bias update (training forwards only). A plain
         # attribute, not a buffer: DDP would overwrite buffers with rank 0's before every forward.
         self.load = None
@@ -81,8 +90,9 @@ class MoE(nn.Module):
         """x: (B, T, D); token_mask: (B, T) bool, False for padding (None: every token is real).
         -> (y (B, T, D), sequence-wise balance loss (scalar)). Padding is routed like any token (its
         output is never read) but counts neither in the loads nor in the balance loss.
-        Dispatch: sort the N*K (token, expert) choices by expert once, gather the tokens in that order,
-        run each expert on its contiguous chunk, weight, and add every output back to its token."""
+        Dispatch: sort the N*K (token, expert) choices by expert once, gather the tokens in that
+        order, run each expert on its contiguous chunk, weight, and add every output back to its
+        token."""
         B, T, D = x.shape
         x_flat = x.reshape(-1, D)  # (N, D)
         weights, indices, scores = self.gate(x_flat)  # (N, K), (N, K), (N, E)
@@ -92,28 +102,32 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_routed_experts)  # (E,)
         chunks = x_flat.index_select(0, token).split(counts.tolist())  # E chunks of (n_e, D)
         out = torch.cat([self.experts[e](c) for e, c in enumerate(chunks) if len(c)])  # (N*K, D)
-        y = x_flat.new_zeros(x_flat.shape).index_add_(0, token, out * weights.flatten()[order, None])  # (N, D)
+        y = x_flat.new_zeros(x_flat.shape).index_add_(
+            0, token, out * weights.flatten()[order, None])  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_flat)
-        self.last_indices = indices.view(B, T, -1)  # for logging routing flips between forwards (RL)
+        self.last_indices = indices.view(B, T, -1)  # to log routing flips between forwards (RL)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            real = indices if token_mask is None else indices[token_mask.reshape(-1).bool()]  # (n, K)
-            load = torch.bincount(real.flatten(), minlength=self.n_routed_experts)  # (E,) real tokens only
+            real = (indices if token_mask is None
+                    else indices[token_mask.reshape(-1).bool()])  # (n, K)
+            load = torch.bincount(
+                real.flatten(), minlength=self.n_routed_experts)  # (E,) real tokens only
             self.load = load if self.load is None else self.load + load
             if self.alpha > 0:
                 aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), token_mask)
         return y.view(B, T, D), aux
 
     def balance_loss(self, scores, indices, token_mask=None):
-        """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences:
+        """Complementary sequence-wise balance loss (V3 eq. 17-20), averaged over sequences:
             L = alpha * sum_i f_i * P_i,
             f_i = E / (K T) * sum_t 1[expert i in top-k of token t]   (no gradient),
             P_i = 1/T * sum_t s'_{i,t},   s'_{i,t} = s_{i,t} / sum_j s_{j,t}.
         scores: (B, T, E) unbiased router scores; indices: (B, T, K); token_mask: (B, T), False for
         padding: t runs over a sequence's real tokens only and T is their count."""
         B, T, E = scores.shape
-        real = scores.new_ones(B, T, 1) if token_mask is None else token_mask.float().view(B, T, 1)  # (B, T, 1)
+        real = (scores.new_ones(B, T, 1) if token_mask is None
+                else token_mask.float().view(B, T, 1))  # (B, T, 1)
         n_real = real.sum(1).clamp_min(1.0)  # (B, 1)
         chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0) * real  # (B, T, E)
         f = chosen.sum(1) * E / (self.n_activated_experts * n_real)  # (B, E)
@@ -122,8 +136,9 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, speed):
-        """Aux-loss-free balancing, after an optimiser step: b_i += speed * sign(mean(load) - load_i).
-        In DDP the loads are summed over ranks first, so every rank applies the same update.
+        """Aux-loss-free balancing, after an optimiser step:
+        b_i += speed * sign(mean(load) - load_i). In DDP the loads are summed over ranks first, so
+        every rank applies the same update.
         Returns the step's load (E,) as float, for logging (all zeros if the layer routed no token,
         as the MTP module's in a forward without targets)."""
         load = torch.zeros_like(self.gate.bias) if self.load is None else self.load.float()
@@ -157,7 +172,8 @@ class RouteRecorder:
 
     def _record(self, module, args, output):
         indices = module.last_indices  # (B, T, K)
-        real = args[1] if len(args) > 1 and args[1] is not None else indices.new_ones(indices.shape[:2])
+        real = (args[1] if len(args) > 1 and args[1] is not None
+                else indices.new_ones(indices.shape[:2]))
         self.routes.append((indices, real.bool()))
 
     def __exit__(self, *exc):

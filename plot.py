@@ -44,9 +44,11 @@ def series(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    p.add_argument("--out", default="", help="PNG to write (default: metrics.png in the first run folder)")
+    p.add_argument("--out", default="",
+                   help="PNG to write (default: metrics.png in the first run folder)")
     args = p.parse_args(argv)
     files = [r if r.endswith(".jsonl") else os.path.join(r, "metrics.jsonl") for r in args.runs]
     for f in files:
@@ -58,7 +60,8 @@ def main(argv=None):
         import matplotlib.pyplot as plt
     except ImportError:
         fail("plot.py needs matplotlib: pip install -r requirements-plot.txt")
-    runs = {r.removesuffix("/metrics.jsonl").rstrip("/") or r: series(f) for r, f in zip(args.runs, files)}
+    runs = {r.removesuffix("/metrics.jsonl").rstrip("/") or r: series(f)
+            for r, f in zip(args.runs, files)}
     panels = [(keys, title, ylabel) for keys, title, ylabel in PANELS
               if any(k in s for s in runs.values() for k in keys)]
     if not panels:
@@ -68,8 +71,10 @@ def main(argv=None):
         for i, (name, s) in enumerate(runs.items()):
             k = next((k for k in keys if k in s), None)
             if k:  # one colour per run in every panel; evaluations are sparse: mark them
-                ax.plot(*s[k], color=f"C{i}", marker="o" if k.startswith("eval") else None, markersize=3, label=name)
-        ax.set(title=title, xlabel="step (SFT/DPO: optimiser step; RL: rollout batch)", ylabel=ylabel)
+                ax.plot(*s[k], color=f"C{i}", marker="o" if k.startswith("eval") else None,
+                        markersize=3, label=name)
+        ax.set(title=title, xlabel="step (SFT/DPO: optimiser step; RL: rollout batch)",
+               ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

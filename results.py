@@ -3,13 +3,17 @@
     python results.py passk       # RL raises maj@k more than pass@k (DeepSeekMath Figure 7)
     python results.py rft         # RFT against online RFT against GRPO (DeepSeekMath Figure 5)
     python results.py ref_reset   # iterative GRPO against a fixed reference (DeepSeekMath Figure 6)
-    python results.py variants    # grpo, dapo, dr_grpo: accuracy and completion length (PITFALLS 2)
-    python results.py process     # process against outcome supervision, multi-step task (DeepSeekMath Figure 5/6)
-    python results.py grpo_vs_ppo # GRPO against PPO: accuracy against samples and time, memory, parameters
+    python results.py variants    # grpo, dapo, dr_grpo: accuracy and completion length (Dr. GRPO)
+    python results.py process     # process against outcome supervision, multi-step task
+                                  # (DeepSeekMath Figure 5/6)
+    python results.py grpo_vs_ppo # GRPO against PPO: accuracy against samples and time, memory,
+                                  # parameters
     python results.py online_offline  # offline DPO against iterative DPO against GRPO
-    python results.py balance     # aux-loss-free balancing against a balance loss against none (SFT, MaxVio)
+    python results.py balance     # aux-loss-free balancing against a balance loss against none
+                                  # (SFT, MaxVio)
     python results.py mtp         # MTP on against off: SFT sample efficiency
-    python results.py mla_mha     # MLA against MHA at equal parameters: SFT accuracy, KV-cache bytes per token
+    python results.py mla_mha     # MLA against MHA at equal parameters: SFT accuracy, KV-cache
+                                  # bytes per token
     python results.py rft --seeds 0 1 2 --steps 100   # fewer steps for a quick look
 
 Every run is a train script's own command, into out/results/<experiment>/<method>/seed<k>. The RL
@@ -40,12 +44,15 @@ import train_sft
 from model import ModelConfig, Transformer, param_counts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10", "--min_lr_ratio", "0.1",
-             "--weight_decay", "0", "--eval_every", "25"]  # GRPO's steps, learning-rate schedule and evaluations
-SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]  # from scratch: ~99% at step 1000
+# GRPO's steps, learning-rate schedule and evaluations
+RFT_FLAGS = ["--data", "rft", "--steps", "300", "--lr", "3e-4", "--warmup", "10",
+             "--min_lr_ratio", "0.1", "--weight_decay", "0", "--eval_every", "25"]
+# from scratch: ~99% at step 1000
+SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]
 # a weaker multi-step init than out/sft_multistep's 90%, so that supervision has room to matter
 PROCESS_INIT = {"task": "multistep", "init": "out/sft_multistep_40", "warmstart_target_acc": 0.4}
-PROCESS_FLAGS = [f"--{k}={v}" for k, v in PROCESS_INIT.items()] + ["--steps", "150"]  # a hand-typed run makes the same init
+# a hand-typed run makes the same init
+PROCESS_FLAGS = [f"--{k}={v}" for k, v in PROCESS_INIT.items()] + ["--steps", "150"]
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
@@ -53,47 +60,54 @@ EXPERIMENTS = {
         ("RFT", "train_sft.py", RFT_FLAGS),
         ("online RFT", "train_grpo.py", ["--gradient_coef", "rft", "--beta", "0"]),
         ("GRPO", "train_grpo.py", [])]),
-    "ref_reset": ("iterative GRPO (pi_ref <- pi every 50 steps) beats a fixed reference (DeepSeekMath Figure 6)", [
+    "ref_reset": ("iterative GRPO (pi_ref <- pi every 50 steps) beats a fixed reference "
+                  "(DeepSeekMath Figure 6)", [
         ("fixed reference", "train_grpo.py", []),
         ("reference reset every 50 steps", "train_grpo.py", ["--ref_reset_every", "50"])]),
-    "variants": ("on the multi-step task (completions of different lengths), GRPO's per-sequence mean lets wrong "
-                 "completions grow; DAPO's token mean and Dr. GRPO's constant divisor do not (PITFALLS 2)", [
+    "variants": ("on the multi-step task (completions of different lengths), GRPO's per-sequence "
+                 "mean lets wrong completions grow; DAPO's token mean and Dr. GRPO's constant "
+                 "divisor do not (arXiv 2503.20783)", [
         ("grpo", "train_grpo.py", ["--task", "multistep"]),
-        ("dapo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dapo", "--epsilon_high", "0.28",
-                                   "--filter_zero_std"]),
-        ("dr_grpo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dr_grpo", "--scale_rewards", "none"])]),
-    "process": ("process supervision (a reward per step) beats outcome supervision (one per answer) on a "
-                "multi-step task (DeepSeekMath Figure 5/6)", [
+        ("dapo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dapo",
+                                   "--epsilon_high", "0.28", "--filter_zero_std"]),
+        ("dr_grpo", "train_grpo.py", ["--task", "multistep", "--loss_type", "dr_grpo",
+                                      "--scale_rewards", "none"])]),
+    "process": ("process supervision (a reward per step) beats outcome supervision (one per "
+                "answer) on a multi-step task (DeepSeekMath Figure 5/6)", [
         ("outcome", "train_grpo.py", PROCESS_FLAGS),
         ("process", "train_grpo.py", PROCESS_FLAGS + ["--supervision", "process"])]),
-    "grpo_vs_ppo": ("GRPO matches PPO's quality without a critic, holding fewer networks (seeds 001, 002; "
-                    "DeepSeekMath 4.1)", [
+    "grpo_vs_ppo": ("GRPO matches PPO's quality without a critic, holding fewer networks "
+                    "(seeds 001, 002; DeepSeekMath 4.1)", [
         ("GRPO", "train_grpo.py", []),
         ("PPO", "train_ppo.py", [])]),
-    "online_offline": ("online beats offline preference learning: GRPO > iterative DPO > DPO (DeepSeekMath "
-                       "5.2.1; seed 002)", [
+    "online_offline": ("online beats offline preference learning: GRPO > iterative DPO > DPO "
+                       "(DeepSeekMath 5.2.1)", [
         ("offline DPO", "train_dpo.py", []),
         ("iterative DPO, 3 rounds", "train_dpo.py", ["--rounds", "3", "--ref_reset"]),
         ("GRPO", "train_grpo.py", [])]),
-    "balance": ("auxiliary-loss-free balancing keeps expert loads as balanced as a balance loss does, without "
-                "its gradient, and costs no accuracy (DeepSeek-V3 2.1.2; arXiv 2408.15664)", [
-        ("aux-loss-free (bias gamma 0.001)", "train_sft.py", SFT_FLAGS + ["--balance_loss_alpha", "0"]),
-        ("balance loss (alpha 0.001)", "train_sft.py", SFT_FLAGS + ["--bias_update_speed", "0",
-                                                                    "--balance_loss_alpha", "0.001"]),
-        ("no balancing", "train_sft.py", SFT_FLAGS + ["--bias_update_speed", "0", "--balance_loss_alpha", "0"])]),
-    "mtp": ("multi-token prediction densifies the training signal: MTP on learns from fewer samples than "
-            "off (DeepSeek-V3 2.2)", [
+    "balance": ("auxiliary-loss-free balancing keeps expert loads as balanced as a balance loss "
+                "does, without its gradient, and costs no accuracy (DeepSeek-V3 2.1.2; "
+                "arXiv 2408.15664)", [
+        ("aux-loss-free (bias gamma 0.001)", "train_sft.py",
+         SFT_FLAGS + ["--balance_loss_alpha", "0"]),
+        ("balance loss (alpha 0.001)", "train_sft.py",
+         SFT_FLAGS + ["--bias_update_speed", "0", "--balance_loss_alpha", "0.001"]),
+        ("no balancing", "train_sft.py",
+         SFT_FLAGS + ["--bias_update_speed", "0", "--balance_loss_alpha", "0"])]),
+    "mtp": ("multi-token prediction densifies the training signal: MTP on learns from fewer "
+            "samples than off (DeepSeek-V3 2.2)", [
         ("MTP depth 1 (lambda 0.3)", "train_sft.py", SFT_FLAGS),
         ("no MTP", "train_sft.py", SFT_FLAGS + ["--mtp_depth", "0"])]),
-    "mla_mha": ("MLA matches MHA's quality at equal parameters with a far smaller KV cache (DeepSeek-V2 "
-                "2.1)", [
+    "mla_mha": ("MLA matches MHA's quality at equal parameters with a far smaller KV cache "
+                "(DeepSeek-V2 2.1)", [
         ("MLA", "train_sft.py", SFT_FLAGS),
         # head dims chosen so that MHA's main model has MLA's parameters (974k against 966k)
         ("MHA", "train_sft.py", SFT_FLAGS + ["--attention", "mha", "--qk_nope_head_dim", "8"])]),
 }
 # the SFT warm start an experiment's runs share, made before them (the settings of the RL configs
 # that name it; out/sft otherwise); None: the runs train from scratch
-INIT = {"variants": {"task": "multistep"}, "process": PROCESS_INIT, "balance": None, "mtp": None, "mla_mha": None}
+INIT = {"variants": {"task": "multistep"}, "process": PROCESS_INIT, "balance": None, "mtp": None,
+        "mla_mha": None}
 
 
 def mean_of(get, fmt):
@@ -104,7 +118,8 @@ def mean_of(get, fmt):
 def first_at(key, acc, fmt="{:.0f}"):
     """A table column: per seed, the first x of the run's (x, accuracy) curve `key` where held-out
     accuracy reaches acc ("never" if it does not)."""
-    return lambda rs: ", ".join(next((fmt.format(x) for x, a in r[key] if a >= acc), "never") for r in rs)
+    return lambda rs: ", ".join(next((fmt.format(x) for x, a in r[key] if a >= acc), "never")
+                                for r in rs)
 
 
 REACH_90 = ("first step at >= 90%, per seed", first_at("curve", 0.9))
@@ -117,23 +132,30 @@ COLUMNS = {
                     ("training time (s)", mean_of(lambda r: r["seconds"][-1][0], "{:.0f}")),
                     ("training s to first reach 97%, per seed", first_at("seconds", 0.97))],
     "balance": [REACH_90,
-                ("MaxVio, mean of the last 100 steps", mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"][-100:]),
-                                                               "{:.3f}")),
-                ("MaxVio, mean over training", mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
+                ("MaxVio, mean of the last 100 steps",
+                 mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"][-100:]), "{:.3f}")),
+                ("MaxVio, mean over training",
+                 mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
     "mtp": [REACH_90],
     "mla_mha": [REACH_90, ("main model parameters", mean_of(lambda r: r["params_main"], "{:,.0f}")),
-                ("KV cache bytes per token (float32)", mean_of(lambda r: r["kv_bytes_per_token"], "{:,.0f}"))],
+                ("KV cache bytes per token (float32)",
+                 mean_of(lambda r: r["kv_bytes_per_token"], "{:,.0f}"))],
 }
 
 ACCURACY = ("curve", "held-out greedy accuracy", "step", "accuracy (%)", 100)
-# experiment -> plot panels: (summary key, title, x label, y label, y scale), each a curve of (x, y) per run
+# experiment -> plot panels: (summary key, title, x label, y label, y scale), each a curve of
+# (x, y) per run
 PANELS = {
-    "variants": [ACCURACY, ("length", "completion length (T = 1)", "step", "tokens, end token included", 1)],
-    "grpo_vs_ppo": [("samples", "held-out greedy accuracy", "completions sampled", "accuracy (%)", 100),
-                    ("seconds", "held-out greedy accuracy", "training time (s, evaluations excluded; mean x)",
-                     "accuracy (%)", 100)],
-    "online_offline": [("curve", "held-out greedy accuracy", "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
-    "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n(mean over MoE layers; 20-step means)", "step",
+    "variants": [ACCURACY, ("length", "completion length (T = 1)", "step",
+                            "tokens, end token included", 1)],
+    "grpo_vs_ppo": [("samples", "held-out greedy accuracy", "completions sampled",
+                     "accuracy (%)", 100),
+                    ("seconds", "held-out greedy accuracy",
+                     "training time (s, evaluations excluded; mean x)", "accuracy (%)", 100)],
+    "online_offline": [("curve", "held-out greedy accuracy",
+                        "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
+    "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n"
+                                     "(mean over MoE layers; 20-step means)", "step",
                            "MaxVio = (max load - mean) / mean", 1)],
 }
 
@@ -168,13 +190,14 @@ def read_run(out_dir):
     rl = config.get("grpo") or config.get("ppo")
     if rl and train and all("samples_per_s" in r for r in train):
         n = rl["batch_size"] * rl.get("num_generations", 1)  # completions per step
-        seconds = dict(zip((r["step"] for r in train), itertools.accumulate(n / r["samples_per_s"] for r in train)))
+        seconds = dict(zip((r["step"] for r in train),
+                           itertools.accumulate(n / r["samples_per_s"] for r in train)))
         seconds[0] = 0.0
         out["samples"] = [(step * n, acc) for step, acc in out["curve"]]
         out["seconds"] = [(seconds[step], acc) for step, acc in out["curve"]]
         out["params_held"] = sum(v for k, v in train[0].items() if k.startswith("params_"))
         out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in train if "peak_rss_mb" in r)
-    if "model" in config and "sft" in config:  # the model's size and its KV cache, measured on a fresh cache
+    if "model" in config and "sft" in config:  # model size and KV cache, measured on a fresh cache
         mcfg = ModelConfig(**config["model"])
         model = Transformer(mcfg)
         cache = model.new_cache(1, mcfg.max_seq_len)
@@ -185,12 +208,13 @@ def read_run(out_dir):
 
 
 def run_methods(name, methods, seeds, steps):
-    """Every method at every seed, each its own process (its own peak memory), as a user would type it;
-    returns {method: [run summary per seed]} with wall times."""
+    """Every method at every seed, each its own process (its own peak memory), as a user would
+    type it; returns {method: [run summary per seed]} with wall times."""
     out = {}
     for method, script, flags in methods:
         for seed in seeds:
-            slug = re.sub(r"[^A-Za-z0-9-]+", "_", method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
+            slug = re.sub(r"[^A-Za-z0-9-]+", "_",
+                          method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
             folder = os.path.join("out", "results", name, slug, f"seed{seed}")
             argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", "--overwrite"]
             if steps and script == "train_dpo.py":
@@ -200,7 +224,8 @@ def run_methods(name, methods, seeds, steps):
             t = time.perf_counter()
             if subprocess.run([sys.executable, os.path.join(HERE, script), *argv]).returncode:
                 sys.exit(f"results: this run failed: python {script} {' '.join(argv)}")
-            out.setdefault(method, []).append({"seed": seed, "wall_s": time.perf_counter() - t, **read_run(folder)})
+            out.setdefault(method, []).append({"seed": seed, "wall_s": time.perf_counter() - t,
+                                               **read_run(folder)})
             print(f"  {method}, seed {seed}: {out[method][-1]['final']['greedy_acc']:.1%} "
                   f"({out[method][-1]['wall_s']:.0f} s)", flush=True)
     return out
@@ -213,40 +238,47 @@ def spread(values):
 def compare(name, args):
     claim, methods = EXPERIMENTS[name]
     print(f"{name}: {claim}")
-    return {"claim": claim, "seeds": args.seeds, "runs": run_methods(name, methods, args.seeds, args.steps)}
+    return {"claim": claim, "seeds": args.seeds,
+            "runs": run_methods(name, methods, args.seeds, args.steps)}
 
 
 def table(name, result):
-    """The experiment's markdown table: held-out accuracy (mean +- std over seeds, and per seed), its
-    own columns, and the wall time of a run."""
+    """The experiment's markdown table: held-out accuracy (mean +- std over seeds, and per seed),
+    its own columns, and the wall time of a run."""
     columns = COLUMNS.get(name, [])
-    print(f"\n| method | held-out greedy accuracy (mean +- std over {len(result['seeds'])} seeds) | per seed | "
+    print(f"\n| method | held-out greedy accuracy (mean +- std over {len(result['seeds'])} seeds) "
+          "| per seed | "
           + "".join(f"{header} | " for header, _ in columns) + "wall time per run |\n|---|---|---|"
           + "---|" * (len(columns) + 1))
     for method, rs in result["runs"].items():
         m, s = spread([r["final"]["greedy_acc"] for r in rs])
         each = ", ".join(f"{r['final']['greedy_acc']:.1%}" for r in rs)
         extra = "".join(f"{column(rs)} | " for _, column in columns)
-        print(f"| {method} | {m:.1%} +- {s:.1%} | {each} | {extra}{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+        print(f"| {method} | {m:.1%} +- {s:.1%} | {each} | "
+              f"{extra}{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
 
 
 def passk(args):
     """pass@k and maj@k for k = 1..16 (16 samples per held-out prompt, T = 1) before and after the
     default GRPO run, one sampling seed per --seeds entry."""
-    claim = "RL raises maj@k more than pass@k: it sharpens the distribution more than it adds ability (DeepSeekMath Figure 7)"
+    claim = ("RL raises maj@k more than pass@k: it sharpens the distribution more than it adds "
+             "ability (DeepSeekMath Figure 7)")
     print(f"passk: {claim}")
     folder = os.path.join("out", "results", "passk", "grpo")
     train_grpo.main(["--out_dir", folder, "--quiet", "--overwrite"]
                     + (["--steps", str(args.steps)] if args.steps else []))
     tok, task = tasks.Tokenizer(), tasks.get_task("add", 0)
     problems, ks, out = task.eval_set(256), list(range(1, 17)), {}
-    for label, path in (("SFT init", shared_init()), ("after GRPO", os.path.join(folder, "ckpt.pt"))):
+    for label, path in (("SFT init", shared_init()),
+                        ("after GRPO", os.path.join(folder, "ckpt.pt"))):
         ckpt = common.load_checkpoint(path)
         m = Transformer(ModelConfig(**ckpt["model_config"]))
         m.load_state_dict(ckpt["model"])
         per_seed = [rollout.evaluate(m.eval(), tok, task, problems, k=ks, n_samples=16,
-                                     generator=torch.Generator().manual_seed(seed)) for seed in args.seeds]
-        out[label] = {f"{kind}@{k}": spread([r[f"{kind}@{k}"] for r in per_seed]) for kind in ("pass", "maj") for k in ks}
+                                     generator=torch.Generator().manual_seed(seed))
+                    for seed in args.seeds]
+        out[label] = {f"{kind}@{k}": spread([r[f"{kind}@{k}"] for r in per_seed])
+                      for kind in ("pass", "maj") for k in ks}
     return {"claim": claim, "seeds": args.seeds, "ks": ks, "results": out}
 
 
@@ -254,13 +286,16 @@ def passk_table(result):
     print("\n| k | pass@k: SFT -> GRPO | maj@k: SFT -> GRPO |\n|---|---|---|")
     a, b = result["results"]["SFT init"], result["results"]["after GRPO"]
     for k in (1, 2, 4, 8, 16):
-        print(f"| {k} | {a[f'pass@{k}'][0]:.1%} -> {b[f'pass@{k}'][0]:.1%} (+{b[f'pass@{k}'][0] - a[f'pass@{k}'][0]:.1%}) | "
-              f"{a[f'maj@{k}'][0]:.1%} -> {b[f'maj@{k}'][0]:.1%} (+{b[f'maj@{k}'][0] - a[f'maj@{k}'][0]:.1%}) |")
+        pass_a, pass_b = a[f"pass@{k}"][0], b[f"pass@{k}"][0]
+        maj_a, maj_b = a[f"maj@{k}"][0], b[f"maj@{k}"][0]
+        print(f"| {k} | {pass_a:.1%} -> {pass_b:.1%} (+{pass_b - pass_a:.1%}) | "
+              f"{maj_a:.1%} -> {maj_b:.1%} (+{maj_b - maj_a:.1%}) |")
 
 
 def smooth(curve, window):
     """(x, y) points -> the means of each `window` consecutive points."""
-    return [(statistics.mean(x for x, _ in curve[i:i + window]), statistics.mean(y for _, y in curve[i:i + window]))
+    return [(statistics.mean(x for x, _ in curve[i:i + window]),
+             statistics.mean(y for _, y in curve[i:i + window]))
             for i in range(0, len(curve), window)]
 
 
@@ -273,25 +308,33 @@ def plot(name, result, panels):
     except ImportError:
         print("matplotlib is not installed (pip install -r requirements-plot.txt): no PNG")
         return
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4),
+                             squeeze=False)
     if name == "passk":
         ax = axes[0][0]
         for i, (label, r) in enumerate(result["results"].items()):
             for kind, style in (("pass", "-"), ("maj", "--")):
                 ys = [100 * r[f"{kind}@{k}"][0] for k in result["ks"]]
-                ax.plot(result["ks"], ys, style, color=f"C{i}", marker="o", markersize=3, label=f"{kind}@k, {label}")
-        ax.set(title=f"pass@k and maj@k, 256 held-out problems\n(T = 1, mean of {len(result['seeds'])} sampling seeds)",
-               xlabel="k (samples)", ylabel="accuracy (%)", xscale="log", xticks=[1, 2, 4, 8, 16], xticklabels=["1", "2", "4", "8", "16"])
+                ax.plot(result["ks"], ys, style, color=f"C{i}", marker="o", markersize=3,
+                        label=f"{kind}@k, {label}")
+        ax.set(title="pass@k and maj@k, 256 held-out problems\n"
+                     f"(T = 1, mean of {len(result['seeds'])} sampling seeds)",
+               xlabel="k (samples)", ylabel="accuracy (%)", xscale="log", xticks=[1, 2, 4, 8, 16],
+               xticklabels=["1", "2", "4", "8", "16"])
     for ax, (key, title, xlabel, ylabel, scale) in zip(axes[0], panels):
         for i, (method, rs) in enumerate(result["runs"].items()):
             curves = [smooth(r[key], 20) if key == "maxvio" else r[key] for r in rs]
             n = min(len(c) for c in curves)  # the same evaluation steps in every seed's run
             xs = [statistics.mean(c[j][0] for c in curves) for j in range(n)]
             ys = [[scale * c[j][1] for c in curves] for j in range(n)]
-            ax.plot(xs, [statistics.mean(v) for v in ys], color=f"C{i}", linewidth=2, label=f"{method} (mean)")
-            for c in curves:  # each seed thin: a mean of runs that did and did not learn is no run at all
-                ax.plot([x for x, _ in c[:n]], [scale * y for _, y in c[:n]], color=f"C{i}", linewidth=0.8, alpha=0.4)
-        ax.set(title=f"{title}, {len(result['seeds'])} seeds (thin: each seed)", xlabel=xlabel, ylabel=ylabel)
+            ax.plot(xs, [statistics.mean(v) for v in ys], color=f"C{i}", linewidth=2,
+                    label=f"{method} (mean)")
+            # each seed thin: a mean of runs that did and did not learn is no run at all
+            for c in curves:
+                ax.plot([x for x, _ in c[:n]], [scale * y for _, y in c[:n]], color=f"C{i}",
+                        linewidth=0.8, alpha=0.4)
+        ax.set(title=f"{title}, {len(result['seeds'])} seeds (thin: each seed)", xlabel=xlabel,
+               ylabel=ylabel)
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))  # 150k, not 150000
         ax.title.set_fontsize(10)
     for ax in axes[0]:
@@ -303,12 +346,16 @@ def plot(name, result, panels):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=["passk", *EXPERIMENTS])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the runs (default: 0 1 2)")
-    p.add_argument("--steps", type=int, default=0, help="steps of every run (default: the experiment's own)")
-    p.add_argument("--table", action="store_true", help="run nothing: print the table and redraw the PNG from "
-                                                        "results/<experiment>.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the runs (default: 0 1 2)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps of every run (default: the experiment's own)")
+    p.add_argument("--table", action="store_true",
+                   help="run nothing: print the table and redraw the PNG from "
+                        "results/<experiment>.json")
     args = p.parse_args(argv)
     if args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
@@ -332,7 +379,8 @@ def main(argv=None):
     print(result["claim"])
     passk_table(result) if args.experiment == "passk" else table(args.experiment, result)
     print(f"{args.experiment}: {result['wall_s'] / 60:.1f} min in all; results in {path}")
-    plot(args.experiment, result, [] if args.experiment == "passk" else PANELS.get(args.experiment, [ACCURACY]))
+    plot(args.experiment, result,
+         [] if args.experiment == "passk" else PANELS.get(args.experiment, [ACCURACY]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Batched sampling with a KV cache, log-probs, and evaluation.
 
-- `generate`: B prompts of different lengths (left-padded, with per-row RoPE positions), each sampled
-  `num_generations` times (the copies of one prompt are contiguous: a GRPO group); temperature,
-  top-k, top-p or greedy with an explicit seeded torch.Generator; per-row stop at the end token and a
-  max-new-tokens limit. The MLA cache holds only the latent c_kv and the shared rope key per token
-  and layer (DeepSeek-V2 section 2.1.2); decoding is `naive` (decompress K, V with wkv_b) or
-  `absorbed` (wkv_b folded into the query and the output). `speculative=True` drafts with the first
-  MTP module and verifies with the main model (`_decode_speculative`).
+- Batching: token lists to padded tensors, and scoring completions with each prompt run once
+  (`completion_logprobs`, `completion_values`, `score_completions`).
+- `generate`: B prompts of different lengths (left-padded, with per-row RoPE positions), each
+  sampled `num_generations` times (the copies of one prompt are contiguous: a GRPO group);
+  temperature, top-k, top-p or greedy with an explicit seeded torch.Generator; per-row stop at the
+  end token and a max-new-tokens limit. The MLA cache holds only the latent c_kv and the shared
+  rope key per token and layer (DeepSeek-V2 section 2.1.2); decoding is `naive` (decompress K, V
+  with wkv_b) or `absorbed` (wkv_b folded into the query and the output). `speculative=True`
+  drafts with the first MTP module and verifies with the main model (its own section).
 - `evaluate`: greedy exact-match accuracy, pass@k with the unbiased estimator of Chen et al. 2021
   (arXiv 2107.03374, eq. 1) and maj@k (majority vote over k sampled answers, DeepSeekMath 5.2.2).
 - `make_pairs`: preference pairs (prompt, chosen, rejected) for DPO and the reward model, from the
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import losses
@@ -32,20 +35,20 @@ from model import attention_mask, expand_cache
 
 @dataclass
 class Rollout:
-    prompt_ids: torch.Tensor       # (N, P) left-padded prompts
-    prompt_mask: torch.Tensor      # (N, P) bool, False on padding
-    completion_ids: torch.Tensor   # (N, L) sampled tokens, pad after the first end token
+    prompt_ids: torch.Tensor  # (N, P) left-padded prompts
+    prompt_mask: torch.Tensor  # (N, P) bool, False on padding
+    completion_ids: torch.Tensor  # (N, L) sampled tokens, pad after the first end token
     completion_mask: torch.Tensor  # (N, L) float, 1 up to and including the first end token
-    ended: torch.Tensor            # (N,) bool: True if the row wrote an end token, False if truncated
-    logprobs: torch.Tensor         # (N, L) float32 log-probs of the sampled tokens under the sampling distribution
-    group: torch.Tensor = None     # (N,) long: the prompt each row continues (rows of one group share it); None = its own
-    stats: dict = None             # decoding statistics (speculative: draft acceptance, tokens per main forward)
+    ended: torch.Tensor  # (N,) bool: True if the row wrote an end token, False if truncated
+    logprobs: torch.Tensor  # (N, L) float32 log-probs of the tokens under the sampling distribution
+    group: torch.Tensor = None  # (N,) long: the prompt each row continues; None = its own
+    stats: dict = None  # decoding statistics (speculative: draft acceptance, tokens per forward)
 
     def sequences(self):
-        """(ids (N, P+L), real-token mask (N, P+L) bool, positions (N, P+L)) of prompt + completion,
-        ready for a full forward pass whose logits[:, P-1:-1] score the completion. The mask is False
-        on left padding and after the end token: those tokens are not attended to and not counted by
-        the MoE routers; no scored position depends on them (causal attention)."""
+        """(ids (N, P+L), real-token mask (N, P+L) bool, positions (N, P+L)) of prompt +
+        completion, ready for a full forward pass whose logits[:, P-1:-1] score the completion. The
+        mask is False on left padding and after the end token: those tokens are not attended to and
+        not counted by the MoE routers; no scored position depends on them (causal attention)."""
         ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
         mask = torch.cat([self.prompt_mask, self.completion_mask.bool()], dim=1)
         return ids, mask, (mask.long().cumsum(1) - 1).clamp_min(0)
@@ -184,6 +187,10 @@ def check_lengths(task, max_seq_len, max_new_tokens=None):
                                  "token): it could never be written")
 
 
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
 class NonFiniteLogits(common.NonFinite):
     """The model produced NaN or infinite logits: its weights have diverged."""
 
@@ -195,7 +202,8 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
     set of most likely tokens whose mass reaches top_p."""
     logits = logits.float()
     if not torch.isfinite(logits).all():
-        raise NonFiniteLogits("the model produced non-finite logits while sampling: its weights have diverged")
+        raise NonFiniteLogits("the model produced non-finite logits while sampling: its weights "
+                              "have diverged")
     if temperature == 0:
         return F.log_softmax(logits, -1)
     logits = logits / temperature
@@ -214,40 +222,47 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row. logits: (N, V) -> (tokens (N,), their log-probs (N,) under the
     distribution sampled from, sampling_logprobs). Greedy (argmax) when temperature == 0."""
     logp = sampling_logprobs(logits, temperature, top_k, top_p)  # (N, V)
-    tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
+    if temperature == 0:
+        tok = logp.argmax(-1)  # (N,)
+    else:
+        tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # (N,)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
 @torch.no_grad()
-def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_tokens=16, temperature=1.0,
-             top_k=0, top_p=1.0, generator=None, mla_impl="absorbed", speculative=False):
+def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_tokens=16,
+             temperature=1.0, top_k=0, top_p=1.0, generator=None, mla_impl="absorbed",
+             speculative=False):
     """Sample `num_generations` completions for each prompt (lists of token ids, BOS included).
     Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i; each prompt is
-    prefilled once and its cache gathered to its G rows. speculative=True drafts with the MTP module
-    and verifies with the main model (_decode_speculative): the same distribution (the same tokens
-    when greedy), fewer main-model forwards; its statistics are in Rollout.stats."""
+    prefilled once and its cache gathered to its G rows. speculative=True drafts with the MTP
+    module and verifies with the main model (_decode_speculative): the same distribution (the same
+    tokens when greedy), fewer main-model forwards; its statistics are in Rollout.stats."""
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError("num_generations and max_new_tokens must be >= 1")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
+                         f"{temperature}, {top_k}, {top_p}")
     if speculative and model.cfg.mtp_depth < 1:
-        raise ValueError("speculative decoding drafts with the MTP module, and this model has mtp_depth = 0 "
-                         "(train one with --mtp_depth 1 or more)")
+        raise ValueError("speculative decoding drafts with the MTP module, and this model has "
+                         "mtp_depth = 0 (train one with --mtp_depth 1 or more)")
     device = model.freqs_cis.device
     ids, mask = left_pad(prompts, pad_id, device)  # (B, P) each prompt once
     B, P = ids.shape
     N = B * num_generations
     if P + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_seq_len={model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()  # no router load counting while sampling
     prefill = model.new_cache(B, P, impl=mla_impl)
-    h, _, _, _, _ = model.trunk(ids, (mask.long().cumsum(1) - 1).clamp_min(0), mask, prefill)  # (B, P, D)
-    group = torch.arange(N, device=device) // num_generations  # (N,) rows [i*G, (i+1)*G) continue prompt i
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # (B, P)
+    h, _, _, _, _ = model.trunk(ids, positions, mask, prefill)  # (B, P, D)
+    group = torch.arange(N, device=device) // num_generations  # (N,) the prompt row n continues
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     decode = _decode_speculative if speculative else _decode
-    out_tok, out_logp, ended, stats = decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
-                                             mla_impl, **sampling)
+    out_tok, out_logp, ended, stats = decode(model, ids, mask, h, prefill, group, max_new_tokens,
+                                             eos_id, pad_id, mla_impl, **sampling)
     model.train(was_training)
     ids, mask = ids[group], mask[group]  # (N, P)
     # mask: 1 up to and including the first end token; everything after it (pads) is 0
@@ -256,11 +271,12 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask, group, stats)
 
 
-def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl, **sampling):
+def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl,
+            **sampling):
     """Ordinary decoding: one main-model forward per new token. Returns (tokens (N, L), their
     log-probs (N, L), ended (N,), stats)."""
     N, P = len(group), ids.size(1)
-    cache = expand_cache(prefill, group, max_new_tokens)  # each prompt's latent cache at each of its G rows
+    cache = expand_cache(prefill, group, max_new_tokens)  # each prompt's cache at its G rows
     logits = model.head(model.norm(h[group, -1:]))  # (N, 1, V) the last prompt token's prediction
     pad_mask = torch.cat([mask[group], mask.new_ones(N, max_new_tokens)], dim=1)  # (N, P+L)
     next_pos = mask[group].long().sum(1, keepdim=True)  # (N, 1) position of the first new token
@@ -274,45 +290,50 @@ def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
         ended |= tok == eos_id
         if ended.all() or t == max_new_tokens - 1:
             break
-        logits, _ = model(out_tok[:, t:t + 1], positions=next_pos + t, pad_mask=pad_mask[:, :P + t + 1],
-                          cache=cache, start_pos=P + t)
+        logits, _ = model(out_tok[:, t:t + 1], positions=next_pos + t,
+                          pad_mask=pad_mask[:, :P + t + 1], cache=cache, start_pos=P + t)
     return out_tok[:, :t + 1], out_logp[:, :t + 1], ended, {"main_forwards": t + 1}
 
 
+# ----------------------------------------------------------------------------------------------
+# Speculative decoding with the MTP module as the draft (DeepSeek-V3 section 5.4.3)
+
+
 def verify_draft(p, q, d, greedy, generator=None):
-    """Speculative sampling's verification of a drafted token d (N,) drawn from q, against the target
-    p (both (N, V) log-probs of the sampling distributions). Greedy: accept iff d is p's argmax, else
-    take the argmax. Sampling: accept with probability min(1, p(d) / q(d)), else draw from
-    normalise(max(0, p - q)); the kept token is then distributed exactly as p. Returns (accepted
-    (N,) bool, the replacement token (N,), used where not accepted)."""
+    """Speculative sampling's verification of a drafted token d (N,) drawn from q, against the
+    target p (both (N, V) log-probs of the sampling distributions). Greedy: accept iff d is p's
+    argmax, else take the argmax. Sampling: accept with probability min(1, p(d) / q(d)), else draw
+    from normalise(max(0, p - q)); the kept token is then distributed exactly as p. Returns
+    (accepted (N,) bool, the replacement token (N,), used where not accepted)."""
     if greedy:
         return p.argmax(-1) == d, p.argmax(-1)
     u = torch.rand(len(d), generator=generator, device=d.device)
     ok = u < (p.gather(1, d[:, None]) - q.gather(1, d[:, None]))[:, 0].exp()
     residual = (p.exp() - q.exp()).clamp_min(0)  # (N, V)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p.exp())  # p = q: d is always kept
+    # p = q: d is always kept, and the residual is 0 everywhere
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p.exp())
     return ok, torch.multinomial(residual, 1, generator=generator)[:, 0]
 
 
-def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl, temperature=1.0,
-                        top_k=0, top_p=1.0, generator=None):
+def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl,
+                        temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Speculative decoding with the first MTP module as the draft (DeepSeek-V3 section 5.4.3;
     Leviathan et al. arXiv 2211.17192). Each iteration the main model runs one forward over two
-    positions: the last committed token t and the MTP's draft d of the token after it. Its logits at
-    t verify d; its logits at d give one more token for free when d is accepted. Then the MTP module
-    reads the main model's hidden state at each committed position beside the embedding of the token
-    that follows it (its training input) and drafts the token after the newest one.
+    positions: the last committed token t and the MTP's draft d of the token after it. Its logits
+    at t verify d; its logits at d give one more token for free when d is accepted. Then the MTP
+    module reads the main model's hidden state at each committed position beside the embedding of
+    the token that follows it (its training input) and drafts the token after the newest one.
     - Greedy: d is accepted iff it is the main model's argmax: the output equals ordinary greedy
       decoding. Sampling: d ~ q (the MTP's sampling distribution) is accepted with probability
-      min(1, p(d) / q(d)), else the token is drawn from normalise(max(0, p - q)); every emitted token
-      is then distributed exactly as p, the main model's sampling distribution, and its returned
-      log-prob is log p.
+      min(1, p(d) / q(d)), else the token is drawn from normalise(max(0, p - q)); every emitted
+      token is then distributed exactly as p, the main model's sampling distribution, and its
+      returned log-prob is log p.
     - Caches: every iteration appends two slots to the main cache and to the MTP block's own cache
       for every row; the slot of a rejected draft is marked not real (rolled back) and never
-      attended to again; RoPE positions follow each row's own count of tokens. Rows accept different
-      numbers of tokens, end, and stop at max_new_tokens independently.
-    Returns (tokens (N, L), log-probs (N, L), ended (N,), stats: the acceptance rate of the draft and
-    the mean tokens per main-model forward)."""
+      attended to again; RoPE positions follow each row's own count of tokens. Rows accept
+      different numbers of tokens, end, and stop at max_new_tokens independently.
+    Returns (tokens (N, L), log-probs (N, L), ended (N,), stats: the acceptance rate of the draft
+    and the mean tokens per main-model forward)."""
     N, P, device = len(group), ids.size(1), ids.device
     mtp, greedy = model.mtp[0], temperature == 0
     sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -325,8 +346,8 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
     pos = mask.long().cumsum(1) - 1  # (B, P) prompt positions
     if P > 1:  # the MTP's entries for the prompt: (h_j, Emb(t_{j+1})), j < P - 1, once per prompt
         real = mask[:, :-1] & mask[:, 1:]
-        mtp(h[:, :-1], model.embed(ids[:, 1:]), model.freqs_cis[pos[:, :-1].clamp_min(0)], attention_mask(real, 0, P - 1),
-            real, mtp_cache[0], 0)
+        mtp(h[:, :-1], model.embed(ids[:, 1:]), model.freqs_cis[pos[:, :-1].clamp_min(0)],
+            attention_mask(real, 0, P - 1), real, mtp_cache[0], 0)
         mtp_valid[:, :P - 1] = real[group]
     mtp_cache = expand_cache(mtp_cache, group, cap - P)
     out_tok = ids.new_full((N, max_new_tokens), pad_id)
@@ -347,10 +368,12 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         return ok
 
     def draft(hidden, nxt, slot, slot_pos, where):
-        """MTP entries at `slot` ((N, T) main hidden states beside the embeddings of the tokens after
-        them) and the draft read at column `where` (N,): (draft (N,), its sampling log-probs (N, V))."""
+        """MTP entries at `slot` ((N, T) main hidden states beside the embeddings of the tokens
+        after them) and the draft read at column `where` (N,): (draft (N,), its sampling log-probs
+        (N, V))."""
         T = hidden.size(1)
-        x = mtp(hidden, model.embed(nxt), model.freqs_cis[slot_pos], attention_mask(mtp_valid[:, :slot + T], slot, T),
+        attn = attention_mask(mtp_valid[:, :slot + T], slot, T)
+        x = mtp(hidden, model.embed(nxt), model.freqs_cis[slot_pos], attn,
                 mtp_valid[:, slot:slot + T], mtp_cache[0], slot)[0]  # (N, T, D)
         q = sampling_logprobs(model.head(mtp.norm(x[rows, where])), **sample)  # (N, V)
         d = q.argmax(-1) if greedy else torch.multinomial(q.exp(), 1, generator=generator)[:, 0]
@@ -370,10 +393,11 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         # ---- verify: the main model over [t, d] at two new slots
         valid[:, slot:slot + 2] = live[:, None]
         two_pos = t_pos[:, None] + torch.arange(2, device=device)  # (N, 2)
-        h2, _, _, _, _ = model.trunk(torch.stack([t, d], 1), two_pos, valid[:, :slot + 2], cache, slot)  # (N, 2, D)
+        h2 = model.trunk(torch.stack([t, d], 1), two_pos, valid[:, :slot + 2], cache, slot)[0]
         p0, p1 = sampling_logprobs(model.head(model.norm(h2)), **sample).unbind(1)  # (N, V) each
         ok, fix = verify_draft(p0, q, d, greedy, generator)
-        bonus = p1.argmax(-1) if greedy else torch.multinomial(p1.exp(), 1, generator=generator)[:, 0]
+        bonus = (p1.argmax(-1) if greedy
+                 else torch.multinomial(p1.exp(), 1, generator=generator)[:, 0])
         proposed += int(live.sum())
         accepted += int((ok & live).sum())
         forwards += live.long()
@@ -387,11 +411,13 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         nxt = torch.stack([first, bonus], 1)  # the token after t, and after d when d was kept
         t = torch.where(ok, bonus, fix)
         d, q = draft(h2, nxt, slot, two_pos, ok.long())
-        t_pos = torch.where(live, t_pos + 1 + ok.long(), t_pos).clamp_max(model.cfg.max_seq_len - 2)  # ended rows stay put
+        t_pos = torch.where(live, t_pos + 1 + ok.long(), t_pos)  # ended rows stay put
+        t_pos = t_pos.clamp_max(model.cfg.max_seq_len - 2)
         slot += 2
     L = int(n_out.max())
     stats = {"proposed": proposed, "accepted": accepted, "acceptance": accepted / max(proposed, 1),
-             "tokens_per_forward": (n_out.float() / forwards.float()).mean().item(), "main_forwards": int(forwards.max())}
+             "tokens_per_forward": (n_out.float() / forwards.float()).mean().item(),
+             "main_forwards": int(forwards.max())}
     return out_tok[:, :L], out_logp[:, :L], ended, stats
 
 
@@ -408,8 +434,8 @@ def pass_at_k(n, c, k):
 
 
 def majority_correct(answers, truth):
-    """maj@k for one prompt: is the most frequent parsed answer (malformed ones do not vote) the true
-    one? Ties go to the answer seen first."""
+    """maj@k for one prompt: is the most frequent parsed answer (malformed ones do not vote) the
+    true one? Ties go to the answer seen first."""
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return False
@@ -419,7 +445,8 @@ def majority_correct(answers, truth):
 
 
 def decode_completions(tok, rollout):
-    """Completion texts up to the first end token; a stray special token reads as '?' (malformed)."""
+    """Completion texts up to the first end token; a stray special token reads as '?'
+    (malformed)."""
     return [tok.decode(row, strict=True) for row in rollout.completion_ids.tolist()]
 
 
@@ -432,11 +459,13 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
     if max_new_tokens is None:
         max_new_tokens = max(len(p.completion) for p in problems) + 2  # room for the end token
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
-    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens, mla_impl=mla_impl)
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens,
+              mla_impl=mla_impl)
     correct = 0.0
     for i in range(0, len(prompts), batch_size):
         r = generate(model, prompts[i:i + batch_size], temperature=0.0, **kw)
-        correct += sum(task.reward(c, p) for c, p in zip(decode_completions(tok, r), problems[i:i + batch_size]))
+        texts = decode_completions(tok, r)
+        correct += sum(task.reward(c, p) for c, p in zip(texts, problems[i:i + batch_size]))
     metrics = {"greedy_acc": correct / len(problems)}
     ks = [k] if isinstance(k, int) else list(k)
     if ks and min(ks) > 0:
@@ -444,8 +473,8 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
         per_batch = max(1, batch_size // n)
         pass_k, maj_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
         for i in range(0, len(prompts), per_batch):
-            r = generate(model, prompts[i:i + per_batch], num_generations=n, temperature=temperature,
-                         generator=generator, **kw)
+            r = generate(model, prompts[i:i + per_batch], num_generations=n,
+                         temperature=temperature, generator=generator, **kw)
             comps = decode_completions(tok, r)
             for j, p in enumerate(problems[i:i + per_batch]):
                 group = comps[j * n:(j + 1) * n]
@@ -458,6 +487,40 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
             metrics[f"pass@{kk}"] = pass_k[kk] / len(problems)
             metrics[f"maj@{kk}"] = maj_k[kk] / len(problems)
     return metrics
+
+
+@torch.no_grad()
+def correct_samples(model, tok, task, problems, num_generations, generator, temperature=1.0):
+    """Rejection sampling: num_generations completions of each problem from `model`, the correct
+    ones (an end token, the right answer) kept as `<bos> prompt completion <eos>` token lists with
+    the index where the completion starts. Returns (those sequences, the number of problems solved
+    at least once)."""
+    G, seqs, solved, per = num_generations, [], 0, max(1, 256 // num_generations)
+    for i in range(0, len(problems), per):
+        batch = problems[i:i + per]
+        prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in batch]
+        with common.autocast():
+            r = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
+                         max_new_tokens=task.max_lengths()[1] + 2, temperature=temperature,
+                         generator=generator)
+        texts, lengths = decode_completions(tok, r), r.completion_mask.sum(1).long().tolist()
+        for j, p in enumerate(batch):
+            right = [k for k in range(j * G, (j + 1) * G)
+                     if r.ended[k] and task.reward(texts[k], p) == 1.0]
+            seqs += [(prompts[j] + r.completion_ids[k, :lengths[k]].tolist(), len(prompts[j]))
+                     for k in right]
+            solved += bool(right)
+    return seqs, solved
+
+
+def print_samples(model, tok, task, problems, generator, label):
+    """A completion the model samples for each problem, printed with whether it is right."""
+    prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
+    r = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                 max_new_tokens=task.max_lengths()[1] + 2, generator=generator)
+    for p, c in zip(problems, decode_completions(tok, r)):
+        right = "correct" if task.reward(c, p) else "wrong"
+        tqdm.write(f"  {label} sample: {p.prompt}{c}  ({right})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,15 +543,17 @@ def make_pairs(model, tok, task, problems, source="policy", num_generations=8, t
     reference = [tok.encode(p.completion) + [tok.eos_id] for p in problems]
     if source == "synthetic":
         wrong = [tok.encode(task.near_miss(p, rng)) + [tok.eos_id] for p in problems]
-        return [_pair(tok, p, ids, c, r) for p, ids, c, r in zip(problems, prompt_ids, reference, wrong)]
+        return [_pair(tok, p, ids, c, r)
+                for p, ids, c, r in zip(problems, prompt_ids, reference, wrong)]
     if source != "policy":
         raise ValueError(f"pair source must be policy or synthetic, got {source!r}")
     G, pairs = num_generations, []
     max_new_tokens = max_new_tokens or max(len(c) for c in reference) + 1
     per = max(1, batch_size // G)
     for i in range(0, len(problems), per):
-        r = generate(model, prompt_ids[i:i + per], eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
-                     max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+        r = generate(model, prompt_ids[i:i + per], eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
+                     generator=generator)
         texts = decode_completions(tok, r)
         lengths = r.completion_mask.sum(1).long().tolist()  # up to and including the end token
         for j, p in enumerate(problems[i:i + per]):
@@ -506,11 +571,13 @@ def make_pairs(model, tok, task, problems, source="policy", num_generations=8, t
 def _pair(tok, problem, prompt_ids, chosen_ids, rejected_ids):
     return {"prompt": problem.prompt, "answer": problem.answer, "prompt_ids": prompt_ids,
             "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "chosen": tok.decode(chosen_ids, strict=True), "rejected": tok.decode(rejected_ids, strict=True)}
+            "chosen": tok.decode(chosen_ids, strict=True),
+            "rejected": tok.decode(rejected_ids, strict=True)}
 
 
 def save_pairs(path, pairs, settings):
-    """JSONL: a first line {"settings": ...} (what made the pairs), then one pair per line. Atomic."""
+    """JSONL: a first line {"settings": ...} (what made the pairs), then one pair per line;
+    written atomically."""
     common.write_jsonl(path, [{"settings": settings}] + list(pairs))
 
 

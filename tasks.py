@@ -75,11 +75,12 @@ class Tokenizer:
 
 _INT = re.compile(r"0|-?[1-9][0-9]*")  # "-0" and "007" are malformed: one spelling per integer
 MAX_DIGITS = 12  # longer numbers are malformed, never converted (no huge-int work on junk)
-MAX_N_DIGITS = 6  # digits per operand at most: the largest answer (a 6x6-digit product) fits MAX_DIGITS
+MAX_N_DIGITS = 6  # most digits per operand: the largest answer (6x6-digit product) fits MAX_DIGITS
 
 
 def parse_int(text):
-    """Parse a whole string as one integer (optional '-', no leading zeros, no '-0'); None when malformed."""
+    """Parse a whole string as one integer (optional '-', no leading zeros, no '-0'); None when
+    malformed."""
     if not isinstance(text, str) or len(text) > MAX_DIGITS + 1 or not _INT.fullmatch(text):
         return None
     return int(text)
@@ -102,8 +103,10 @@ class Task:
     holdout_mod = 10  # one problem in holdout_mod is held out of the training stream
 
     def __init__(self, n_digits):
-        if isinstance(n_digits, bool) or not isinstance(n_digits, int) or not 1 <= n_digits <= MAX_N_DIGITS:
-            raise ValueError(f"n_digits must be between 1 and {MAX_N_DIGITS} for task {self.name}, got {n_digits}")
+        if (isinstance(n_digits, bool) or not isinstance(n_digits, int)
+                or not 1 <= n_digits <= MAX_N_DIGITS):
+            raise ValueError(f"n_digits must be between 1 and {MAX_N_DIGITS} for task {self.name}, "
+                             f"got {n_digits}")
         self.n_digits = n_digits
 
     def _make(self, rng):
@@ -127,7 +130,8 @@ class Task:
             p = self._make(rng)
             if not self.is_held_out(p.prompt):
                 return p
-        raise RuntimeError(f"task {self.name} with n_digits={self.n_digits} has no training problem left")
+        raise RuntimeError(f"task {self.name} with n_digits={self.n_digits} has no training "
+                           "problem left")
 
     def eval_set(self, n=256, seed=1234):
         """A fixed list of up to n distinct held-out problems (deterministic for a given n and seed;
@@ -155,14 +159,18 @@ class Task:
             return 0.0
 
     def near_miss(self, problem, rng):
-        """A wrong but well-formed completion close to the reference: the answer off by one, with one
-        digit changed or (addition) with a carry dropped. The rejected side of synthetic preference pairs."""
+        """A wrong but well-formed completion close to the reference: the answer off by one, with
+        one digit changed or (addition) with a carry dropped. The rejected side of synthetic
+        preference pairs."""
         a = problem.answer
-        digits = self.render(problem, abs(a)).rsplit("=", 1)[-1].lstrip("-")  # as written, padding included
+        digits = self.render(problem, abs(a)).rsplit("=", 1)[-1].lstrip("-")  # as written, padded
         i = rng.randrange(len(digits))
-        changed = digits[:i] + rng.choice([d for d in "0123456789" if d != digits[i]]) + digits[i + 1:]
-        candidates = {a - 1, a + 1, (-1 if a < 0 else 1) * int(changed)} | self._carry_slips(problem)
-        wrong = sorted(x for x in candidates if x != a and self.parse_answer(self.render(problem, x)) == x)
+        changed = (digits[:i] + rng.choice([d for d in "0123456789" if d != digits[i]])
+                   + digits[i + 1:])
+        candidates = ({a - 1, a + 1, (-1 if a < 0 else 1) * int(changed)}
+                      | self._carry_slips(problem))
+        wrong = sorted(x for x in candidates
+                       if x != a and self.parse_answer(self.render(problem, x)) == x)
         return self.render(problem, rng.choice(wrong))
 
     def render(self, problem, answer):
@@ -174,15 +182,15 @@ class Task:
 
 
 def sorted_operands(prompt, op):
-    """`b+a=` -> `a+b` with the operands in numeric order: the canonical form of a commutative problem."""
+    """`b+a=` -> `a+b`, operands in numeric order: the canonical form of a commutative problem."""
     return op.join(sorted(prompt.rstrip("=").split(op), key=int))
 
 
 class Addition(Task):
-    """a + b with a, b < 10^n_digits. fixed_width (the default) zero-pads the operands to n digits and
-    the answer to n+1 (`042+917=0959`): every answer digit then sits at a fixed offset from the
-    operand digits it depends on, which a small model learns far faster than the unpadded format
-    (whose answer shifts by one position when there is a final carry)."""
+    """a + b with a, b < 10^n_digits. fixed_width (the default) zero-pads the operands to n digits
+    and the answer to n+1 (`042+917=0959`): every answer digit then sits at a fixed offset from
+    the operand digits it depends on, which a small model learns far faster than the unpadded
+    format (whose answer shifts by one position when there is a final carry)."""
     name = "add"
 
     def __init__(self, n_digits=3, fixed_width=True):
@@ -197,7 +205,8 @@ class Addition(Task):
         return sorted_operands(prompt, "+")
 
     def render(self, problem, answer):
-        return f"{answer:0{self.n_digits + 1}d}" if self.fixed_width and answer >= 0 else str(answer)
+        return (f"{answer:0{self.n_digits + 1}d}" if self.fixed_width and answer >= 0
+                else str(answer))
 
     def _carry_slips(self, problem):
         """The sum written digit by digit with every carry dropped (a classic slip)."""
@@ -215,7 +224,8 @@ class Addition(Task):
         if not self.fixed_width:
             return parse_int(completion)
         # exactly n+1 digits, leading zeros included
-        return int(completion) if isinstance(completion, str) and self._answer.fullmatch(completion) else None
+        return (int(completion)
+                if isinstance(completion, str) and self._answer.fullmatch(completion) else None)
 
 
 class Subtraction(Task):
@@ -263,20 +273,21 @@ class MultiStep(Task):
         self.n_terms = n_terms
 
     def max_lengths(self):
-        top = [10 ** self.n_digits - 1] * self.n_terms  # the largest terms write the longest numbers
+        top = [10 ** self.n_digits - 1] * self.n_terms  # largest terms write the longest numbers
         return len("+".join(map(str, top))) + 1, len(",".join(self.reference_steps(top)))
 
     def canonical(self, prompt):
         return sorted_operands(prompt, "+")  # the multiset of terms: the same sum in another order
 
     def render(self, problem, answer):
-        """The reference steps with the last step's result replaced (every step stays well formed)."""
+        """The reference steps, the last step's result replaced (every step stays well formed)."""
         head, _ = problem.completion.rsplit("=", 1)
         return f"{head}={answer}"
 
     def _make(self, rng):
         terms = [rng.randrange(10 ** self.n_digits) for _ in range(self.n_terms)]
-        return Problem("+".join(map(str, terms)) + "=", ",".join(self.reference_steps(terms)), sum(terms))
+        return Problem("+".join(map(str, terms)) + "=", ",".join(self.reference_steps(terms)),
+                       sum(terms))
 
     @staticmethod
     def reference_steps(terms):
@@ -287,8 +298,8 @@ class MultiStep(Task):
         return steps
 
     def parse_answer(self, completion):
-        """The last step's result, if every step is well formed (`a+b=c`, comma-separated); else None.
-        The outcome reward is 1 iff this is the sum."""
+        """The last step's result, if every step is well formed (`a+b=c`, comma-separated);
+        else None. The outcome reward is 1 iff this is the sum."""
         if not isinstance(completion, str) or not completion:
             return None
         steps = completion.split(",")

@@ -1,26 +1,21 @@
 """DPO (arXiv 2305.18290) and its variants on preference pairs made from an arithmetic task.
 
-    python train_dpo.py                                     # offline DPO from the SFT init; out/dpo/
-    python train_dpo.py --rounds 3 --ref_reset              # iterative (online) DPO
-    python train_dpo.py --loss ipo                          # IPO (length-averaged log-probs)
-    python train_dpo.py --loss simpo                        # SimPO (no reference model)
-    python train_dpo.py --label_smoothing 0.1               # cDPO / robust DPO
-    python train_dpo.py --pairs_source synthetic            # rejected = a near miss of the answer
-    python train_dpo.py --pairs_file out/dpo/pairs_round0.jsonl   # reuse pairs and their ref log-probs
-    torchrun --standalone --nproc_per_node=2 train_dpo.py   # DDP: every step's pairs sharded
+    python train_dpo.py                                    # offline DPO from the SFT init; out/dpo/
+    python train_dpo.py --rounds 3 --ref_reset             # iterative (online) DPO
+    python train_dpo.py --loss ipo                         # IPO (length-averaged log-probs)
+    python train_dpo.py --loss simpo                       # SimPO (no reference model)
+    python train_dpo.py --label_smoothing 0.1              # cDPO / robust DPO
+    python train_dpo.py --pairs_source synthetic           # rejected = a near miss of the answer
+    python train_dpo.py --pairs_file out/dpo/pairs_round0.jsonl  # its pairs and ref log-probs
+    torchrun --standalone --nproc_per_node=2 train_dpo.py  # DDP: every step's pairs sharded
 
-The reference is the frozen SFT init (--init; a short warm start makes one when it is missing).
-Each round: sample G completions for `num_prompts` new prompts from the current policy and make
-pairs (chosen: a correct sample, rejected: an incorrect one; rollout.make_pairs), compute the
-reference's sequence log-probs once and store them with the pairs (pairs_round<k>.jsonl in the run
-folder), then train `epochs` passes over the pairs. --rounds 1 is plain offline DPO; more rounds
-sample again from the current policy (Xiong et al. arXiv 2312.11456), optionally resetting the
-reference to it (--ref_reset, Pang et al. arXiv 2404.19733). Held-out pairs (from held-out prompts,
-made once by the init) measure preference accuracy; held-out greedy accuracy, pass@k and maj@k are
-measured at the start, at the end of each round and every eval_every steps.
+The reference is the frozen SFT init (--init). Each round: G samples of `num_prompts` new prompts
+from the current policy make pairs (chosen: a correct sample, rejected: a wrong one), scored once
+by the reference (pairs_round<k>.jsonl), then `epochs` passes over them. More rounds sample again
+from the current policy (Xiong et al. arXiv 2312.11456), optionally resetting the reference to it
+(--ref_reset, Pang et al. arXiv 2404.19733). Held-out pairs measure preference accuracy.
 """
 import copy
-import hashlib
 import os
 import random
 import sys
@@ -35,14 +30,10 @@ import tasks
 import train_sft
 from model import ModelConfig
 
+PAIRS = "pairs_round{}.jsonl"  # round k's pairs, in the run folder
 
 @dataclass
-class DPOConfig:
-    task: str = "add"  # add, sub, mul or multistep
-    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # SFT run: the initial policy and the reference; "" = out/sft or out/sft_<task>
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+class DPOConfig(train_sft.InitConfig):
     loss: str = "dpo"  # dpo (with --label_smoothing: cDPO), ipo or simpo
     beta: float = 0.0  # 0 = the loss's default: 1.0 for dpo and ipo, 2.0 for simpo (its paper's)
     label_smoothing: float = 0.0  # cDPO / robust DPO: the assumed fraction of flipped preferences
@@ -70,27 +61,22 @@ class DPOConfig:
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
 
     def __post_init__(self):
+        super().__post_init__()  # task, n_digits, init and the warm start; max_new_tokens
         common.check_config(
-            self, positive=("warmstart_steps", "num_prompts", "num_generations", "temperature",
+            self, positive=("num_prompts", "num_generations", "temperature",
                             "rounds", "epochs", "batch_size", "grad_accum", "eval_size", "pass_k"),
             non_negative=("beta", "lr", "simpo_gamma", "max_new_tokens", "warmup", "weight_decay",
                           "grad_clip"),
-            fractions=("warmstart_target_acc", "label_smoothing", "min_lr_ratio"),
-            choices={"task": tuple(tasks.TASKS), "loss": ("dpo", "ipo", "simpo"),
-                     "pairs_source": ("policy", "synthetic")})
+            fractions=("label_smoothing", "min_lr_ratio"),
+            ordered=(("pass_k", "pass_n"),), choices={"loss": (
+                "dpo", "ipo", "simpo"), "pairs_source": ("policy", "synthetic")})
         if self.label_smoothing > 0.5:
             raise ValueError(f"--label_smoothing must be <= 0.5 (above it the preferences flip), "
                              f"got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "dpo":
             raise ValueError(f"--label_smoothing applies to --loss dpo only, not {self.loss}")
-        if self.pass_n < self.pass_k:
-            raise ValueError(f"pass@k needs --pass_n >= --pass_k, got {self.pass_n} < {self.pass_k}")
-        task = tasks.get_task(self.task, self.n_digits)
-        self.n_digits = task.n_digits
-        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
         self.beta = self.beta or (2.0 if self.loss == "simpo" else 1.0)
         self.lr = self.lr or (5e-6 if self.loss == "simpo" else 2e-5)
-        self.init = self.init or train_sft.default_init(self.task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,30 +95,27 @@ class Pairs:
 
     @classmethod
     def of(cls, items, device):
-        def column(get):
-            return torch.tensor([float(get(p)) for p in items], device=device)
-        pairs = cls(items, column(lambda p: len(p["chosen_ids"])),
-                    column(lambda p: len(p["rejected_ids"])))
-        if items and "ref_chosen_logp" in items[0]:
-            pairs.ref_chosen = column(lambda p: p["ref_chosen_logp"])
-            pairs.ref_rejected = column(lambda p: p["ref_rejected_logp"])
-        return pairs
+        column = lambda key: torch.tensor([float(key(p)) for p in items], device=device)  # noqa
+        scored = bool(items) and "ref_chosen_logp" in items[0]
+        return cls(items, column(lambda p: len(p["chosen_ids"])),
+                   column(lambda p: len(p["rejected_ids"])),
+                   column(lambda p: p["ref_chosen_logp"]) if scored else None,
+                   column(lambda p: p["ref_rejected_logp"]) if scored else None)
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, rows):  # the pairs at a list of indices
-        pick = lambda t: None if t is None else t[torch.tensor(rows, dtype=torch.long)]  # noqa: E731
-        return Pairs([self.items[i] for i in rows], pick(self.len_chosen),
-                     pick(self.len_rejected), pick(self.ref_chosen), pick(self.ref_rejected))
+        idx = torch.tensor(rows, dtype=torch.long)
+        return Pairs([self.items[i] for i in rows], *(None if t is None else t[idx] for t in (
+            self.len_chosen, self.len_rejected, self.ref_chosen, self.ref_rejected)))
 
 
 def pair_logprobs(forward, pairs, pad_id):
     """Summed completion log-probs of the chosen and the rejected side of `pairs`, from one forward
     in which each pair's prompt runs once for both its sides: (chosen (n,), rejected (n,)).
-    forward: a network's forward_shared_prefix, or what Run.wrap made of it. Pairs never share a
-    prompt's forward, even with equal prompts: a micro-batch counts the router loads of the whole
-    batch then."""
+    forward: a forward_shared_prefix, or Run.wrap's. Pairs never share a prompt's forward (even
+    equal prompts): micro-batches then count the router loads of their whole batch."""
     n, device = len(pairs), pairs.len_chosen.device
     sides = [p[side] for side in ("chosen_ids", "rejected_ids") for p in pairs.items]  # (2n,)
     args = rollout.shared_prefix_args([p["prompt_ids"] for p in pairs.items], list(range(n)) * 2,
@@ -148,17 +131,16 @@ def preference_loss(cfg, chosen, rejected, pairs):
         ipo   : IPO eq. 17 on length-averaged log-ratios (a fixed target needs one length scale)
         simpo : SimPO eq. 6, beta / |y| log pi(y) and a margin, no reference
     --length_normalize averages dpo's log-probs over the completion's tokens too."""
+    c_len, r_len = pairs.len_chosen, pairs.len_rejected
     if cfg.loss == "simpo":
-        return losses.simpo_loss(chosen, rejected, pairs.len_chosen, pairs.len_rejected, cfg.beta,
-                                 cfg.simpo_gamma)
-    ref_chosen, ref_rejected = pairs.ref_chosen, pairs.ref_rejected
+        return losses.simpo_loss(chosen, rejected, c_len, r_len, cfg.beta, cfg.simpo_gamma)
+    ref_c, ref_r = pairs.ref_chosen, pairs.ref_rejected
     if cfg.loss == "ipo" or cfg.length_normalize:  # 1/|y| inside both log-ratios
-        chosen, ref_chosen = chosen / pairs.len_chosen, ref_chosen / pairs.len_chosen
-        rejected, ref_rejected = rejected / pairs.len_rejected, ref_rejected / pairs.len_rejected
+        chosen, rejected = chosen / c_len, rejected / r_len
+        ref_c, ref_r = ref_c / c_len, ref_r / r_len
     if cfg.loss == "ipo":
-        return losses.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
-    return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
-                           cfg.label_smoothing)
+        return losses.ipo_loss(chosen, rejected, ref_c, ref_r, cfg.beta)
+    return losses.dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
 
 
 def train_step(policy_ddp, policy, opt, micro, cfg, n_global, pad_id):
@@ -171,11 +153,9 @@ def train_step(policy_ddp, policy, opt, micro, cfg, n_global, pad_id):
             chosen, rejected = pair_logprobs(policy_ddp, pairs, pad_id)
             loss, r_chosen, r_rejected = preference_loss(cfg, chosen, rejected, pairs)
             (loss.sum() / n_global * world).backward()  # DDP averages over ranks
-        sums["loss"] += loss.sum().item()
-        sums["accuracy"] += (r_chosen > r_rejected).float().sum().item()
-        sums["margin"] += (r_chosen - r_rejected).sum().item()
-        sums["chosen_logp"] += chosen.sum().item()  # DPO lowers it too, as expected
-        sums["rejected_logp"] += rejected.sum().item()
+        values = (loss, (r_chosen > r_rejected).float(), r_chosen - r_rejected, chosen, rejected)
+        for key, v in zip(sums, values):  # in sums' order; DPO lowers chosen_logp too
+            sums[key] += v.sum().item()
     grad_norm = common.optimizer_step(opt, cfg.grad_clip)
     policy.update_router_biases()
     return {**common.all_reduce_sum(sums, micro[0].len_chosen.device), "grad_norm": grad_norm}
@@ -185,33 +165,24 @@ def train_step(policy_ddp, policy, opt, micro, cfg, n_global, pad_id):
 def add_ref_logprobs(ref, pairs, pad_id, device, batch=256):
     """Store the reference's summed log-probs of both sides in each pair dict."""
     for i in range(0, len(pairs), batch):
-        chosen, rejected = pair_logprobs(ref.forward_shared_prefix,
-                                         Pairs.of(pairs[i:i + batch], device), pad_id)
-        for p, c, r in zip(pairs[i:i + batch], chosen.tolist(), rejected.tolist()):
+        part = pairs[i:i + batch]
+        chosen, rejected = pair_logprobs(ref.forward_shared_prefix, Pairs.of(part, device), pad_id)
+        for p, c, r in zip(part, chosen.tolist(), rejected.tolist()):
             p["ref_chosen_logp"], p["ref_rejected_logp"] = c, r
 
 
-def fingerprint(model):
-    """A short hash of a model's weights: which reference a file's stored log-probs came from."""
-    h = hashlib.sha256()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, device):
-    """Rank 0 writes round k's pairs to the run folder (pairs_round<k>.jsonl): training pairs made
-    by the current policy from new prompts (round 0: those of --pairs_file, if given), and the
-    held-out pairs, made once by the init from held-out prompts and carried into every round; all
-    scored by the reference, unless the file already holds this very reference's log-probs."""
-    seed, path = run_cfg.seed, pairs_path(run_cfg.out_dir, k)
+    """Rank 0 writes round k's pairs (pairs_round<k>.jsonl): training pairs by the current policy
+    from new prompts (round 0: --pairs_file's, if given), and the held-out pairs, made once by the
+    init; all scored by the reference, unless the file holds this very reference's log-probs."""
+    seed, path = run_cfg.seed, os.path.join(run_cfg.out_dir, PAIRS.format(k))
     if k == 0 and cfg.pairs_file:
         pairs, settings = rollout.load_pairs(cfg.pairs_file, task)
     else:
-        pairs, settings = [], {"task": cfg.task, "n_digits": cfg.n_digits, "source":
-                               cfg.pairs_source, "round": k, "num_generations": cfg.num_generations,
-                               "temperature": cfg.temperature, "seed": seed, "made_by":
-                               "the SFT init" if k == 0 else f"the policy after round {k - 1}"}
+        made_by = "the SFT init" if k == 0 else f"the policy after round {k - 1}"
+        pairs, settings = [], {"task": cfg.task, "n_digits": cfg.n_digits, "round": k,
+                               "source": cfg.pairs_source, "num_generations": cfg.num_generations,
+                               "temperature": cfg.temperature, "seed": seed, "made_by": made_by}
     rng = random.Random(common.stream_seed(seed, "dpo", 0, f"round {k}"))
     gen = torch.Generator(device=device)
     gen.manual_seed(common.stream_seed(seed, "dpo", 0, f"round {k}/sampling"))
@@ -223,22 +194,15 @@ def round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, device):
     if not pairs:
         pairs = make([task.sample(rng) for _ in range(cfg.num_prompts)], "train")
     if k > 0:
-        first = rollout.load_pairs(pairs_path(run_cfg.out_dir, 0))[0]
+        first = rollout.load_pairs(os.path.join(run_cfg.out_dir, PAIRS.format(0)))[0]
         pairs += [p for p in first if p["split"] == "heldout"]
     elif not any(p["split"] == "heldout" for p in pairs):
         pairs += make(held_out, "heldout")  # only ever evaluated on
-    if cfg.loss != "simpo" and (cfg.recompute_ref or settings.get("reference") != fingerprint(ref)):
+    scored_by = common.fingerprint(ref)  # which reference the stored log-probs come from
+    if cfg.loss != "simpo" and (cfg.recompute_ref or settings.get("reference") != scored_by):
         add_ref_logprobs(ref, pairs, tok.pad_id, device)
-        settings["reference"] = fingerprint(ref)
+        settings["reference"] = scored_by
     rollout.save_pairs(path, pairs, settings)
-
-
-def pairs_path(out_dir, k):
-    return os.path.join(out_dir, f"pairs_round{k}.jsonl")
-
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing: held-out preference accuracy (tests/test_runs.py guards the rest)
 
 
 @torch.no_grad()
@@ -263,12 +227,22 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([DPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/dpo", eval_every=25, ckpt_every=50)
     with common.Run("dpo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
+        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        # ---- plumbing: the checks before anything is written, the held-out evaluation
         run.require(cfg.batch_size % (run.world * cfg.grad_accum) == 0, f"--batch_size "
                     f"{cfg.batch_size} does not divide into {run.world} ranks x {cfg.grad_accum} "
                     "micro-batches")
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
         if cfg.pairs_file:
             rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
+        held_out = task.eval_set(cfg.eval_size)
+
+        def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k, maj@k, preference accuracy
+            gen = torch.Generator(device=run.device).manual_seed(step)
+            m = {**rollout.evaluate(policy, tok, task, held_out, k=k, n_samples=cfg.pass_n,
+                                    generator=gen),
+                 **heldout_preference(policy, cfg, heldout, tok.pad_id)} if run.main else {}
+            return run.eval(step, m)
+
         policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
         rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
@@ -277,25 +251,15 @@ def main(argv=None):
         position = {"round": 0, "step_in_round": 0}  # where a resumed run goes on
         run.begin(model=policy, ref=ref, optimizer=opt, position=position)  # + --resume
         policy_ddp = run.wrap(policy, shared_prefix=True)  # what the update calls: DDP, compile
-        held_out = task.eval_set(cfg.eval_size)
-
-        def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k, maj@k, preference accuracy
-            gen = torch.Generator(device=run.device).manual_seed(step)
-            m = rollout.evaluate(policy, tok, task, held_out, k=k, n_samples=cfg.pass_n,
-                                 generator=gen) if run.main else {}
-            return run.eval(step, {**m, **heldout_preference(policy, cfg, heldout, tok.pad_id)}
-                            if run.main else {})
-
         for k in range(position["round"], cfg.rounds):
-            # ---- the algorithm: the round's pairs, made by the current policy, scored by pi_ref
-            if position["step_in_round"] == 0:
+            if position["step_in_round"] == 0:  # the round's pairs: the policy's, scored by ref
                 if k > 0 and cfg.ref_reset:
                     ref.load_state_dict(policy.state_dict())  # iterative DPO: ref <- the policy
                 if run.main:
                     round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, run.device)
                 if run.world > 1:
                     torch.distributed.barrier()
-            pairs = rollout.load_pairs(pairs_path(run_cfg.out_dir, k))[0]
+            pairs = rollout.load_pairs(os.path.join(run_cfg.out_dir, PAIRS.format(k)))[0]
             train = Pairs.of([p for p in pairs if p["split"] == "train"], run.device)
             heldout = Pairs.of([p for p in pairs if p["split"] == "heldout"], run.device)
             run.require(len(train) >= cfg.batch_size, f"round {k} has {len(train)} training pairs, "
@@ -304,11 +268,11 @@ def main(argv=None):
             order = common.epoch_batches(len(train), cfg.batch_size, cfg.epochs, run_cfg.seed,
                                          f"dpo round {k}")
             if run.step == 0:
-                evaluate(0, k=cfg.pass_k)
+                evaluate(0, k=cfg.pass_k)  # the init's figures
             for i in run.steps(len(order), first=position["step_in_round"], desc=f"round {k}"):
+                # ---- the algorithm
                 lr = common.lr_at(i, cfg.lr, cfg.warmup, len(order), cfg.min_lr_ratio)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                opt.param_groups[0]["lr"] = lr
                 mine = order[i][run.rank::run.world]  # this rank's share of the step's pairs
                 per = len(mine) // cfg.grad_accum
                 micro = [train[mine[a * per:(a + 1) * per]] for a in range(cfg.grad_accum)]
@@ -316,13 +280,14 @@ def main(argv=None):
                 position.update(round=k, step_in_round=i + 1)
 
                 # ---- plumbing: logging, evaluation, checkpoints (tests/test_runs.py guards it)
-                n, step, done = len(order[i]), run.step, k == cfg.rounds - 1 and i + 1 == len(order)
-                run.log({"step": step, "round": k, "epoch": i // (len(train) // cfg.batch_size),
-                         "lr": lr, "pairs_per_s": n / run.elapsed(), "grad_norm": m.pop("grad_norm"),
+                n, done = len(order[i]), k == cfg.rounds - 1 and i + 1 == len(order)
+                epoch, grad_norm = i // (len(train) // cfg.batch_size), m.pop("grad_norm")
+                run.log({"step": run.step, "round": k, "epoch": epoch, "lr": lr,
+                         "pairs_per_s": n / run.elapsed(), "grad_norm": grad_norm,
                          **{key: v / n for key, v in m.items()}}, show=("loss", "accuracy"))
-                if run.due(step, run_cfg.eval_every):  # and at the end of each round
-                    evaluate(step, k=cfg.pass_k if done else 0)
-                run.end_step(step, finished=done)  # a checkpoint when due; Ctrl-C stops here
+                if run.due(run.step, run_cfg.eval_every):  # and at the end of each round
+                    evaluate(run.step, k=cfg.pass_k if done else 0)
+                run.end_step(run.step, finished=done)  # a checkpoint when due; Ctrl-C stops here
             if run.stopped:  # --stop_at
                 break
             position.update(round=k + 1, step_in_round=0)

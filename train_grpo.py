@@ -6,10 +6,9 @@
     python train_grpo.py --loss_type dr_grpo --scale_rewards none    # Dr. GRPO
     python train_grpo.py --loss_type dapo --epsilon_high 0.28 --filter_zero_std   # DAPO's pieces
     python train_grpo.py --gradient_coef rft --beta 0       # online RFT: GC = 1[correct]
-    python train_grpo.py --help
 
-DeepSeekMath's Algorithm 1, as main()'s loop numbers it:
-    1     pi <- pi_init       train_sft.load_or_make_init (an SFT run; a short warm start if missing)
+DeepSeekMath's Algorithm 1, as main()'s loop numbers it (python train_grpo.py --help: the flags):
+    1     pi <- pi_init       train_sft.load_or_make_init: an SFT run (a warm start if missing)
     3     pi_ref <- pi        a frozen copy; again every --ref_reset_every steps (iterative GRPO)
     5     a batch of prompts  from this rank's own stream (never the warm start's problems)
     6-9   make_experience     G completions each from pi_old (the policy as it is), exact-answer
@@ -35,12 +34,7 @@ from model import ModelConfig
 
 
 @dataclass
-class GRPOConfig:
-    task: str = "add"  # add, sub, mul or multistep (process supervision needs multistep)
-    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # SFT run to start from; "" = out/sft (add) or out/sft_<task>; made if missing
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+class GRPOConfig(train_sft.InitConfig):
     steps: int = 300  # GRPO steps (one rollout batch each)
     batch_size: int = 64  # prompts per step, over all ranks
     num_generations: int = 8  # G: completions per prompt (a group)
@@ -72,32 +66,26 @@ class GRPOConfig:
     collapse_patience: int = 50  # stop after this many steps of reward 0 and gradient 0 (0 = never)
 
     def __post_init__(self):
+        super().__post_init__()  # task, n_digits, init and the warm start; max_new_tokens
         common.check_config(
-            self, positive=("warmstart_steps", "steps", "batch_size", "num_generations",
+            self, positive=("steps", "batch_size", "num_generations",
                             "num_iterations", "num_minibatches", "grad_accum", "lr", "epsilon",
                             "temperature", "eval_size", "pass_k"),
             non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high",
                           "ref_reset_every", "max_new_tokens", "samples", "collapse_patience"),
-            fractions=("warmstart_target_acc", "min_lr_ratio"),
-            choices={"task": tuple(tasks.TASKS), "loss_type": ("grpo", "dapo", "dr_grpo"),
+            fractions=("min_lr_ratio",), ordered=(("pass_k", "pass_n"),),
+            choices={"loss_type": ("grpo", "dapo", "dr_grpo"),
                      "scale_rewards": ("group", "batch", "none"), "gradient_coef": ("grpo", "rft"),
                      "supervision": ("outcome", "process"), "mla_impl": ("absorbed", "naive")})
         if self.num_generations < 2 and self.gradient_coef == "grpo":
             raise ValueError(f"--num_generations must be >= 2: with G={self.num_generations} every "
                              "advantage is r - mean(r) = 0 and GRPO learns nothing")
         if self.gradient_coef == "rft" and (self.supervision == "process" or self.filter_zero_std):
-            raise ValueError("--gradient_coef rft keeps every correct completion, each whole: use "
-                             "--supervision outcome, without --filter_zero_std (it would drop the "
-                             "groups that are all correct)")
+            raise ValueError("--gradient_coef rft keeps every correct completion whole: use "
+                             "--supervision outcome, without --filter_zero_std")
         if self.supervision == "process" and self.task != "multistep":
             raise ValueError("--supervision process needs per-step rewards: use --task multistep")
-        if self.pass_n < self.pass_k:
-            raise ValueError(f"pass@k needs --pass_n >= --pass_k, got {self.pass_n} < {self.pass_k}")
-        task = tasks.get_task(self.task, self.n_digits)
-        self.n_digits = task.n_digits  # 0 -> the task's default
-        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2  # end token + 1
         self.epsilon_high = self.epsilon_high or self.epsilon
-        self.init = self.init or train_sft.default_init(self.task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +114,8 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
     mask = r.completion_mask.clone()  # (N, L)
     if cfg.filter_zero_std:  # DAPO: drop groups of equal rewards
         mask[(adv.view(len(problems), -1) == 0).all(1).repeat_interleave(G)] = 0.0
-    exp = rollout.Experience(r, rewards, adv.to(mask.device), mask, batches=micro_batches(mask, cfg))
+    exp = rollout.Experience(r, rewards, adv.to(mask.device), mask,
+                             batches=micro_batches(mask, cfg))
     policy.eval()  # no router loads counted
     with common.autocast(), moe.RouteRecorder(policy) as exp.routes:  # pi_old's experts
         if cfg.num_iterations * cfg.num_minibatches > 1:  # else the update's own forward
@@ -180,9 +169,8 @@ def process_advantages(task, texts, problems, r, cfg):
 
 def step_rewards(task, texts, problems, ended, L):
     """Per-step rewards (1 correct / 0 wrong) and the token index where each step ends, for the
-    completion texts of `problems` (one per row). Steps a completion never wrote count as wrong
-    steps ending at its last token (the end token, or the last one written if truncated), so that
-    stopping early is no way to dodge a negative reward."""
+    completion texts of `problems` (one per row). A step never written is wrong and ends at the
+    last token (the end token, or the last written): stopping early dodges no negative reward."""
     steps, ends = [], []
     for c, p, done in zip(texts, problems, ended):
         ok = [float(x) for x in task.step_correctness(c, p)]
@@ -202,14 +190,12 @@ def grpo_metrics(exp, stats, routes, cfg):
     update's mean statistics, routing flips and the largest sampler/trainer log-prob gap."""
     r, n, G = exp.rollout, len(exp.rewards), cfg.num_generations
     by_group = (exp.advantages if cfg.supervision == "process" else exp.rewards).reshape(n // G, -1)
-
-    def mean(key):  # over the update's micro-batches (or its steps, for grad_norm)
-        values = [s[key] for s in stats if key in s]
-        return sum(values) / max(len(values), 1)
+    mean = lambda k: sum(s[k] for s in stats if k in s) / max(1, sum(k in s for s in stats))  # noqa
 
     rows = {"reward_mean": exp.rewards.sum().item(), "reward_sq": (exp.rewards ** 2).sum().item(),
             "zero_std_frac": G * (by_group.amax(1) == by_group.amin(1)).sum().item(),
-            "completion_len": r.completion_mask.sum().item(), "truncated_frac": (~r.ended).sum().item(),
+            "completion_len": r.completion_mask.sum().item(),
+            "truncated_frac": (~r.ended).sum().item(),
             **{k: n * mean(k) for k in ("kl", "clip_low", "clip_high", "ratio", "entropy",
                                          "grad_norm")},  # a rank's mean weighted by its rows
             "routing_flips": n * routes.flipped_fraction(exp.routes)}
@@ -224,15 +210,14 @@ def grpo_metrics(exp, stats, routes, cfg):
 
 def print_samples(problems, exp, tok, cfg):
     """A few sampled completions of the step, each with its reward."""
-    texts = rollout.decode_completions(tok, exp.rollout)
-    for i in range(0, min(cfg.samples * cfg.num_generations, len(texts)), cfg.num_generations):
-        prompt = problems[i // cfg.num_generations].prompt
-        tqdm.write(f"  sample: {prompt}{texts[i]}  reward {exp.rewards[i]:.0f}")
+    texts, G = rollout.decode_completions(tok, exp.rollout), cfg.num_generations
+    for i in range(0, min(cfg.samples * G, len(texts)), G):
+        tqdm.write(f"  sample: {problems[i // G].prompt}{texts[i]}  reward {exp.rewards[i]:.0f}")
 
 
 class CollapseCheck:
-    """A policy whose completions all get reward 0 and whose gradient is exactly 0 can never change
-    again: after `patience` such steps in a row the run stops with an error, not running on."""
+    """Reward 0 and a gradient of exactly 0 for `patience` steps in a row: the policy can never
+    change again, so the run stops with an error rather than running on."""
 
     def __init__(self, patience):
         self.patience, self.dead = patience, 0
@@ -240,11 +225,10 @@ class CollapseCheck:
     def __call__(self, step, metrics):
         self.dead = self.dead + 1 if metrics["reward_mean"] == metrics["grad_norm"] == 0 else 0
         if self.patience and self.dead >= self.patience:
-            since = step - self.dead + 1
-            raise common.Collapse(
-                f"GRPO collapsed: every completion got reward 0 and the gradient was exactly 0 for "
-                f"the last {self.dead} steps (since step {since}), so the policy can no longer "
-                "change (too large an --lr?)", since)
+            raise common.Collapse(f"GRPO collapsed: reward 0 and a gradient of exactly 0 for the "
+                                  f"last {self.dead} steps (since step {step - self.dead + 1}): "
+                                  "the policy can no longer change (too large an --lr?)",
+                                  since=step - self.dead + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,21 +239,14 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([GRPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/grpo", eval_every=25, ckpt_every=50)
     with common.Run("grpo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
+        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        # ---- plumbing: the checks before anything is written, the held-out evaluation
         rows = cfg.batch_size // run.world * cfg.num_generations  # completions per rank and step
         run.require(cfg.batch_size % run.world == 0, f"--batch_size {cfg.batch_size} prompts do "
                     f"not divide over {run.world} ranks (a group must stay on one rank)")
         run.require(rows % (cfg.num_minibatches * cfg.grad_accum) == 0, f"{rows} completions per "
                     f"rank do not split into --num_minibatches {cfg.num_minibatches} x "
                     f"--grad_accum {cfg.grad_accum}")
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
-        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))  # Alg. 1 line 1
-        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
-        ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
-                                weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
-        data, gen = run.streams()  # this rank's problems and sampling generator, GRPO's own
-        run.begin(model=policy, ref=ref, optimizer=opt, streams=(data, gen))  # + --resume
-        policy_ddp = run.wrap(policy, shared_prefix=True)  # what the update calls: DDP, compile
         held_out, collapsed = task.eval_set(cfg.eval_size), CollapseCheck(cfg.collapse_patience)
 
         def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k and maj@k
@@ -278,8 +255,16 @@ def main(argv=None):
                 policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, generator=gen_eval,
                 temperature=cfg.temperature, mla_impl=cfg.mla_impl) if run.main else {})
 
+        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))  # Alg. 1 line 1
+        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
+        data, gen = run.streams()  # this rank's problems and sampling generator, GRPO's own
+        run.begin(model=policy, ref=ref, optimizer=opt, streams=(data, gen))  # + --resume
+        policy_ddp = run.wrap(policy, shared_prefix=True)  # what the update calls: DDP, compile
         if run.start == 0:
-            evaluate(0, k=cfg.pass_k)
+            evaluate(0, k=cfg.pass_k)  # the init's figures
         for step in run.steps(cfg.steps):
             # ---- the algorithm
             lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)

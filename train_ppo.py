@@ -1,22 +1,20 @@
-"""PPO for language models (InstructGPT arXiv 2203.02155; Ziegler et al. arXiv 1909.08593): a policy,
-a frozen reference, a reward (the task's exact-answer rule, or the reward model of train_rm.py) and a
-critic, on an arithmetic task.
+"""PPO for language models (InstructGPT arXiv 2203.02155; Ziegler et al. arXiv 1909.08593): a
+policy, a frozen reference, a reward (the task's exact-answer rule, or train_rm.py's reward model)
+and a critic, on an arithmetic task.
 
     python train_ppo.py                                     # rule reward; out/ppo/
-    python train_ppo.py --reward model --reward_model out/rm   # the learned reward (RLHF's pipeline)
-    python train_ppo.py --adaptive_kl --kl_target 0.5       # Ziegler et al.'s adaptive KL coefficient
+    python train_ppo.py --reward model --reward_model out/rm   # the learned reward (RLHF)
+    python train_ppo.py --adaptive_kl --kl_target 0.5       # Ziegler et al.'s adaptive KL
     torchrun --standalone --nproc_per_node=2 train_ppo.py   # DDP: prompts sharded over ranks
 
-One step: sample one completion for each of `batch_size` prompts with the current policy (pi_old);
-score it; per-token rewards = -kl_coef * (log pi_old - log pi_ref) on every token plus the score on
-the last one (losses.token_rewards); the critic's values V_old of every completion position, computed
-once; GAE advantages and returns (losses.gae), whitened over the batch; then `ppo_epochs` passes of
-shuffled minibatches, each step updating the policy (clipped surrogate minus an entropy bonus) and
-the critic (clipped value loss) with their own optimisers. A completion cut at max_new_tokens
-without an end token gets --truncation penalty (its score is truncation_penalty) or mask (left out
-of both losses). The policy and the reference start from the SFT init (--init; a short warm start
-makes one when it is missing), the critic from the same SFT weights with a zero value head (or from
-the reward model, --critic_init rm).
+One step: a completion for each of `batch_size` prompts from the policy (pi_old), scored; per-token
+rewards -kl_coef * (log pi_old - log pi_ref) on every token, the score on the last
+(losses.token_rewards); the critic's V_old at every completion position; GAE advantages and returns
+(losses.gae), whitened over the batch; then `ppo_epochs` passes of shuffled minibatches, each an
+update of the policy (clipped surrogate, entropy bonus) and of the critic (clipped value loss). A
+completion cut at max_new_tokens gets --truncation penalty (its score) or mask (no loss). The
+policy and the reference start from the SFT init (--init), the critic from the same weights with a
+zero value head (or from the reward model: --critic_init rm).
 """
 import copy
 import sys
@@ -34,12 +32,7 @@ from model import ModelConfig, ScalarModel
 
 
 @dataclass
-class PPOConfig:
-    task: str = "add"  # add, sub, mul or multistep
-    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # SFT run of the policy, reference and critic; "" = out/sft or out/sft_<task>
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+class PPOConfig(train_sft.InitConfig):
     reward: str = "rule"  # rule (the task's exact-answer reward) or model (--reward_model's score)
     reward_model: str = ""  # a train_rm.py run, for --reward model or --critic_init rm
     critic_init: str = "sft"  # sft (the init's weights, a zero value head) or rm (the RM's weights)
@@ -72,24 +65,19 @@ class PPOConfig:
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
 
     def __post_init__(self):
+        super().__post_init__()  # task, n_digits, init and the warm start; max_new_tokens
         common.check_config(
-            self, positive=("warmstart_steps", "steps", "batch_size", "ppo_epochs",
+            self, positive=("steps", "batch_size", "ppo_epochs",
                             "num_minibatches", "grad_accum", "lr", "critic_lr", "kl_target",
                             "kl_horizon", "epsilon", "temperature", "eval_size", "pass_k"),
             non_negative=("warmup", "grad_clip", "kl_coef", "value_clip", "entropy_coef",
                           "max_new_tokens"),
-            fractions=("warmstart_target_acc", "min_lr_ratio", "gamma", "lam"),
-            choices={"task": tuple(tasks.TASKS), "reward": ("rule", "model"),
+            fractions=("min_lr_ratio", "gamma", "lam"),
+            ordered=(("pass_k", "pass_n"),), choices={"reward": ("rule", "model"),
                      "critic_init": ("sft", "rm"), "truncation": ("penalty", "mask")})
         if (self.reward == "model" or self.critic_init == "rm") and not self.reward_model:
             raise ValueError("--reward model and --critic_init rm need --reward_model (a "
                              "train_rm.py run folder)")
-        if self.pass_n < self.pass_k:
-            raise ValueError(f"pass@k needs --pass_n >= --pass_k, got {self.pass_n} < {self.pass_k}")
-        task = tasks.get_task(self.task, self.n_digits)
-        self.n_digits = task.n_digits
-        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
-        self.init = self.init or train_sft.default_init(self.task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,32 +219,13 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([PPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/ppo", eval_every=10, ckpt_every=50)
     with common.Run("ppo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
+        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        # ---- plumbing: the checks before anything is written, the held-out evaluation
         per_rank = cfg.batch_size // run.world
         run.require(cfg.batch_size % run.world == 0 and per_rank % (
             cfg.num_minibatches * cfg.grad_accum) == 0, f"--batch_size {cfg.batch_size} does not "
             f"split into {run.world} ranks x --num_minibatches {cfg.num_minibatches} x "
             f"--grad_accum {cfg.grad_accum}")
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
-        rm = train_rm.load_reward_model(cfg.reward_model, tok, task, run.device) \
-            if cfg.reward_model else None
-        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
-        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
-        run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
-                    "another model config than the policy")
-        ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
-        critic = ScalarModel(policy.cfg).to(run.device)  # V: the init's or the RM's weights
-        critic.load_state_dict(rm.state_dict()) if cfg.critic_init == "rm" else \
-            critic.body.load_state_dict(policy.state_dict())
-        opts = [torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
-                for net, lr in ((policy, cfg.lr), (critic, cfg.critic_lr))]  # fused: one pass
-        kl_ctl = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-                  if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef))
-        data, gen = run.streams()  # this rank's problems and sampling generator, PPO's own
-        run.begin(model=policy, ref=ref, critic=critic, optimizer=opts[0],
-                  critic_optimizer=opts[1], kl_ctl=kl_ctl, streams=(data, gen),
-                  held={"reward model": rm} if rm is not None else None)  # + --resume
-        nets = Nets(policy, ref, critic, rm, run.wrap(policy, shared_prefix=True),
-                    run.wrap(critic, shared_prefix=True))  # DDP and compile, as configured
         held_out = task.eval_set(cfg.eval_size)
 
         def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k and maj@k
@@ -265,8 +234,32 @@ def main(argv=None):
                 policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, generator=gen_eval,
                 temperature=cfg.temperature) if run.main else {})
 
+        rm = None  # the rule reward, or a reward model (frozen)
+        if cfg.reward_model:
+            rm = train_rm.load_reward_model(cfg.reward_model, task, run.device)
+        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
+        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
+                    "another model config than the policy")
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
+        critic = ScalarModel(policy.cfg).to(run.device)  # V: the init's or the RM's weights
+        if cfg.critic_init == "rm":
+            critic.load_state_dict(rm.state_dict())
+        else:
+            critic.body.load_state_dict(policy.state_dict())
+        opts = [torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                  fused=True)  # fused: one pass over all parameters
+                for net, lr in ((policy, cfg.lr), (critic, cfg.critic_lr))]
+        kl_ctl = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+                  if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef))
+        data, gen = run.streams()  # this rank's problems and sampling generator, PPO's own
+        run.begin(model=policy, ref=ref, critic=critic, optimizer=opts[0],
+                  critic_optimizer=opts[1], kl_ctl=kl_ctl, streams=(data, gen),
+                  held={"reward model": rm} if rm is not None else None)  # + --resume
+        nets = Nets(policy, ref, critic, rm, run.wrap(policy, shared_prefix=True),
+                    run.wrap(critic, shared_prefix=True))  # DDP and compile, as configured
         if run.start == 0:
-            evaluate(0, k=cfg.pass_k)
+            evaluate(0, k=cfg.pass_k)  # the init's figures
         for step in run.steps(cfg.steps):
             # ---- the algorithm
             for opt, lr in zip(opts, (cfg.lr, cfg.critic_lr)):

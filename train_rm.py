@@ -1,17 +1,17 @@
-"""A Bradley-Terry reward model on preference pairs made from an arithmetic task: the first half of
-the RLHF pipeline that train_ppo.py completes (--reward model --reward_model out/rm).
+"""A Bradley-Terry reward model on preference pairs made from an arithmetic task: the first half
+of the RLHF pipeline that train_ppo.py completes (--reward model --reward_model out/rm).
 
     python train_rm.py                                      # from the SFT init; out/rm/
     python train_rm.py --pairs_file out/dpo/pairs_round0.jsonl   # the pairs DPO trained on
-    torchrun --standalone --nproc_per_node=2 train_rm.py    # DDP: every step's pairs sharded over ranks
+    torchrun --standalone --nproc_per_node=2 train_rm.py    # DDP: every step's pairs sharded
 
-The reward model is the SFT Transformer with a scalar head (model.ScalarModel) read at the last real
-token of prompt + completion, trained with -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
-(losses.bradley_terry_loss, InstructGPT section 3.5) on the same pairs as DPO (rollout.make_pairs:
-chosen a correct sample of the SFT model, rejected an incorrect one). Reported: preference accuracy
-on held-out pairs (from held-out prompts) and the AUC of the score for correct against incorrect
-single completions sampled on held-out prompts. Load the result with load_reward_model and score
-(prompt, completion) token sequences with ScalarModel.score.
+The reward model is the SFT Transformer with a scalar head (model.ScalarModel) read at the last
+real token of prompt + completion, trained with -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
+(losses.bradley_terry_loss, InstructGPT section 3.5) on the same kind of pairs as DPO
+(rollout.make_pairs: chosen a correct sample of the SFT model, rejected an incorrect one).
+Reported: preference accuracy on held-out pairs and the AUC of the score for correct against
+incorrect completions sampled on held-out prompts. Load it with load_reward_model; score
+(prompt, completion) token lists with rollout.score_completions.
 """
 import os
 import random
@@ -29,12 +29,7 @@ from model import ModelConfig, ScalarModel
 
 
 @dataclass
-class RMConfig:
-    task: str = "add"  # add, sub, mul or multistep
-    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # SFT run the reward model starts from; "" = out/sft or out/sft_<task>
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+class RMConfig(train_sft.InitConfig):
     pairs_source: str = "policy"  # policy (the SFT init's samples) or synthetic (near misses)
     pairs_file: str = ""  # train on these pairs (a pairs file of DPO or of another RM run)
     num_prompts: int = 65536  # training prompts (policy pairs: a pair needs a wrong sample)
@@ -54,27 +49,19 @@ class RMConfig:
     auc_samples: int = 4  # completions sampled per held-out prompt for the AUC
 
     def __post_init__(self):
+        super().__post_init__()  # task, n_digits, init and the warm start; max_new_tokens
         common.check_config(
-            self, positive=("warmstart_steps", "num_prompts", "num_generations", "temperature",
+            self, positive=("num_prompts", "num_generations", "temperature",
                             "epochs", "batch_size", "grad_accum", "lr", "eval_size", "auc_samples"),
             non_negative=("max_new_tokens", "margin", "warmup", "weight_decay", "grad_clip"),
-            fractions=("warmstart_target_acc", "min_lr_ratio"),
-            choices={"task": tuple(tasks.TASKS), "pairs_source": ("policy", "synthetic")})
-        task = tasks.get_task(self.task, self.n_digits)
-        self.n_digits = task.n_digits
-        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
-        self.init = self.init or train_sft.default_init(self.task)
+            fractions=("min_lr_ratio",),
+            choices={"pairs_source": ("policy", "synthetic")})
 
 
-def load_reward_model(path, tok, task, device):
-    """A reward model trained by this script (a run folder or its ckpt.pt), for this tokenizer and
-    task; CheckpointError otherwise. Frozen, in eval mode: score with rollout.score_completions."""
-    ckpt = common.load_checkpoint(path)
-    common.check_checkpoint(ckpt, f"reward model {path}", "rm", tok)
-    trained = (ckpt["config"]["task"], ckpt["config"]["n_digits"])
-    if trained != (task.name, task.n_digits):
-        raise common.CheckpointError(f"reward model {path} was trained on task {trained[0]} with "
-                                     f"{trained[1]} digits, not {task.name} with {task.n_digits}")
+def load_reward_model(path, task, device):
+    """A reward model trained by this script (a run folder or its ckpt.pt) for this task; frozen,
+    in eval mode. Score with rollout.score_completions."""
+    ckpt = common.load_trained(path, f"reward model {path}", "rm", task)
     rm = ScalarModel(ModelConfig(**ckpt["model_config"])).to(device)
     rm.load_state_dict(ckpt["model"])
     return rm.eval().requires_grad_(False)

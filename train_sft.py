@@ -6,14 +6,11 @@
     python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 3e-4 --warmup 10  # RFT
     python train_sft.py --help                            # every flag with its default
 
-The loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t), the
-prompt masked; plus mtp_lambda * the MTP loss and the MoE sequence-wise balance loss, with the
-router biases updated after every optimiser step (auxiliary-loss-free balancing). The data source
-is the only difference between SFT and RFT: --data task trains from scratch on the task's
-reference solutions, a fresh problem stream; --data rft (rejection-sampling fine-tuning) samples
-rft_samples completions of each of rft_prompts new prompts from an SFT model (--init) once, keeps
-the correct ones (GC = 1[correct], offline) and fine-tunes that model on them (rft_data.jsonl in
-the run folder). Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
+The loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t),
+the prompt masked; plus mtp_lambda * the MTP loss and the MoE balance loss, the router biases
+updated after every optimiser step. The data source is all that tells SFT from RFT: --data task
+trains from scratch on the task's reference solutions; --data rft (rejection-sampling
+fine-tuning) fine-tunes an SFT run (--init) on its own correct samples (GC = 1[correct]).
 """
 import os
 import random
@@ -21,7 +18,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import common
 import rollout
@@ -38,7 +34,7 @@ class SFTConfig:
     warmstart_steps: int = 1500  # --data rft: steps of the SFT warm start made if --init is missing
     warmstart_target_acc: float = 0.8  # --data rft: the warm start stops at this held-out accuracy
     rft_prompts: int = 2048  # --data rft: new prompts sampled once from --init
-    rft_samples: int = 8  # --data rft: completions per prompt (T = 1); the correct ones are the data
+    rft_samples: int = 8  # --data rft: completions per prompt (T = 1); the correct ones kept
     batch_size: int = 64  # sequences per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     steps: int = 2000  # optimiser steps
@@ -92,32 +88,30 @@ def make_batch(task, tok, rng, n, device):
     return encode_batch(seqs, tok.pad_id, device)
 
 
-@torch.no_grad()
-def make_rft_data(model, tok, task, cfg, seed):
-    """RFT's data source (DeepSeekMath 5.2.1): cfg.rft_samples completions (T = 1) of each of
-    cfg.rft_prompts new prompts from `model`, once; the correct ones (an end token, the right
-    answer) as `<bos> prompt completion <eos>` token lists with their completion start, as
-    encode_batch takes them. Returns (sequences, the number of prompts solved at least once)."""
-    rng = random.Random(common.stream_seed(seed, "rft", 0))  # the same prompts on any world
-    gen = torch.Generator(device=model.head.weight.device)
-    gen.manual_seed(common.stream_seed(seed, "rft", 0, "sampling"))
-    problems = [task.sample(rng) for _ in range(cfg.rft_prompts)]
-    G, seqs, solved, per = cfg.rft_samples, [], 0, max(1, 256 // cfg.rft_samples)
-    for i in range(0, len(problems), per):
-        batch = problems[i:i + per]
-        prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in batch]
-        with common.autocast():
-            r = rollout.generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                 num_generations=G, max_new_tokens=task.max_lengths()[1] + 2,
-                                 temperature=1.0, generator=gen)
-        texts, lengths = rollout.decode_completions(tok, r), r.completion_mask.sum(1).long().tolist()
-        for j, p in enumerate(batch):
-            right = [k for k in range(j * G, (j + 1) * G)
-                     if r.ended[k] and task.reward(texts[k], p) == 1.0]
-            seqs += [(prompts[j] + r.completion_ids[k, :lengths[k]].tolist(), len(prompts[j]))
-                     for k in right]
-            solved += bool(right)
-    return seqs, solved
+def rft_data(model, tok, task, cfg, run):
+    """RFT's data source (DeepSeekMath 5.2.1): rft_samples completions (T = 1) of each of
+    rft_prompts new prompts from the init, the correct ones kept (rollout.correct_samples), made
+    once by rank 0 into rft_data.jsonl, whatever the number of ranks, and tied to the run's
+    checkpoints. Returns (the sequences, each optimiser step's indices into them)."""
+    path, seed = os.path.join(run.rc.out_dir, "rft_data.jsonl"), run.rc.seed
+    if run.start == 0 and run.main:
+        rng = random.Random(common.stream_seed(seed, "rft", 0))
+        gen = torch.Generator(device=run.device).manual_seed(common.stream_seed(seed, "rft", 0,
+                                                                                "sampling"))
+        problems = [task.sample(rng) for _ in range(cfg.rft_prompts)]
+        seqs, solved = rollout.correct_samples(model, tok, task, problems, cfg.rft_samples, gen)
+        common.write_jsonl(path, [{"ids": ids, "start": k} for ids, k in seqs])
+        if not run.rc.quiet:
+            print(f"RFT data: {len(seqs)} correct of {cfg.rft_prompts * cfg.rft_samples} samples; "
+                  f"{solved} of {cfg.rft_prompts} prompts solved at least once")
+    if run.world > 1:
+        torch.distributed.barrier()
+    run.input("rft_data", path)
+    data = [(d["ids"], d["start"]) for d in common.read_jsonl(path)]
+    run.require(len(data) >= cfg.batch_size, f"RFT kept {len(data)} correct samples, fewer than "
+                f"--batch_size {cfg.batch_size}: raise --rft_prompts or --rft_samples")
+    epochs = -(-cfg.steps // (len(data) // cfg.batch_size))  # enough passes for cfg.steps
+    return data, common.epoch_batches(len(data), cfg.batch_size, epochs, seed, "rft")
 
 
 def train_step(model_ddp, model, opt, micro_batches, grad_clip):
@@ -143,20 +137,37 @@ def train_step(model_ddp, model, opt, micro_batches, grad_clip):
 
 
 # ----------------------------------------------------------------------------------------------
-# The SFT init that the RL scripts, the reward model and RFT start from
+# The SFT init that the RL scripts, DPO, the reward model and RFT start from
 
 
-def default_init(task):
+def default_init(task):  # the SFT run of a task, as a warm start makes it
     return "out/sft" if task == "add" else f"out/sft_{task}"
 
 
+@dataclass
+class InitConfig:
+    """The settings of a run that starts from an SFT run (GRPO, PPO, DPO, the reward model)."""
+    task: str = "add"  # add, sub, mul or multistep
+    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
+    init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
+    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
+    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+
+    def __post_init__(self):  # checks; n_digits, max_new_tokens (longest answer + 2), init
+        common.check_config(self, positive=("warmstart_steps",), fractions=(
+            "warmstart_target_acc",), choices={"task": tuple(tasks.TASKS)})
+        task = tasks.get_task(self.task, self.n_digits)
+        self.n_digits = task.n_digits
+        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
+        self.init = self.init or default_init(self.task)
+
+
 def load_or_make_init(cfg, run):
-    """The SFT model a run starts from (cfg: a config with task, n_digits, init, warmstart_steps and
-    warmstart_target_acc), on the run's device. A run folder that does not exist gets a short SFT
-    warm start that stops once held-out accuracy reaches warmstart_target_acc, so that RL, not
-    SFT, does most of the work; an interrupted warm start with the same settings continues.
-    Raises a one-line error for a checkpoint that is not an SFT run of this task and of the model
-    flags given, and for a folder that holds something else."""
+    """The SFT model a run starts from (cfg: an InitConfig), on the run's device. A folder that does
+    not exist gets a short SFT warm start that stops at warmstart_target_acc held-out accuracy, so
+    that RL, not SFT, does most of the work; an interrupted warm start of these settings goes on.
+    A one-line error for a checkpoint that is not an SFT run of this task and model flags, or a
+    folder that holds something else."""
     path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
     folder = os.path.dirname(path) or "."
     argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps",
@@ -171,17 +182,17 @@ def load_or_make_init(cfg, run):
             raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for "
                                          "a run folder)")
         held = os.listdir(folder) if os.path.isdir(folder) else []
-        if held and not _same_settings(common.recorded_checkpoint(folder), warm, warm_model, warm_run):
+        recorded = common.recorded_checkpoint(folder)  # what config.json says made it
+        if held and not _same_settings(recorded, warm, warm_model, warm_run):
             raise common.ConfigError(f"--init {folder} holds no checkpoint and is not a warm start "
                                      "of this run's: a warm start is made only in a new folder; "
                                      "pass an SFT run folder as --init")
         if run.main:
-            print(f"no SFT checkpoint at {path}: making one with a short SFT warm start (at most "
-                  f"{cfg.warmstart_steps} steps, stopping at {cfg.warmstart_target_acc:.0%} "
-                  "held-out accuracy)")
+            print(f"no SFT checkpoint at {path}: a short SFT warm start makes one")
         main(argv + (["--overwrite"] if held else []), resume_hint=hint)
-    ckpt = common.load_checkpoint(path)
-    if ckpt.get("kind") == "sft" and not ckpt.get("done", True):
+    task = tasks.get_task(cfg.task, cfg.n_digits)
+    ckpt = common.load_trained(path, f"--init {path}", "sft", task)
+    if not ckpt.get("done", True):
         if not _same_settings(ckpt, warm, warm_model, warm_run):
             raise common.ConfigError(f"--init {folder} is an unfinished SFT run (step "
                                      f"{ckpt['step']}) with other settings than this run's warm "
@@ -189,16 +200,11 @@ def load_or_make_init(cfg, run):
         if run.main:
             print(f"continuing the SFT warm start in {folder} from step {ckpt['step']}")
         main(argv + ["--resume"], resume_hint=hint)
-        ckpt = common.load_checkpoint(path)
-    common.check_checkpoint(ckpt, f"--init {path}", "sft", tasks.Tokenizer())
-    trained = (ckpt["config"].get("task"), ckpt["config"].get("n_digits"))
-    if trained != (cfg.task, cfg.n_digits):
-        raise common.CheckpointError(f"--init {path} was trained on task {trained[0]} with "
-                                     f"{trained[1]} digits, not {cfg.task} with {cfg.n_digits}: "
-                                     "pass --init with an SFT run of this task")
+        ckpt = common.load_checkpoint(path)  # finished now
     bad = common.model_mismatches(ckpt, run.model_flags, run.mcfg)
     if bad:
-        raise common.CheckpointError(f"--init {path} has another model config in: {', '.join(bad)}")
+        raise common.CheckpointError(f"--init {path} has another model config in: "
+                                     f"{', '.join(bad)}")
     model = Transformer(ModelConfig(**ckpt["model_config"])).to(run.device)
     model.load_state_dict(ckpt["model"])
     return model
@@ -223,12 +229,15 @@ def main(argv=None, resume_hint=None):
     rft = cfg.data == "rft"
     with common.Run("sft", cfg, mcfg, run_cfg, model_from_flags=not rft,
                     resume_hint=resume_hint) as run:  # torchrun, seeds, one-line errors
+        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        # ---- plumbing: the checks before anything is written
         per_rank, rem = divmod(cfg.batch_size, run.world * cfg.grad_accum)
         run.require(rem == 0 and per_rank > 0, f"--batch_size {cfg.batch_size} does not divide "
                     f"into {run.world} ranks x {cfg.grad_accum} micro-batches")
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
         run.require(mcfg.vocab_size == tok.vocab_size, f"--vocab_size {mcfg.vocab_size} does "
                     f"not match the tokenizer's {tok.vocab_size}")
+
+
         model = run.model(lambda: load_or_make_init(cfg, run) if rft else
                           Transformer(mcfg).to(run.device))  # from the flags, seeded by --seed
         rollout.check_lengths(task, model.cfg.max_seq_len,
@@ -238,23 +247,8 @@ def main(argv=None, resume_hint=None):
         data, gen = run.streams()  # this rank's problem stream, SFT's own
         run.begin(model=model, optimizer=opt, streams=(data, gen))  # + --resume; opens out_dir
         model_ddp = run.wrap(model)  # DDP and torch.compile, as configured
-        if rft:  # RFT's data, made once by rank 0 and tied to the run's checkpoints
-            data_path = os.path.join(run_cfg.out_dir, "rft_data.jsonl")
-            if run.start == 0 and run.main:
-                rows = make_rft_data(model, tok, task, cfg, run_cfg.seed)
-                common.write_jsonl(data_path, [{"ids": ids, "start": k} for ids, k in rows[0]])
-                if not run_cfg.quiet:
-                    print(f"RFT data: {len(rows[0])} correct of {cfg.rft_prompts * cfg.rft_samples}"
-                          f" samples; {rows[1]} of {cfg.rft_prompts} prompts solved at least once")
-            if run.world > 1:
-                torch.distributed.barrier()
-            run.input("rft_data", data_path)
-            rft_data = [(d["ids"], d["start"]) for d in common.read_jsonl(data_path)]
-            run.require(len(rft_data) >= cfg.batch_size, f"RFT kept {len(rft_data)} correct "
-                        f"samples, fewer than --batch_size {cfg.batch_size}: raise --rft_prompts "
-                        "or --rft_samples")
-            order = common.epoch_batches(len(rft_data), cfg.batch_size, -(-cfg.steps // (
-                len(rft_data) // cfg.batch_size)), run_cfg.seed, "rft")
+        if rft:  # the data source: the init's correct samples, made once
+            samples, order = rft_data(model, tok, task, cfg, run)
 
         def batches(step):  # this rank's micro-batches: new problems, or its share of RFT's
             if not rft:
@@ -262,15 +256,17 @@ def main(argv=None, resume_hint=None):
                         for _ in range(cfg.grad_accum)]
             n = per_rank * cfg.grad_accum
             mine = order[step][run.rank * n:(run.rank + 1) * n]
-            return [encode_batch([rft_data[i] for i in mine[j * per_rank:(j + 1) * per_rank]],
+            return [encode_batch([samples[i] for i in mine[j * per_rank:(j + 1) * per_rank]],
                                  tok.pad_id, run.device) for j in range(cfg.grad_accum)]
 
+        # ---- plumbing: the held-out evaluation
         held_out = task.eval_set(cfg.eval_size)
 
         def evaluate(step):  # on rank 0; every rank learns whether the target is reached
             m = run.eval(step, rollout.evaluate(model, tok, task, held_out) if run.main else {})
             if run.main and not run_cfg.quiet and cfg.samples:
-                print_samples(model, tok, task, held_out[:cfg.samples], step)
+                gen = torch.Generator(device=run.device).manual_seed(step)
+                rollout.print_samples(model, tok, task, held_out[:cfg.samples], gen, f"step {step}")
             hit = float(cfg.target_acc > 0 and m.get("greedy_acc", 0) >= cfg.target_acc)
             return common.all_reduce_sum({"hit": hit}, run.device)["hit"] > 0
 
@@ -280,8 +276,7 @@ def main(argv=None, resume_hint=None):
         for step in [] if hit else run.steps(cfg.steps):
             # ---- the algorithm
             lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            opt.param_groups[0]["lr"] = lr
             metrics = train_step(model_ddp, model, opt, batches(step), cfg.grad_clip)
 
             # ---- plumbing: logging, evaluation, checkpoints (tests/test_runs.py guards it)
@@ -290,23 +285,9 @@ def main(argv=None, resume_hint=None):
                      "step_s": dt, **metrics}, show=("loss",))
             hit = run.due(step + 1, run_cfg.eval_every) and evaluate(step + 1)
             run.end_step(step + 1, finished=hit or None)  # when due; Ctrl-C stops here
-            if hit:
-                if run.main and not run_cfg.quiet:
-                    tqdm.write(f"held-out accuracy reached target_acc {cfg.target_acc} at step "
-                               f"{step + 1}: stopping")
+            if hit:  # held-out accuracy reached --target_acc: the run ends here
                 break
     return model, run.last_eval or {}
-
-
-def print_samples(model, tok, task, problems, step):
-    """A few held-out problems with the model's sampled completions, right or wrong."""
-    r = rollout.generate(model, [tasks.encode_problem(tok, p, False)[0] for p in problems],
-                         eos_id=tok.eos_id, pad_id=tok.pad_id,
-                         max_new_tokens=task.max_lengths()[1] + 2,
-                         generator=torch.Generator(device=model.head.weight.device).manual_seed(step))
-    for p, c in zip(problems, rollout.decode_completions(tok, r)):
-        tqdm.write(f"  step {step} sample: {p.prompt}{c}  "
-                   f"({'correct' if task.reward(c, p) else 'wrong'})")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import model  # noqa: E402
 
 def tiny_config(**overrides):
     """A model small enough that every test runs in well under a second on CPU."""
-    kw = dict(vocab_size=18, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1, n_heads=2,
-              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-              n_shared_experts=1, n_activated_experts=2, max_seq_len=32, mtp_depth=1)
+    kw = dict(vocab_size=18, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
+              n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+              n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, max_seq_len=32,
+              mtp_depth=1)
     kw.update(overrides)
     return model.ModelConfig(**kw)
 
@@ -26,7 +27,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def sft_ckpt(tmp_path_factory):
-    """A 4-step SFT run of the tiny model on 2-digit addition: the --init of the RL scripts' tests."""
+    """A 4-step SFT run of the tiny model on 2-digit addition: the RL scripts' tests' --init."""
     import train_sft
     from test_train_sft import TINY_FLAGS
     out = tmp_path_factory.mktemp("sft")

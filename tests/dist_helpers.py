@@ -1,4 +1,5 @@
-"""Run a function on 2 CPU processes with a gloo process group (torch.multiprocessing), as torchrun would."""
+"""Run a function on 2 CPU processes with a gloo process group (torch.multiprocessing), as
+torchrun would."""
 import os
 import socket
 import tempfile
@@ -15,8 +16,8 @@ def free_port():
 
 def _entry(rank, world, port, done_dir, fn, args):
     # CUDA_VISIBLE_DEVICES="": CPU ranks on a GPU machine too (the scripts would pick CUDA and nccl)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     import torch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

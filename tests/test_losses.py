@@ -8,13 +8,14 @@ import losses
 from losses import (grpo_advantages, grpo_aggregation, grpo_loss, kl_k1, kl_k3,
                     process_advantages, token_logprobs)
 
-# The lectures' worked examples (shared/seeds/003_7a20ea8372669740.txt and 002_1da79691c3c5a056.txt).
-# Their printed advantages are loose or wrong: for [0.9, 0.7, 0.4, 0.2] they divide by sigma ~ 0.33,
-# but the population std is 0.269 and the sample std 0.311 (so A = +1.30/+0.56/-0.56/-1.30 with the
-# population std, not +1.06/+0.45/...); for [1, 1, 0, 1, 0, 0] they print +0.8 / -1.2, which do not
-# even sum to zero (the population-std answer is +1 / -1). We test the formula, computed here with
-# the statistics module, not the printed numbers.
-EXAMPLES = [[0.9, 0.7, 0.4, 0.2], [0.9, 0.7, 0.4, 0.8], [0.95, 0.88, 0.45, 0.42, 0.15], [1, 1, 0, 1, 0, 0]]
+# Worked examples of group-relative advantages, as course notes on GRPO print them. Some printed
+# figures are loose or wrong: for [0.9, 0.7, 0.4, 0.2] dividing by sigma ~ 0.33 is neither the
+# population std (0.269) nor the sample std (0.311), so A = +1.30/+0.56/-0.56/-1.30 with the
+# population std, not +1.06/+0.45/...; for [1, 1, 0, 1, 0, 0], +0.8 / -1.2 do not even sum to zero
+# (the population-std answer is +1 / -1). We test the formula, computed here with the statistics
+# module, not printed numbers.
+EXAMPLES = [[0.9, 0.7, 0.4, 0.2], [0.9, 0.7, 0.4, 0.8], [0.95, 0.88, 0.45, 0.42, 0.15],
+            [1, 1, 0, 1, 0, 0]]
 
 
 def reference(rs, std):
@@ -24,17 +25,18 @@ def reference(rs, std):
 
 @pytest.mark.parametrize("rs", EXAMPLES)
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_group_advantages_on_lecture_examples(rs, unbiased):
+def test_group_advantages_on_worked_examples(rs, unbiased):
     std = statistics.stdev(rs) if unbiased else statistics.pstdev(rs)
     got = grpo_advantages(torch.tensor(rs), len(rs), unbiased_std=unbiased)
-    torch.testing.assert_close(got, torch.tensor(reference(rs, std), dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    want = torch.tensor(reference(rs, std), dtype=torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert abs(got.sum().item()) < 1e-5
 
 
-def test_lecture_numbers_are_what_the_formula_gives():
+def test_worked_numbers_are_what_the_formula_gives():
     a = grpo_advantages(torch.tensor([0.9, 0.7, 0.4, 0.2]), 4)
     assert abs(statistics.pstdev([0.9, 0.7, 0.4, 0.2]) - 0.2693) < 1e-4
-    assert abs(a[0].item() - 0.35 / 0.26926) < 1e-3  # 1.30, not the lecture's 1.06
+    assert abs(a[0].item() - 0.35 / 0.26926) < 1e-3  # 1.30, not 1.06
     b = grpo_advantages(torch.tensor([1.0, 1, 0, 1, 0, 0]), 6)
     torch.testing.assert_close(b, torch.tensor([1.0, 1, -1, 1, -1, -1]) * 0.5 / (0.5 + 1e-4))
 
@@ -79,14 +81,16 @@ def test_group_indexing_sums_and_shuffles():
 def test_process_advantages_by_hand():
     # one group of two outputs: output 0 has steps ending at tokens 2 and 5 with rewards 1, 0;
     # output 1 one step ending at token 3 with reward 1. R = [1, 0, 1]: mean 2/3, pop std sqrt(2)/3.
-    adv = process_advantages([[1.0, 0.0], [1.0]], [[2, 5], [3]], num_generations=2, length=7, eps=0.0)
+    adv = process_advantages([[1.0, 0.0], [1.0]], [[2, 5], [3]], num_generations=2, length=7,
+                             eps=0.0)
     mu, sd = 2 / 3, math.sqrt(2) / 3
     hi, lo = (1 - mu) / sd, (0 - mu) / sd
-    want = torch.tensor([[hi + lo] * 3 + [lo] * 3 + [0.0],  # t <= 2 sees both steps; 3..5 the second only
+    want = torch.tensor([[hi + lo] * 3 + [lo] * 3 + [0.0],  # t <= 2: both steps; 3..5: the second
                          [hi] * 4 + [0.0] * 3])
     torch.testing.assert_close(adv, want)
     # equal step rewards -> 0; two groups are normalised separately
-    two = process_advantages([[1.0], [1.0], [1.0, 0.0], [1.0]], [[1], [2], [2, 5], [3]], 2, 7, eps=0.0)
+    two = process_advantages([[1.0], [1.0], [1.0, 0.0], [1.0]], [[1], [2], [2, 5], [3]], 2, 7,
+                             eps=0.0)
     assert torch.equal(two[:2], torch.zeros(2, 7))
     torch.testing.assert_close(two[2:], want)
 
@@ -117,7 +121,8 @@ def test_kl_estimator_gradients_pitfall_1():
     forward = (ref * (ref / pi).log()).sum()  # KL(ref || pi)
     g_reverse = torch.autograd.grad(reverse, theta, retain_graph=True)[0]
     g_forward = torch.autograd.grad(forward, theta)[0]
-    x = torch.multinomial(pi.detach(), 400_000, replacement=True, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.multinomial(pi.detach(), 400_000, replacement=True, generator=g)
     lp = torch.log_softmax(theta, 0)[x]
     g_k3 = torch.autograd.grad(kl_k3(lp, ref.log()[x]).mean(), theta)[0]
     g_k1 = torch.autograd.grad(kl_k1(torch.log_softmax(theta, 0)[x], ref.log()[x]).mean(), theta)[0]
@@ -132,8 +137,8 @@ def test_clipping_zeroes_the_gradient_where_it_binds():
     logp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]])).requires_grad_()
     for adv, dead in ((1.0, [False, False, False, True]), (-1.0, [True, False, False, False])):
         logp.grad = None
-        loss, m = grpo_loss(logp, old, logp.detach(), torch.tensor([adv]), torch.ones(1, 4), epsilon=0.2,
-                            epsilon_high=0.3, beta=0.0)
+        loss, m = grpo_loss(logp, old, logp.detach(), torch.tensor([adv]), torch.ones(1, 4),
+                            epsilon=0.2, epsilon_high=0.3, beta=0.0)
         loss.backward()
         assert [g == 0 for g in logp.grad[0].tolist()] == dead
         assert m["clip_high" if adv > 0 else "clip_low"] == 0.25
@@ -153,7 +158,8 @@ def ragged():
 def test_loss_type_normalisations_by_hand(loss_type):
     logp, mask = ragged()
     adv = torch.tensor([1.0, 1.0])
-    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0, loss_type=loss_type)
+    lp = logp.detach()
+    loss, _ = grpo_loss(logp, lp, lp, adv, mask, beta=0.0, loss_type=loss_type)
     # at rho = 1 the per-token loss is -A = -1 on each valid token
     want = {"grpo": -(2 / 2 + 4 / 4) / 2, "dapo": -6 / 6, "dr_grpo": -6 / (2 * 5)}[loss_type]
     assert abs(loss.item() - want) < 1e-6
@@ -192,7 +198,8 @@ def test_aggregation_by_hand_and_a_split_batch_sums_to_the_whole():
 def test_process_advantages_in_loss_and_entropy():
     logp = torch.randn(2, 3)
     adv = torch.tensor([[1.0, 0.5, 0.0], [-1.0, -1.0, 0.0]])
-    loss, m = grpo_loss(logp, logp, logp, adv, torch.ones(2, 3), beta=0.0, logits=torch.zeros(2, 3, 4))
+    loss, m = grpo_loss(logp, logp, logp, adv, torch.ones(2, 3), beta=0.0,
+                        logits=torch.zeros(2, 3, 4))
     assert abs(loss.item() - (-(1.5 / 3) - (-2 / 3)) / 2) < 1e-6
     assert abs(m["entropy"] - math.log(4)) < 1e-6
 
@@ -214,7 +221,8 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
 
 
-PREFS = [(-1.0, -2.0, -1.2, -1.5), (-3.0, -0.5, -2.0, -1.0), (-0.2, -0.2, -0.7, -0.1), (-5.0, -9.0, -5.5, -4.0)]
+PREFS = [(-1.0, -2.0, -1.2, -1.5), (-3.0, -0.5, -2.0, -1.0), (-0.2, -0.2, -0.7, -0.1),
+         (-5.0, -9.0, -5.5, -4.0)]
 
 
 def as_tensors(rows):
@@ -227,30 +235,35 @@ def test_dpo_loss_against_the_formula(beta, e):
     got, chosen_r, rejected_r = losses.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=e)
     for i, (a, b, c, d) in enumerate(PREFS):
         h = (a - c) - (b - d)
-        assert math.isclose(got[i].item(), -(1 - e) * log_sigmoid(beta * h) - e * log_sigmoid(-beta * h), rel_tol=1e-6)
+        want = -(1 - e) * log_sigmoid(beta * h) - e * log_sigmoid(-beta * h)
+        assert math.isclose(got[i].item(), want, rel_tol=1e-6)
         assert math.isclose(chosen_r[i].item(), beta * (a - c), rel_tol=1e-6, abs_tol=1e-7)
         assert math.isclose(rejected_r[i].item(), beta * (b - d), rel_tol=1e-6, abs_tol=1e-7)
 
 
-def test_dpo_worked_example_of_the_lecture():
-    """Seed 002: log pi_ref(yw) = -1.2, log pi(yw) = -1.0, log pi_ref(yl) = -1.5, log pi(yl) = -2.0,
-    beta 0.1: beta h = 0.07, loss = -log sigmoid(0.07) = 0.6583 (the lecture rounds it to 0.66)."""
-    loss, c, r = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.2]), torch.tensor([-1.5]), 0.1)
-    assert abs(loss.item() - 0.659) < 1e-3 and abs(c.item() - 0.02) < 1e-6 and abs(r.item() + 0.05) < 1e-6
+def test_dpo_worked_example():
+    """log pi_ref(yw) = -1.2, log pi(yw) = -1.0, log pi_ref(yl) = -1.5, log pi(yl) = -2.0, beta
+    0.1: beta h = 0.07, loss = -log sigmoid(0.07) = 0.6583 (0.66 rounded)."""
+    t = torch.tensor
+    loss, c, r = losses.dpo_loss(t([-1.0]), t([-2.0]), t([-1.2]), t([-1.5]), 0.1)
+    assert (abs(loss.item() - 0.659) < 1e-3 and abs(c.item() - 0.02) < 1e-6
+            and abs(r.item() + 0.05) < 1e-6)
 
 
 def test_dpo_rewards_are_detached_and_the_loss_differentiable():
     pc = torch.tensor([-1.0, -2.0], requires_grad=True)
-    loss, c, r = losses.dpo_loss(pc, torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]))
+    t = torch.tensor
+    loss, c, r = losses.dpo_loss(pc, t([-2.0, -1.0]), t([-1.0, -1.0]), t([-1.0, -1.0]))
     assert not c.requires_grad and not r.requires_grad
     loss.sum().backward()
     assert (pc.grad < 0).all()  # raising the chosen log-prob lowers the loss
 
 
 def test_label_smoothing_one_half_treats_preferences_as_coin_flips():
-    """With e = 0.5 (half the labels assumed flipped), chosen and rejected are interchangeable: the loss
-    is symmetric in h and is smallest, ln 2, at h = 0, so it pulls every margin back to 0. (Issue 9
-    says the loss becomes constant in h; it does not: 0.5 softplus(-x) + 0.5 softplus(x) grows with |x|.)"""
+    """With e = 0.5 (half the labels assumed flipped), chosen and rejected are interchangeable: the
+    loss is symmetric in h and is smallest, ln 2, at h = 0, so it pulls every margin back to 0. It
+    is not constant in h, as is sometimes said: 0.5 softplus(-x) + 0.5 softplus(x) grows with
+    |x|."""
     h = torch.tensor([-4.0, -1.0, 0.0, 1.0, 4.0], requires_grad=True)
     z = torch.zeros(5)
     loss, _, _ = losses.dpo_loss(h, z, z, z, beta=1.0, label_smoothing=0.5)
@@ -288,30 +301,35 @@ def test_bradley_terry_loss_against_the_formula():
     for margin in (0.0, 0.3):
         want = sum(-log_sigmoid(a - b - margin) for a, b in zip(rc.tolist(), rr.tolist())) / 3
         assert math.isclose(losses.bradley_terry_loss(rc, rr, margin).item(), want, rel_tol=1e-6)
-    assert math.isclose(losses.bradley_terry_loss(torch.zeros(4), torch.zeros(4)).item(), math.log(2), rel_tol=1e-7)
+    z = torch.zeros(4)
+    assert math.isclose(losses.bradley_terry_loss(z, z).item(), math.log(2), rel_tol=1e-7)
 
 
 def test_sequence_logprobs_sum_and_average():
     lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     torch.testing.assert_close(losses.sequence_logprobs(lp, mask), torch.tensor([-6.0, -1.0]))
-    torch.testing.assert_close(losses.sequence_logprobs(lp, mask, average=True), torch.tensor([-2.0, -0.5]))
+    torch.testing.assert_close(losses.sequence_logprobs(lp, mask, average=True),
+                               torch.tensor([-2.0, -0.5]))
 
 
 # ----------------------------------------------------------------------------------------------
 # PPO: GAE, per-token rewards, the clipped losses, the KL controllers
 
 def gae_by_hand(rewards, values, gamma, lam):
-    """GAE for one unpadded row written out with the infinite sum: A_t = sum_l (gamma lam)^l delta_{t+l}."""
+    """GAE for one unpadded row written out with the infinite sum:
+    A_t = sum_l (gamma lam)^l delta_{t+l}."""
     T = len(rewards)
-    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < T else 0.0) - values[t] for t in range(T)]
-    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, T)) for t in range(T)], deltas
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < T else 0.0) - values[t]
+              for t in range(T)]
+    adv = [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, T)) for t in range(T)]
+    return adv, deltas
 
 
-def test_gae_on_the_lecture_example():
-    """Seed 002 (the issue says 004): rewards 0.5, 1.2, 2.1, values 0.8, 1.5, 1.9, gamma 0.99, lam 0.95:
-    deltas 1.185, 1.581, 0.2 and advantages 2.849, 1.769, 0.2. The lecture prints 2.836 for the first;
-    its own line reads 1.185 + 0.99 * 0.95 * 1.769, which is 2.849: an arithmetic slip."""
+def test_gae_on_a_worked_example():
+    """Rewards 0.5, 1.2, 2.1, values 0.8, 1.5, 1.9, gamma 0.99, lam 0.95: deltas 1.185, 1.581,
+    0.2 and advantages 2.849, 1.769, 0.2 (1.185 + 0.99 * 0.95 * 1.769 is 2.849, not the 2.836 a
+    worked example of it prints: an arithmetic slip)."""
     r, v = torch.tensor([[0.5, 1.2, 2.1]]), torch.tensor([[0.8, 1.5, 1.9]])
     adv, ret = losses.gae(r, v, torch.ones(1, 3), gamma=0.99, lam=0.95)
     want, deltas = gae_by_hand([0.5, 1.2, 2.1], [0.8, 1.5, 1.9], 0.99, 0.95)
@@ -328,7 +346,8 @@ def test_gae_masked_ragged_batch_equals_each_row_alone():
     mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).float()
     adv, ret = losses.gae(r, v, mask, gamma=0.97, lam=0.9)
     for i, n in enumerate(lengths):
-        alone, alone_ret = losses.gae(r[i:i + 1, :n], v[i:i + 1, :n], torch.ones(1, n), gamma=0.97, lam=0.9)
+        alone, alone_ret = losses.gae(r[i:i + 1, :n], v[i:i + 1, :n], torch.ones(1, n),
+                                      gamma=0.97, lam=0.9)
         torch.testing.assert_close(adv[i, :n], alone[0])
         torch.testing.assert_close(ret[i, :n], alone_ret[0])
         assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()  # padding gets 0
@@ -349,10 +368,13 @@ def test_score_lands_on_the_last_real_token_and_never_on_padding():
     ref = torch.tensor([[-1.5, -0.5, -1.0, -0.1], [-0.1, -0.2, -3.0, -3.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     got = losses.token_rewards(torch.tensor([1.0, 0.5]), logp, ref, mask, kl_coef=0.1)
-    want = torch.tensor([[-0.1 * 0.5, 0.0, -0.1 * -1.0, 1.0],  # k1 = logp - ref on every token; the score on the last
-                         [-0.1 * -0.2, 0.5, 0.0, 0.0]])  # padding: nothing, not even its huge log-ratio
+    # k1 = logp - ref on every token, the score on the last; padding gets nothing, not even its
+    # huge log-ratio
+    want = torch.tensor([[-0.1 * 0.5, 0.0, -0.1 * -1.0, 1.0],
+                         [-0.1 * -0.2, 0.5, 0.0, 0.0]])
     torch.testing.assert_close(got, want)
-    assert torch.equal(losses.token_rewards(torch.zeros(2), logp, logp, mask, 0.1), torch.zeros(2, 4))  # pi = ref: no KL
+    same = losses.token_rewards(torch.zeros(2), logp, logp, mask, 0.1)
+    assert torch.equal(same, torch.zeros(2, 4))  # pi = ref: no KL
 
 
 def test_ppo_policy_loss_by_hand():
@@ -360,7 +382,7 @@ def test_ppo_policy_loss_by_hand():
     old, mask = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]])
     adv = torch.tensor([[2.0, 1.0, 5.0]])
     loss, m = losses.ppo_policy_loss(logp, old, adv, mask, epsilon=0.2)
-    # ratio 1.5 with A = 2 is clipped to 1.2 (min(3.0, 2.4)); ratio 0.5 with A = 1: min(0.5, 0.8) = 0.5
+    # ratio 1.5, A = 2: clipped to 1.2 (min(3.0, 2.4)); ratio 0.5, A = 1: min(0.5, 0.8) = 0.5
     assert abs(loss.item() + (2.4 + 0.5) / 2) < 1e-6
     assert m["clip_frac"] == 1.0 and abs(m["ratio"] - 1.0) < 1e-6
 

@@ -12,7 +12,8 @@ def build(seed=0, **kw):
     return model.Transformer(tiny_config(**kw))
 
 
-@pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"q_lora_rank": 12}, {"n_dense_layers": 0}])
+@pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"q_lora_rank": 12},
+                                {"n_dense_layers": 0}])
 def test_causality(kw):
     m = build(**kw).eval()
     idx = torch.randint(0, 15, (2, 12))
@@ -21,7 +22,7 @@ def test_causality(kw):
         idx2 = idx.clone()
         idx2[:, j] = (idx2[:, j] + 1) % 15
         logits2, _ = m(idx2)
-        # before j: untouched (up to float rounding: MoE batches differ in size, so do matmul kernels)
+        # before j: untouched (up to float rounding: MoE batch sizes differ, so do matmul kernels)
         torch.testing.assert_close(logits2[:, :j], logits[:, :j], atol=1e-6, rtol=0)
         assert not torch.allclose(logits2[:, j], logits[:, j])  # at j: the change is seen
 
@@ -122,7 +123,8 @@ def test_seeded_determinism():
             m.update_router_biases()
         losses.append(loss.item())
     assert losses[0] == losses[1]
-    assert all(torch.equal(pa, pb) for pa, pb in zip(a.state_dict().values(), b.state_dict().values()))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(pa, pb) for pa, pb in zip(sa.values(), sb.values()))
     assert not torch.equal(build(seed=4).head.weight, a.head.weight)
 
 
@@ -165,7 +167,8 @@ def test_parameter_counts_and_kv_cache_size():
     c = model.param_counts(m)
     assert c["total"] == sum(p.numel() for p in m.parameters())
     per_expert = 3 * 32 * 16
-    assert c["main"] - c["active_per_token"] == (2 - 1) * (4 - 2) * per_expert  # one MoE layer, 2 of 4 unused
+    # one MoE layer, 2 of its 4 experts unused
+    assert c["main"] - c["active_per_token"] == (2 - 1) * (4 - 2) * per_expert
     cfg = m.cfg
     assert cfg.kv_cache_elements_per_token() == 16 + 4
     mha = tiny_config(attention="mha")
@@ -200,8 +203,8 @@ def plain_logprobs(m, prefix, prefix_mask, group, cont, cont_mask):
     return token_logprobs(logits[:, P - 1:-1], cont) * cont_mask
 
 
-@pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"n_dense_layers": 2}, {"attention": "mha", "n_dense_layers": 2},
-                                {"q_lora_rank": 12}])
+@pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"n_dense_layers": 2},
+                                {"attention": "mha", "n_dense_layers": 2}, {"q_lora_rank": 12}])
 def test_shared_prefix_forward_equals_the_plain_forward(tiny, kw):
     """Each prompt run once for its continuations: the same log-probs as a plain forward of every
     `prompt + continuation` (1e-5), and the same gradients (1e-4 relative)."""
@@ -220,4 +223,5 @@ def test_shared_prefix_forward_equals_the_plain_forward(tiny, kw):
     assert set(grads) == {n for n, p in m.named_parameters() if p.grad is not None}
     for n, p in m.named_parameters():
         if n in grads:
-            torch.testing.assert_close(p.grad, grads[n], atol=1e-4 * grads[n].abs().max().item() + 1e-7, rtol=1e-4, msg=n)
+            atol = 1e-4 * grads[n].abs().max().item() + 1e-7
+            torch.testing.assert_close(p.grad, grads[n], atol=atol, rtol=1e-4, msg=n)

@@ -14,19 +14,19 @@ def make_moe(tiny, **kw):
 
 
 def dense_reference(moe, x):
-    """Every expert on every token, masked by the router's choice and weighted by its gate weight."""
+    """Every expert on every token, masked by the router's choice, weighted by its gate weight."""
     x_flat = x.reshape(-1, x.size(-1))
     weights, indices, _ = moe.gate(x_flat)
     y = moe.shared_experts(x_flat) if moe.shared_experts is not None else torch.zeros_like(x_flat)
     for i, expert in enumerate(moe.experts):
-        w = (weights * (indices == i)).sum(-1, keepdim=True)  # (N, 1), 0 where expert i is not chosen
+        w = (weights * (indices == i)).sum(-1, keepdim=True)  # (N, 1), 0 where i is not chosen
         y = y + w * expert(x_flat)
     return y.view_as(x)
 
 
-@pytest.mark.parametrize("kw", [{}, {"score_func": "softmax"}, {"n_shared_experts": 0},
-                                {"n_routed_experts": 8, "n_expert_groups": 4, "n_limited_groups": 2},
-                                {"route_scale": 2.5}])
+@pytest.mark.parametrize("kw", [
+    {}, {"score_func": "softmax"}, {"n_shared_experts": 0},
+    {"n_routed_experts": 8, "n_expert_groups": 4, "n_limited_groups": 2}, {"route_scale": 2.5}])
 def test_dispatch_equals_dense_loop(tiny, kw):
     cfg, moe = make_moe(tiny, **kw)
     x = torch.randn(3, 7, cfg.dim)
@@ -63,7 +63,8 @@ def test_softmax_weights_not_renormalised(tiny):
 
 
 def test_group_limited_routing_stays_in_groups(tiny):
-    cfg, moe = make_moe(tiny, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4, n_limited_groups=1)
+    cfg, moe = make_moe(tiny, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
+                        n_limited_groups=1)
     _, idx, _ = moe.gate(torch.randn(200, cfg.dim))
     groups = idx // 2  # 2 experts per group
     assert torch.equal(groups[:, 0], groups[:, 1])  # one allowed group: both experts from it
@@ -73,7 +74,7 @@ def test_bias_updates_lower_max_violation(tiny):
     cfg, moe = make_moe(tiny, n_routed_experts=8, n_activated_experts=2)
     x = torch.randn(256, 1, cfg.dim) + 2.0  # a shared offset in the inputs ...
     with torch.no_grad():
-        moe.gate.weight[0] = 1.0  # ... that expert 0 (and to a lesser degree all) reacts to: imbalanced
+        moe.gate.weight[0] = 1.0  # ... that expert 0 (and less so all) reacts to: imbalanced
     moe.train()
     vios = []
     for _ in range(60):
@@ -94,7 +95,8 @@ def test_load_counts_and_sign_update(tiny):
     expected = 2 * torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts)
     assert torch.equal(moe.load, expected)
     load = moe.update_bias(speed=0.1)
-    torch.testing.assert_close(moe.gate.bias, 0.1 * torch.sign(expected.float().mean() - expected.float()))
+    e = expected.float()
+    torch.testing.assert_close(moe.gate.bias, 0.1 * torch.sign(e.mean() - e))
     assert torch.equal(load, expected.float())
     # no loads are counted in eval mode (sampling must not move the biases)
     moe.eval()
@@ -116,7 +118,8 @@ def test_balance_loss_matches_formula(tiny):
     assert abs(moe.balance_loss(scores, indices).item() - expected) < 1e-6
     # perfectly uniform scores and loads give alpha * 1
     u = torch.full((1, 4, 4), 0.5)
-    assert abs(moe.balance_loss(u, torch.tensor([[[0, 1]], [[2, 3]], [[0, 1]], [[2, 3]]]).view(1, 4, 2)).item() - 0.01) < 1e-7
+    idx = torch.tensor([[[0, 1]], [[2, 3]], [[0, 1]], [[2, 3]]]).view(1, 4, 2)
+    assert abs(moe.balance_loss(u, idx).item() - 0.01) < 1e-7
 
 
 def test_max_violation():
@@ -172,10 +175,12 @@ def test_maxvio_averages_only_layers_that_routed_tokens(tiny):
     pull the mean MaxVio toward 0."""
     import model
     torch.manual_seed(0)
-    m = model.Transformer(tiny(n_layers=3, n_dense_layers=1)).train()  # 2 MoE layers + the MTP module's
+    # 2 MoE layers + the MTP module's
+    m = model.Transformer(tiny(n_layers=3, n_dense_layers=1)).train()
     m(torch.randint(0, 15, (4, 9)))  # no targets: the MTP module does not run
     loads = [moe.load.float().clone() for moe in m.moe_layers() if moe.load is not None]
     assert len(loads) == 2 and len(m.moe_layers()) == 3
     vios = [max_violation(x) for x in loads]
     got = m.update_router_biases()
-    assert abs(got["maxvio_mean"] - sum(vios) / 2) < 1e-6 and abs(got["maxvio_max"] - max(vios)) < 1e-6
+    assert (abs(got["maxvio_mean"] - sum(vios) / 2) < 1e-6
+            and abs(got["maxvio_max"] - max(vios)) < 1e-6)

@@ -37,15 +37,18 @@ def test_writes_a_png(tmp_path):
     write_metrics(tmp_path / "a", RECORDS)
     write_metrics(tmp_path / "b", RECORDS[1:])
     write_metrics(tmp_path / "c", RECORDS)
-    write_metrics(tmp_path / "c" / "a", RECORDS)  # two runs called "a": both are drawn, each under its path
-    out = plot.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c" / "a"), "--out", str(tmp_path / "x.png")])
+    # two runs called "a": both are drawn, each under its path
+    write_metrics(tmp_path / "c" / "a", RECORDS)
+    out = plot.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c" / "a"),
+                     "--out", str(tmp_path / "x.png")])
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_reads_a_run_folder(tmp_path):
     import results
-    write_metrics(tmp_path / "run", RECORDS + [{"step": 2, "kind": "train", "completion_len": 5.5},
-                                               {"step": 3, "kind": "eval", "eval_greedy_acc": 1.0, "eval_pass@4": 1.0}])
+    write_metrics(tmp_path / "run", RECORDS + [
+        {"step": 2, "kind": "train", "completion_len": 5.5},
+        {"step": 3, "kind": "eval", "eval_greedy_acc": 1.0, "eval_pass@4": 1.0}])
     got = results.read_run(tmp_path / "run")
     assert got["curve"] == [(0, 0.5), (2, 0.75), (3, 1.0)]
     assert got["final"] == {"greedy_acc": 1.0, "pass@4": 1.0}
@@ -61,17 +64,19 @@ def test_results_rejects_an_unknown_experiment(capsys):
 
 
 def test_results_reads_samples_seconds_memory_and_maxvio_of_an_rl_run(tmp_path):
-    """Samples seen = step x prompts x G, training seconds = the sum of each step's completions over
-    its samples/s, parameters held = the sum of the params_ fields of step 1: checked against the
-    numbers written, not against results' own arithmetic."""
+    """Samples seen = step x prompts x G, training seconds = the sum of each step's completions
+    over its samples/s, parameters held = the sum of the params_ fields of step 1: checked against
+    the numbers written, not against results' own arithmetic."""
     import results
     write_metrics(tmp_path / "run", [
         {"step": 0, "kind": "eval", "eval_greedy_acc": 0.5},
-        {"step": 1, "kind": "train", "params_policy": 10, "params_reference": 10, "peak_rss_mb": 100.0,
-         "samples_per_s": 8.0, "maxvio_mean": 2.0},
-        {"step": 2, "kind": "train", "peak_rss_mb": 120.0, "samples_per_s": 16.0, "maxvio_mean": 1.0},
+        {"step": 1, "kind": "train", "params_policy": 10, "params_reference": 10,
+         "peak_rss_mb": 100.0, "samples_per_s": 8.0, "maxvio_mean": 2.0},
+        {"step": 2, "kind": "train", "peak_rss_mb": 120.0, "samples_per_s": 16.0,
+         "maxvio_mean": 1.0},
         {"step": 2, "kind": "eval", "eval_greedy_acc": 0.75}])
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"grpo": {"batch_size": 2, "num_generations": 4}}))
+    config = {"grpo": {"batch_size": 2, "num_generations": 4}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     got = results.read_run(tmp_path / "run")
     assert got["samples"] == [(0, 0.5), (16, 0.75)]  # 8 completions a step
     assert got["seconds"] == [(0.0, 0.5), (8 / 8.0 + 8 / 16.0, 0.75)]
@@ -81,15 +86,17 @@ def test_results_reads_samples_seconds_memory_and_maxvio_of_an_rl_run(tmp_path):
 
 
 def test_results_measures_the_kv_cache_of_an_sft_run(tmp_path, tiny):
-    """KV-cache bytes per token, measured on a fresh cache, against the elements the paper's formula
-    gives: MLA caches kv_lora_rank + qk_rope_head_dim per token and layer, MHA every head's K and V."""
+    """KV-cache bytes per token, measured on a fresh cache, against the elements the paper's
+    formula gives: MLA caches kv_lora_rank + qk_rope_head_dim per token and layer, MHA every
+    head's K and V."""
     import dataclasses
     import results
     for attention, per_layer in (("mla", 16 + 4), ("mha", 2 * (8 + 4 + 8))):
         cfg = tiny(attention=attention)
         folder = tmp_path / attention
         write_metrics(folder, [{"step": 0, "kind": "eval", "eval_greedy_acc": 0.0}])
-        (folder / "config.json").write_text(json.dumps({"sft": {}, "model": dataclasses.asdict(cfg)}))
+        config = {"sft": {}, "model": dataclasses.asdict(cfg)}
+        (folder / "config.json").write_text(json.dumps(config))
         got = results.read_run(folder)
         assert got["kv_bytes_per_token"] == per_layer * cfg.n_layers * 4  # float32
         assert got["params_main"] > 0
@@ -101,10 +108,13 @@ def test_results_table_reprints_a_saved_experiment(tmp_path, monkeypatch, capsys
     import results
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results").mkdir()
-    run = lambda seed, curve: {"seed": seed, "wall_s": 10.0, "curve": curve, "final": {"greedy_acc": curve[-1][1]}}  # noqa: E731
+    def run(seed, curve):
+        return {"seed": seed, "wall_s": 10.0, "curve": curve,
+                "final": {"greedy_acc": curve[-1][1]}}
+    on = [run(0, [(0, 0.0), (50, 0.95)]), run(1, [(0, 0.0), (50, 0.5), (100, 0.91)])]
+    off = [run(0, [(0, 0.0), (100, 0.25)]), run(1, [(0, 0.0), (100, 0.75)])]
     saved = {"claim": "MTP helps", "seeds": [0, 1], "wall_s": 60.0,
-             "runs": {"on": [run(0, [(0, 0.0), (50, 0.95)]), run(1, [(0, 0.0), (50, 0.5), (100, 0.91)])],
-                      "off": [run(0, [(0, 0.0), (100, 0.25)]), run(1, [(0, 0.0), (100, 0.75)])]}}
+             "runs": {"on": on, "off": off}}
     (tmp_path / "results" / "mtp.json").write_text(json.dumps(saved))
     results.main(["mtp", "--table"])
     out = capsys.readouterr().out

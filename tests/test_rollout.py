@@ -25,6 +25,10 @@ def random_prompts(seed, lengths):
     return [[15] + [g.randrange(15) for _ in range(n - 1)] for n in lengths]
 
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 CASES = [("mla", "naive"), ("mla", "absorbed"), ("mha", "naive")]
 
 
@@ -42,11 +46,12 @@ def test_incremental_decoding_matches_full_forward(attention, impl):
     positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)
     ref, _ = m(full_ids, positions=positions, pad_mask=full_mask)
     cache = m.new_cache(N, full_ids.size(1), impl=impl)
-    got = [m(ids, positions=positions[:, :P], pad_mask=full_mask[:, :P], cache=cache, start_pos=0)[0]]
+    got = [m(ids, positions=positions[:, :P], pad_mask=full_mask[:, :P], cache=cache,
+             start_pos=0)[0]]
     for t in range(new.size(1)):
         s = P + t
-        got.append(m(full_ids[:, s:s + 1], positions=positions[:, s:s + 1], pad_mask=full_mask[:, :s + 1],
-                     cache=cache, start_pos=s)[0])
+        got.append(m(full_ids[:, s:s + 1], positions=positions[:, s:s + 1],
+                     pad_mask=full_mask[:, :s + 1], cache=cache, start_pos=s)[0])
     got = torch.cat(got, 1)
     torch.testing.assert_close(got[full_mask], ref[full_mask], atol=1e-5, rtol=1e-5)
     # the real positions also equal each row decoded alone, without padding
@@ -59,7 +64,8 @@ def test_mla_cache_stores_only_latent_and_rope_key():
     m = build()
     cache = m.new_cache(3, 10)
     c = m.cfg
-    assert cache[0].c_kv.shape == (3, 10, c.kv_lora_rank) and cache[0].k_pe.shape == (3, 10, c.qk_rope_head_dim)
+    assert (cache[0].c_kv.shape == (3, 10, c.kv_lora_rank)
+            and cache[0].k_pe.shape == (3, 10, c.qk_rope_head_dim))
     assert cache[0].k is None and cache[0].v is None
     mha = build(attention="mha").new_cache(3, 10)
     assert mha[0].k.shape == (3, 10, c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
@@ -69,8 +75,8 @@ def test_absorbed_equals_naive_generation():
     m = build()
     prompts = random_prompts(1, [4, 6, 3])
     kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=8, num_generations=2)
-    a = rollout.generate(m, prompts, mla_impl="naive", generator=torch.Generator().manual_seed(0), **kw)
-    b = rollout.generate(m, prompts, mla_impl="absorbed", generator=torch.Generator().manual_seed(0), **kw)
+    a = rollout.generate(m, prompts, mla_impl="naive", generator=gen(0), **kw)
+    b = rollout.generate(m, prompts, mla_impl="absorbed", generator=gen(0), **kw)
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
 
@@ -89,7 +95,7 @@ def test_greedy_padded_batch_equals_each_prompt_alone(attention):
 
 
 def test_logprobs_equal_full_forward():
-    """Sampled tokens' log-probs from generate == log-probs from one full forward of prompt+completion."""
+    """Sampled tokens' log-probs from generate == those of one full forward of prompt+completion."""
     m = build(seed=2)
     prompts = random_prompts(3, [4, 7, 2])
     r = rollout.generate(m, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=12, num_generations=3,
@@ -97,7 +103,8 @@ def test_logprobs_equal_full_forward():
     ids, mask, pos = r.sequences()
     logits, _ = m(ids, positions=pos, pad_mask=mask)
     P = r.prompt_ids.size(1)
-    logp = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    logp = torch.log_softmax(logits[:, P - 1:-1].float(), -1)
+    logp = logp.gather(-1, r.completion_ids[..., None])[..., 0]
     torch.testing.assert_close(r.logprobs, logp * r.completion_mask, atol=1e-5, rtol=1e-5)
     assert r.completion_mask.sum() > 0
 
@@ -176,11 +183,12 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
     problems = task.eval_set(12)
     m = build()
-    metrics = rollout.evaluate(m, tok, task, problems, k=2, n_samples=4, generator=torch.Generator().manual_seed(0))
+    metrics = rollout.evaluate(m, tok, task, problems, k=2, n_samples=4, generator=gen(0))
     assert set(metrics) == {"greedy_acc", "pass@2", "maj@2"}
     assert 0.0 <= metrics["greedy_acc"] <= metrics["pass@2"] + 1.0
     # an oracle that writes each true answer: everything is 1
-    answers = {tuple(tasks.encode_problem(tok, p, False)[0]): tok.encode(p.completion) + [tok.eos_id] for p in problems}
+    answers = {tuple(tasks.encode_problem(tok, p, False)[0]):
+               tok.encode(p.completion) + [tok.eos_id] for p in problems}
 
     def oracle(model, prompts, *, num_generations=1, max_new_tokens=8, pad_id=PAD, **_):
         rows = [answers[tuple(p)] for p in prompts for _ in range(num_generations)]
@@ -189,19 +197,21 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
         return rollout.Rollout(None, None, ids, None, None, None)
 
     monkeypatch.setattr(rollout, "generate", oracle)
-    assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+    perfect = {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+    assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == perfect
 
 
 def test_evaluate_at_several_k_equals_one_k_at_a_time(monkeypatch):
-    """A list of k reads pass@k and maj@k off one set of samples: the same numbers as one call per k
-    with the same samples (same n_samples, same generator seed)."""
-    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
+    """A list of k reads pass@k and maj@k off one set of samples: the same numbers as one call per
+    k with the same samples (same n_samples, same generator seed)."""
+    monkeypatch.setattr(tasks.Addition, "reward",
+                        lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
     problems, m = task.eval_set(12), build()
-    together = rollout.evaluate(m, tok, task, problems, k=[1, 2, 4], n_samples=4, generator=torch.Generator().manual_seed(0))
-    assert 0 < together["pass@1"] < together["pass@2"]  # a reward of about one sample in two: k matters
+    together = rollout.evaluate(m, tok, task, problems, k=[1, 2, 4], n_samples=4, generator=gen(0))
+    assert 0 < together["pass@1"] < together["pass@2"]  # reward ~ one sample in two: k matters
     for k in (1, 2, 4):
-        alone = rollout.evaluate(m, tok, task, problems, k=k, n_samples=4, generator=torch.Generator().manual_seed(0))
+        alone = rollout.evaluate(m, tok, task, problems, k=k, n_samples=4, generator=gen(0))
         assert alone == {key: together[key] for key in ("greedy_acc", f"pass@{k}", f"maj@{k}")}
 
 
@@ -209,10 +219,10 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     """Four equally likely tokens (each exactly 0.25): top_p = 0.5 keeps two of them, not three (the
     mass before the third token equals p exactly)."""
     logits = torch.zeros(4000, 4)
-    tok, lp = rollout.sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    tok, lp = rollout.sample_next(logits, 1.0, top_p=0.5, generator=gen(0))
     assert len(set(tok.tolist())) == 2
     torch.testing.assert_close(lp, torch.full_like(lp, math.log(0.5)))
-    tok, _ = rollout.sample_next(logits, 1.0, top_p=0.51, generator=torch.Generator().manual_seed(0))
+    tok, _ = rollout.sample_next(logits, 1.0, top_p=0.51, generator=gen(0))
     assert len(set(tok.tolist())) == 3
 
 
@@ -227,8 +237,8 @@ def test_non_finite_logits_are_a_clear_error(bad):
 
 
 def test_maj_at_k_votes_only_with_well_formed_answers(monkeypatch):
-    """On the multi-step task, a completion '??=<sum>' has reward 0: it must not vote either, so that
-    maj@k never counts an answer the reward rejects."""
+    """On the multi-step task, a completion '??=<sum>' has reward 0: it must not vote either, so
+    that maj@k never counts an answer the reward rejects."""
     tok, task = tasks.Tokenizer(), tasks.MultiStep(3, 1)
     problems = task.eval_set(4)
 
@@ -236,11 +246,14 @@ def test_maj_at_k_votes_only_with_well_formed_answers(monkeypatch):
         rows = []
         for p in prompts:
             prob = next(q for q in problems if tasks.encode_problem(tok, q, False)[0] == p)
-            junk = [tok.pad_id, tok.pad_id] + tok.encode(f"={prob.answer}")  # decodes strictly as '??=<sum>'
-            wrong = tok.encode(prob.completion[:-1] + str((int(prob.completion[-1]) + 1) % 10))  # well formed, wrong
+            # decodes strictly as '??=<sum>'
+            junk = [tok.pad_id, tok.pad_id] + tok.encode(f"={prob.answer}")
+            c = prob.completion
+            wrong = tok.encode(c[:-1] + str((int(c[-1]) + 1) % 10))  # well formed, wrong
             rows += [junk + [tok.eos_id]] * (num_generations - 1) + [wrong + [tok.eos_id]]
         L = max(len(r) for r in rows)
-        return rollout.Rollout(None, None, torch.tensor([r + [pad_id] * (L - len(r)) for r in rows]), None, None, None)
+        ids = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows])
+        return rollout.Rollout(None, None, ids, None, None, None)
 
     monkeypatch.setattr(rollout, "generate", fake)
     m = rollout.evaluate(None, tok, task, problems, k=3, n_samples=3)
@@ -249,20 +262,21 @@ def test_maj_at_k_votes_only_with_well_formed_answers(monkeypatch):
 
 @pytest.mark.parametrize("attention", ["mla", "mha"])
 def test_prefix_prefill_samples_the_same_tokens(attention):
-    """Each prompt prefilled once and its cache gathered to its G rows gives, for the same seed, the
-    tokens and log-probs of prefilling every row (the prompt repeated G times, num_generations=1)."""
+    """Each prompt prefilled once and its cache gathered to its G rows gives, for the same seed,
+    the tokens and log-probs of prefilling every row (the prompt repeated G times,
+    num_generations=1)."""
     m = build(seed=3, attention=attention)
     prompts = random_prompts(6, [4, 7, 2])
     kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=8)
-    shared = rollout.generate(m, prompts, num_generations=4, generator=torch.Generator().manual_seed(5), **kw)
-    repeated = rollout.generate(m, [p for p in prompts for _ in range(4)], generator=torch.Generator().manual_seed(5), **kw)
+    shared = rollout.generate(m, prompts, num_generations=4, generator=gen(5), **kw)
+    repeated = rollout.generate(m, [p for p in prompts for _ in range(4)], generator=gen(5), **kw)
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
     torch.testing.assert_close(shared.logprobs, repeated.logprobs, atol=1e-6, rtol=1e-6)
     assert torch.equal(shared.group, torch.arange(12) // 4)
 
 
 # ----------------------------------------------------------------------------------------------
-# Speculative decoding with the MTP module as the draft (issue 12)
+# Speculative decoding with the MTP module as the draft (DeepSeek-V3 5.4.3)
 
 
 def trained_looking(seed=0, steps=150):
@@ -287,7 +301,8 @@ def test_speculative_greedy_equals_ordinary_greedy(which):
             m.head.weight[EOS] += 0.4 * m.head.weight.std() * 50 / m.cfg.dim ** 0.5
     else:
         m, task = trained_looking()
-        prompts = [tasks.encode_problem(tok, p, False)[0] for p in task.eval_set(24)] + [[tok.bos_id, 1, 2]]
+        prompts = [tasks.encode_problem(tok, p, False)[0] for p in task.eval_set(24)]
+        prompts += [[tok.bos_id, 1, 2]]
         eos = tok.eos_id
     kw = dict(eos_id=eos, pad_id=PAD, max_new_tokens=10, temperature=0.0)
     plain = rollout.generate(m, prompts, **kw)
@@ -296,19 +311,21 @@ def test_speculative_greedy_equals_ordinary_greedy(which):
     assert torch.equal(spec.ended, plain.ended) and (plain.ended.any() or which == "trained")
     torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
     rate = spec.stats["acceptance"]
-    assert (rate > 0.5) if which == "trained" else (rate < 0.5), rate  # mostly right / mostly rejected drafts
+    # drafts mostly right / mostly rejected
+    assert (rate > 0.5) if which == "trained" else (rate < 0.5), rate
     assert spec.stats["tokens_per_forward"] > 1.0 or which == "random"
 
 
 def test_speculative_logprobs_equal_a_full_forward():
     m = build(seed=2)
     prompts = random_prompts(3, [4, 7, 2])
-    r = rollout.generate(m, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=12, num_generations=3, speculative=True,
-                         generator=torch.Generator().manual_seed(1), top_k=10, top_p=0.95)
+    r = rollout.generate(m, prompts, eos_id=EOS, pad_id=PAD, max_new_tokens=12, num_generations=3,
+                         speculative=True, generator=gen(1), top_k=10, top_p=0.95)
     ids, mask, pos = r.sequences()
     logits, _ = m(ids, positions=pos, pad_mask=mask)
     P = r.prompt_ids.size(1)
-    logp = rollout.sampling_logprobs(logits[:, P - 1:-1].reshape(-1, logits.size(-1)), 1.0, 10, 0.95)
+    flat = logits[:, P - 1:-1].reshape(-1, logits.size(-1))
+    logp = rollout.sampling_logprobs(flat, 1.0, 10, 0.95)
     logp = logp.view(*r.completion_ids.shape, -1).gather(-1, r.completion_ids[..., None])[..., 0]
     torch.testing.assert_close(r.logprobs, logp * r.completion_mask, atol=1e-5, rtol=1e-5)
 
@@ -326,14 +343,16 @@ def exact_joint(m, prompt, V, n, temperature):
 
 
 def speculative_tv(m, prompt, V, n=3, rows=40000, seed=0):
-    """Total variation between the empirical distribution of speculative samples and the exact one."""
-    r = rollout.generate(m, [prompt], eos_id=-1, pad_id=0, num_generations=rows, max_new_tokens=n, speculative=True,
-                         temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    """Total variation between the empirical distribution of speculative samples and the exact
+    one."""
+    r = rollout.generate(m, [prompt], eos_id=-1, pad_id=0, num_generations=rows, max_new_tokens=n,
+                         speculative=True, temperature=1.0, generator=gen(seed))
     counts = {}
     for row in r.completion_ids.tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     exact = exact_joint(m, prompt, V, n, 1.0)
-    return 0.5 * sum(abs(counts.get(s, 0) / rows - p) for s, p in exact.items()), r.stats["acceptance"]
+    tv = 0.5 * sum(abs(counts.get(s, 0) / rows - p) for s, p in exact.items())
+    return tv, r.stats["acceptance"]
 
 
 def tiny_vocab_model():
@@ -345,20 +364,21 @@ def tiny_vocab_model():
 
 
 def test_speculative_sampling_is_distributed_as_the_main_model(monkeypatch):
-    """On a 5-token vocabulary, 3 tokens of 40,000 samples: the empirical joint distribution is within
-    0.015 total variation of the main model's exact one (measured: 0.003-0.004 over seeds), and the
-    same check fails for two wrong rules: keeping every draft (0.91), or resampling a rejected one
-    from p instead of the residual (0.047)."""
+    """On a 5-token vocabulary, 3 tokens of 40,000 samples: the empirical joint distribution is
+    within 0.015 total variation of the main model's exact one (measured: 0.003-0.004 over seeds),
+    and the same check fails for two wrong rules: keeping every draft (0.91), or resampling a
+    rejected one from p instead of the residual (0.047)."""
     m, prompt = tiny_vocab_model(), [1, 2, 3]
     tv, acceptance = speculative_tv(m, prompt, 5)
     assert tv < 0.015, tv
-    assert 0.05 < acceptance < 0.95  # drafts are both accepted and rejected: the rule is exercised
+    assert 0.05 < acceptance < 0.95  # drafts both accepted and rejected: the rule is exercised
     real = rollout.verify_draft
-    monkeypatch.setattr(rollout, "verify_draft", lambda p, q, d, greedy, g=None: (torch.ones_like(d, dtype=torch.bool),
-                                                                                   p.argmax(-1)))
+    monkeypatch.setattr(rollout, "verify_draft", lambda p, q, d, greedy, g=None: (
+        torch.ones_like(d, dtype=torch.bool), p.argmax(-1)))
     assert speculative_tv(m, prompt, 5)[0] > 0.03  # keeping every draft samples q, not p
 
-    def from_p(p, q, d, greedy, g=None):  # the right acceptance test, but a rejected draft resampled from p
+    # the right acceptance test, but a rejected draft resampled from p
+    def from_p(p, q, d, greedy, g=None):
         ok, _ = real(p, q, d, greedy, g)
         return ok, torch.multinomial(p.exp(), 1, generator=g)[:, 0]
 

@@ -1,4 +1,5 @@
-"""The train scripts as a user meets them: bad input, faults, signals, locks, resumes and data streams."""
+"""The train scripts as a user meets them: bad input, faults, signals, locks, resumes and data
+streams."""
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from test_train_sft import TINY_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RUN = TINY_FLAGS + ["--steps", "4", "--eval_every", "2", "--ckpt_every", "2"]
+GRPO_2 = GRPO_TINY + ["--n_digits", "2"]
 
 
 def sft(folder, *extra, **kw):
@@ -30,13 +32,15 @@ def sft(folder, *extra, **kw):
 
 
 def grpo(init, folder, *extra):
-    return train_grpo.main(GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", str(init), "--steps", "2",
-                                        "--ckpt_every", "1", "--out_dir", str(folder)] + list(extra))
+    return train_grpo.main(
+        GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", str(init), "--steps", "2",
+                     "--ckpt_every", "1", "--out_dir", str(folder)] + list(extra))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A finished tiny SFT run and a GRPO run from it (module-wide: tests copy them before changing them)."""
+    """A finished tiny SFT run and a GRPO run from it (module-wide: tests copy them before
+    changing them)."""
     root = tmp_path_factory.mktemp("runs")
     sft(root / "sft")
     grpo(root / "sft", root / "grpo")
@@ -44,12 +48,14 @@ def runs(tmp_path_factory):
 
 
 def snapshot(folder):
-    """Every file under folder with its size, time and content: what 'nothing was touched' compares."""
+    """Every file under folder with its size, time and content: what 'nothing was touched'
+    compares."""
     out = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, folder)] = (os.path.getmtime(p), hashlib.sha256(open(p, "rb").read()).hexdigest())
+            out[os.path.relpath(p, folder)] = (os.path.getmtime(p),
+                                               hashlib.sha256(open(p, "rb").read()).hexdigest())
     return out
 
 
@@ -67,23 +73,29 @@ def same_weights(a, b):
 
 SFT_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
            (["--weight_decay", "-5"], "--weight_decay"), (["--beta2", "2"], "--beta2"),
-           (["--grad_accum", "0"], "--grad_accum"), (["--n_digits", "-3"], "n_digits"), (["--n_digits", "30"], "n_digits"),
+           (["--grad_accum", "0"], "--grad_accum"), (["--n_digits", "-3"], "n_digits"),
+           (["--n_digits", "30"], "n_digits"),
            (["--eval_size", "0"], "--eval_size"), (["--eval_every", "0"], "--eval_every"),
            (["--ckpt_every", "0"], "--ckpt_every"), (["--batch_size", "-8"], "--batch_size"),
-           (["--max_seq_len", "4"], "--max_seq_len"), (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"),
+           (["--max_seq_len", "4"], "--max_seq_len"), (["--steps", "0"], "--steps"),
+           (["--steps", "-1"], "--steps"),
            (["--target_acc", "2"], "--target_acc"), (["--grad_clip", "-1"], "--grad_clip"),
            (["--lr", "inf"], "--lr"), (["--batch_size", "6", "--grad_accum", "4"], "--batch_size"),
            (["--vocab_size", "20"], "--vocab_size"), (["--resume", "--lr", "0.5"], "lr")]
 
-GRPO_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "nan"], "--lr"), (["--beta", "-1"], "--beta"),
+GRPO_BAD = [(["--task", "nonsense"], "--task"), (["--lr", "nan"], "--lr"),
+            (["--beta", "-1"], "--beta"),
             (["--pass_k", "0"], "--pass_k"), (["--max_new_tokens", "1"], "--max_new_tokens"),
             (["--mla_impl", "bogus"], "--mla_impl"), (["--grad_clip", "-1"], "--grad_clip"),
-            (["--warmstart_target_acc", "2"], "--warmstart_target_acc"), (["--steps", "0"], "--steps"),
+            (["--warmstart_target_acc", "2"], "--warmstart_target_acc"),
+            (["--steps", "0"], "--steps"),
             (["--eval_every", "0"], "--eval_every"), (["--batch_size", "-8"], "--batch_size"),
             (["--max_seq_len", "4"], "max_seq_len (32, not 4)"), (["--n_digits", "30"], "n_digits"),
-            (["--temperature", "0"], "--temperature"), (["--num_generations", "1"], "--num_generations"),
+            (["--temperature", "0"], "--temperature"),
+            (["--num_generations", "1"], "--num_generations"),
             (["--epsilon", "0"], "--epsilon"), (["--loss_type", "ppo"], "--loss_type"),
-            (["--supervision", "process"], "--supervision"), (["--num_minibatches", "5"], "--num_minibatches"),
+            (["--supervision", "process"], "--supervision"),
+            (["--num_minibatches", "5"], "--num_minibatches"),
             (["--collapse_patience", "-1"], "--collapse_patience"),
             (["--resume", "--dim", "48"], "dim"), (["--resume", "--beta", "0.5"], "beta")]
 
@@ -93,7 +105,12 @@ def again(argv):
     return argv if "--resume" in argv else argv + ["--overwrite"]
 
 
-@pytest.mark.parametrize("argv,flag", SFT_BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def argv_id(x):
+    """A case's test id: its argv's words (and pytest's own id for the flag)."""
+    return " ".join(x) if isinstance(x, list) else None
+
+
+@pytest.mark.parametrize("argv,flag", SFT_BAD, ids=argv_id)
 def test_sft_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
     before = snapshot(runs)
     err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(runs / "sft")] + again(argv),
@@ -102,11 +119,11 @@ def test_sft_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys)
     assert snapshot(runs) == before
 
 
-@pytest.mark.parametrize("argv,flag", GRPO_BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+@pytest.mark.parametrize("argv,flag", GRPO_BAD, ids=argv_id)
 def test_grpo_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys):
     before = snapshot(runs)
-    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"), "--steps", "2",
-                                                         "--out_dir", str(runs / "grpo")] + again(argv), capsys)
+    flags = GRPO_2 + ["--init", str(runs / "sft"), "--steps", "2", "--out_dir", str(runs / "grpo")]
+    err = one_line_failure(train_grpo.main, flags + again(argv), capsys)
     assert flag in err
     assert snapshot(runs) == before
 
@@ -114,28 +131,30 @@ def test_grpo_bad_input_is_one_line_and_touches_nothing(runs, argv, flag, capsys
 @pytest.mark.parametrize("main", [train_sft.main, train_grpo.main])
 def test_out_dir_under_a_regular_file(tmp_path, main, capsys):
     (tmp_path / "file").write_text("not a folder")
-    err = one_line_failure(main, TINY_FLAGS + ["--out_dir", str(tmp_path / "file" / "run")], capsys)
+    err = one_line_failure(main, TINY_FLAGS + ["--out_dir", str(tmp_path / "file" / "run")],
+                           capsys)
     assert "--out_dir" in err and "is a file" in err
     assert os.listdir(tmp_path) == ["file"]
 
 
 def test_a_folder_named_ckpt_pt(tmp_path, capsys):
     (tmp_path / "ckpt.pt").mkdir()
-    err = one_line_failure(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path), "--resume"], capsys)
+    err = one_line_failure(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path), "--resume"],
+                           capsys)
     assert "ckpt.pt" in err and "ckpt.pt/ckpt.pt" not in err
     err = one_line_failure(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path)], capsys)
     assert "is not a file" in err and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
 def test_init_must_be_an_sft_checkpoint(runs, tmp_path, capsys):
-    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "grpo"),
-                                                         "--out_dir", str(tmp_path / "g")], capsys)
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(runs / "grpo"),
+                                                      "--out_dir", str(tmp_path / "g")], capsys)
     assert "is a grpo checkpoint, not a sft run's" in err and not os.path.exists(tmp_path / "g")
 
 
 def test_grpo_resume_names_model_flags_that_differ(runs, capsys):
-    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--steps", "2", "--resume",
-                                                         "--out_dir", str(runs / "grpo"), "--dim", "48"], capsys)
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--steps", "2", "--resume", "--out_dir",
+                                                      str(runs / "grpo"), "--dim", "48"], capsys)
     assert "does not match this run's config in: dim (32, not 48)" in err
 
 
@@ -152,7 +171,8 @@ def test_divergence_before_any_checkpoint_says_none_was_kept(tmp_path, monkeypat
 
     monkeypatch.setattr(Transformer, "forward", nan_loss)
     err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path)], capsys)
-    assert "non-finite loss" in err and "no checkpoint of this run was written" in err and "kept" not in err
+    assert ("non-finite loss" in err and "no checkpoint of this run was written" in err
+            and "kept" not in err)
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
@@ -169,36 +189,40 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
         return real(self)
 
     monkeypatch.setattr(Transformer, "update_router_biases", poison)
-    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path), "--eval_every", "100", "--steps", "6"],
-                           capsys)
-    assert "non-finite values in model.head.weight after step 4" in err and "step 2) was kept" in err
+    flags = ["--out_dir", str(tmp_path), "--eval_every", "100", "--steps", "6"]
+    err = one_line_failure(train_sft.main, SFT_RUN + flags, capsys)
+    assert ("non-finite values in model.head.weight after step 4" in err
+            and "step 2) was kept" in err)
     assert common.load_checkpoint(str(tmp_path))["step"] == 2
 
 
 def test_grpo_non_finite_logits_in_sampling(runs, tmp_path, monkeypatch, capsys):
-    """Diverged weights surface as NaN logits in the rollouts: one line, no traceback from multinomial."""
+    """Diverged weights surface as NaN logits in the rollouts: one line, no traceback from
+    multinomial."""
     real, calls = Transformer.trunk, {"n": 0}
 
     def nan_when_prefilling(self, idx, positions=None, pad_mask=None, cache=None, start_pos=0):
         h, *rest = real(self, idx, positions, pad_mask, cache, start_pos)
         if cache is not None and start_pos == 0 and not torch.is_grad_enabled():
-            calls["n"] += 1  # sampling's prefills: 2 for the first evaluation, then one per step's rollouts
+            calls["n"] += 1  # sampling's prefills: 2 for the first eval, then 1 per step's rollouts
             if calls["n"] >= 3:
                 h = h * float("nan")
         return (h, *rest)
 
     monkeypatch.setattr(Transformer, "trunk", nan_when_prefilling)
-    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"),
-                                                         "--out_dir", str(tmp_path)], capsys)
-    assert "non-finite logits" in err and "at step 1" in err and "no checkpoint of this run was written" in err
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(runs / "sft"),
+                                                      "--out_dir", str(tmp_path)], capsys)
+    assert ("non-finite logits" in err and "at step 1" in err
+            and "no checkpoint of this run was written" in err)
 
 
 def test_grpo_collapse_stops_the_run(runs, tmp_path, monkeypatch, capsys):
-    """A policy that no longer gets any reward and no gradient cannot change any more (the issue's
-    lr=1e4 run): it stops with an error instead of running on and exiting 0."""
+    """A policy that no longer gets any reward and no gradient cannot change any more (as after
+    --lr 1e4): the run stops with an error instead of running on and exiting 0."""
     monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: 0.0)
-    err = one_line_failure(train_grpo.main, GRPO_TINY + ["--n_digits", "2", "--init", str(runs / "sft"), "--steps", "8",
-                                                         "--collapse_patience", "3", "--out_dir", str(tmp_path)], capsys)
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(runs / "sft"), "--steps", "8",
+                                                      "--collapse_patience", "3",
+                                                      "--out_dir", str(tmp_path)], capsys)
     assert "collapsed" in err and "3 steps" in err
 
 
@@ -212,7 +236,8 @@ def test_flipped_bytes_are_a_clear_error(runs, tmp_path, capsys):
     path.write_bytes(bytes(data))
     with pytest.raises(common.CheckpointError, match="fails its CRC32 check"):
         common.load_checkpoint(str(path))
-    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"), "--resume", "--steps", "6"], capsys)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"),
+                                                      "--resume", "--steps", "6"], capsys)
     assert "damaged" in err
 
 
@@ -246,7 +271,8 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monk
     assert strip(metrics(tmp_path / "b")) == strip(metrics(tmp_path / "full"))
 
 
-def test_sigterm_stops_grpo_with_a_checkpoint_and_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
+def test_sigterm_stops_grpo_with_a_checkpoint_and_resumes_exactly(runs, tmp_path, monkeypatch,
+                                                                  capsys):
     full, _, _ = grpo(runs / "sft", tmp_path / "full", "--steps", "4", "--ckpt_every", "100")
     interrupt_at(monkeypatch, train_grpo, "make_experience", 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
@@ -254,21 +280,23 @@ def test_sigterm_stops_grpo_with_a_checkpoint_and_resumes_exactly(runs, tmp_path
     assert e.value.code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM after step 2" in capsys.readouterr().err
     monkeypatch.undo()
-    resumed, _, _ = grpo(runs / "sft", tmp_path / "b", "--steps", "4", "--ckpt_every", "100", "--resume")
+    resumed, _, _ = grpo(runs / "sft", tmp_path / "b", "--steps", "4", "--ckpt_every", "100",
+                         "--resume")
     same_weights(full, resumed)
 
 
 def test_a_second_run_into_a_locked_folder_fails_at_once(runs, tmp_path, capsys):
     shutil.copytree(runs / "sft", tmp_path / "sft")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
-            "f = common.lock_run_folder(sys.argv[2]); print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, str(tmp_path / "sft")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+            "f = common.lock_run_folder(sys.argv[2]); print('locked', flush=True); "
+            "sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, str(tmp_path / "sft")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(tmp_path)
-        err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"), "--resume", "--steps", "6"],
-                               capsys)
+        err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft"),
+                                                          "--resume", "--steps", "6"], capsys)
         assert f"in use by another run (pid {holder.pid})" in err
         assert snapshot(tmp_path) == before
     finally:

@@ -11,7 +11,8 @@ def tok():
     return tasks.Tokenizer()
 
 
-ALL_TASKS = [tasks.Addition(3), tasks.Subtraction(3), tasks.Multiplication(2), tasks.MultiStep(3, 2)]
+ALL_TASKS = [tasks.Addition(3), tasks.Subtraction(3), tasks.Multiplication(2),
+             tasks.MultiStep(3, 2)]
 
 
 def test_tokenizer_is_tiktoken_and_offline(tok):
@@ -80,8 +81,8 @@ def test_sampler_is_seeded():
     assert len(set(a)) == 1
 
 
-@pytest.mark.parametrize("junk", ["1+1", "__import__('os')", "", "9" * 100, "0x10", "1e3", " 5", "5 ",
-                                  "--5", "05", "+5", "5\n", None, "١٢"])
+@pytest.mark.parametrize("junk", ["1+1", "__import__('os')", "", "9" * 100, "0x10", "1e3", " 5",
+                                  "5 ", "--5", "05", "+5", "5\n", None, "١٢"])
 def test_parser_rejects_junk_without_raising(junk):
     assert tasks.parse_int(junk) is None
     p = tasks.Problem("1+1=", "2", 2)
@@ -136,18 +137,20 @@ def test_unknown_task_is_clear():
 
 
 def test_strict_decode_keeps_specials_visible(tok):
-    ids = tok.encode("09") + [tok.pad_id, tok.bos_id] + tok.encode("59") + [tok.eos_id] + tok.encode("1")
+    ids = tok.encode("09") + [tok.pad_id, tok.bos_id] + tok.encode("59") + [tok.eos_id]
+    ids += tok.encode("1")
     assert tok.decode(ids) == "0959"
     strict = tok.decode(ids, strict=True)
     assert strict == "09??59" and len(strict) == 6  # one character per token, so step indices hold
     assert tasks.Addition(3).reward(strict, tasks.Problem("500+459=", "0959", 959)) == 0.0
 
 
-@pytest.mark.parametrize("task", [tasks.Addition(3), tasks.Addition(2, fixed_width=False), tasks.Multiplication(2),
-                                  tasks.MultiStep(3, 2)], ids=lambda t: t.name)
+@pytest.mark.parametrize("task", [tasks.Addition(3), tasks.Addition(2, fixed_width=False),
+                                  tasks.Multiplication(2), tasks.MultiStep(3, 2)],
+                         ids=lambda t: t.name)
 def test_commuted_twins_fall_on_the_same_side_of_the_split(task):
-    """Held out means unseen: a + b is held out iff b + a is (for multistep, any order of the terms),
-    and no training problem is a reordering of a held-out one."""
+    """Held out means unseen: a + b is held out iff b + a is (for multistep, any order of the
+    terms), and no training problem is a reordering of a held-out one."""
     op = "*" if task.name == "mul" else "+"
     held = task.eval_set(200)
     for p in held:
@@ -167,13 +170,15 @@ def test_subtraction_is_not_commutative():
 def test_parse_int_rejects_minus_zero():
     assert tasks.parse_int("-0") is None and tasks.parse_int("0") == 0
     p = tasks.Problem("5-5=", "0", 0)
-    assert tasks.Subtraction(1).reward("0", p) == 1.0 and tasks.Subtraction(1).reward("-0", p) == 0.0
+    sub = tasks.Subtraction(1)
+    assert sub.reward("0", p) == 1.0 and sub.reward("-0", p) == 0.0
 
 
 def completions_to_try(task, p, rng):
-    """The reference, near misses, and junk that contains answers (digits after '=', stray marks)."""
-    out = [p.completion, p.completion + ",", "??=" + str(p.answer), "=" + str(p.answer), str(p.answer),
-           f"{p.answer}={p.answer}", "-" + p.completion, p.completion[:-1], "", "?" + p.completion]
+    """The reference, near misses, and junk containing answers (digits after '=', stray marks)."""
+    out = [p.completion, p.completion + ",", "??=" + str(p.answer), "=" + str(p.answer),
+           str(p.answer), f"{p.answer}={p.answer}", "-" + p.completion, p.completion[:-1], "",
+           "?" + p.completion]
     chars = tasks.ALPHABET + "?"
     out += ["".join(rng.choice(chars) for _ in range(rng.randrange(1, 12))) for _ in range(50)]
     return out
@@ -182,7 +187,8 @@ def completions_to_try(task, p, rng):
 @pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.name)
 def test_reward_is_one_exactly_when_the_parsed_answer_is_right(task):
     """pass@k (from rewards) and maj@k (from parsed answers) must agree on what is an answer: the
-    parser gives an answer only for a well-formed completion, and the reward is 1 iff it is right."""
+    parser gives an answer only for a well-formed completion, and the reward is 1 iff it is
+    right."""
     rng = random.Random(4)
     for _ in range(50):
         p = task.sample(rng)
@@ -218,5 +224,6 @@ def test_one_digit_tasks_do_not_hang():
     for name in tasks.TASKS:
         t = tasks.get_task(name, 1)
         held = t.eval_set(256)
-        assert 0 < len(held) < 256  # fewer distinct held-out problems than asked: returned, not looped on
+        # fewer distinct held-out problems than asked: returned, not looped on
+        assert 0 < len(held) < 256
         t.sample(random.Random(0))

@@ -20,8 +20,9 @@ from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 TOK, TASK = tasks.Tokenizer(), tasks.Addition(2)
-DPO_TINY = TINY_MODEL + ["--n_digits", "2", "--eval_size", "8", "--quiet", "--batch_size", "4", "--num_prompts", "16",
-                         "--num_generations", "2", "--pass_k", "2", "--pass_n", "2", "--warmup", "1"]
+DPO_TINY = TINY_MODEL + ["--n_digits", "2", "--eval_size", "8", "--quiet", "--batch_size", "4",
+                         "--num_prompts", "16", "--num_generations", "2", "--pass_k", "2",
+                         "--pass_n", "2", "--warmup", "1"]
 
 
 def tiny(seed=0):
@@ -31,7 +32,8 @@ def tiny(seed=0):
 
 def synthetic_pairs(n=6, seed=0):
     rng = random.Random(seed)
-    return rollout.make_pairs(None, TOK, TASK, [TASK.sample(rng) for _ in range(n)], "synthetic", rng=rng)
+    problems = [TASK.sample(rng) for _ in range(n)]
+    return rollout.make_pairs(None, TOK, TASK, problems, "synthetic", rng=rng)
 
 
 def with_ref(ref, pairs):
@@ -96,7 +98,8 @@ def test_length_normalised_dpo_averages_both_log_ratios():
     got, _, _ = train_dpo.preference_loss(cfg, chosen, rejected, pairs)
     lc = torch.tensor([float(len(p["chosen_ids"])) for p in pairs.items])
     lr = torch.tensor([float(len(p["rejected_ids"])) for p in pairs.items])
-    rc, rr = (torch.tensor([p[k] for p in pairs.items]) for k in ("ref_chosen_logp", "ref_rejected_logp"))
+    rc, rr = (torch.tensor([p[k] for p in pairs.items])
+              for k in ("ref_chosen_logp", "ref_rejected_logp"))
     want, _, _ = losses.dpo_loss(chosen / lc, rejected / lr, rc / lc, rr / lr, cfg.beta)
     torch.testing.assert_close(got, want)
 
@@ -106,8 +109,10 @@ def test_pair_logprobs_equal_a_per_sequence_loop():
     forward of each `prompt + completion` alone, with ragged completions and a prompt repeated."""
     policy = tiny()
     pairs = synthetic_pairs(3)
-    pairs[1]["rejected_ids"] = pairs[1]["rejected_ids"][:2] + pairs[1]["rejected_ids"]  # the longest side
-    pairs.append(dict(pairs[0], chosen_ids=pairs[0]["chosen_ids"][1:]))  # the same prompt again, a shorter side
+    rejected = pairs[1]["rejected_ids"]
+    pairs[1]["rejected_ids"] = rejected[:2] + rejected  # the longest side
+    # the same prompt again, a shorter side
+    pairs.append(dict(pairs[0], chosen_ids=pairs[0]["chosen_ids"][1:]))
     got = logprobs(policy, train_dpo.Pairs.of(pairs, CPU))
     for side, values in zip(("chosen_ids", "rejected_ids"), got):
         for i, p in enumerate(pairs):
@@ -132,7 +137,8 @@ def test_policy_pairs_chosen_right_rejected_wrong(monkeypatch):
         rows = []
         for i, _ in enumerate(prompts):
             for kind in kinds[i]:
-                text = problems[i].completion if kind == "right" else TASK.near_miss(problems[i], random.Random(i))
+                text = (problems[i].completion if kind == "right"
+                        else TASK.near_miss(problems[i], random.Random(i)))
                 rows.append(TOK.encode(text) + [eos_id])
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows])
@@ -154,7 +160,8 @@ def test_synthetic_pairs_chosen_right_rejected_a_well_formed_near_miss(name):
     task = tasks.get_task(name)
     rng = random.Random(1)
     problems = [task.sample(rng) for _ in range(200)]
-    for prob, p in zip(problems, rollout.make_pairs(None, TOK, task, problems, "synthetic", rng=rng)):
+    pairs = rollout.make_pairs(None, TOK, task, problems, "synthetic", rng=rng)
+    for prob, p in zip(problems, pairs):
         assert task.reward(p["chosen"], prob) == 1.0
         answer = task.parse_answer(p["rejected"])
         assert answer is not None and answer != prob.answer  # wrong, but an answer
@@ -165,18 +172,21 @@ def dpo(sft_ckpt, folder, *extra):
 
 
 def test_end_to_end_rounds_held_out_split_and_resume(sft_ckpt, tmp_path):
-    """Two rounds of iterative DPO with a reference reset: pairs files for both rounds, training pairs
-    never from held-out prompts (held-out pairs always), and --stop_at then --resume (across the round
-    boundary) ends with the same weights as the uninterrupted run."""
-    flags = ["--rounds", "2", "--ref_reset", "--epochs", "2", "--eval_every", "3", "--ckpt_every", "100"]
+    """Two rounds of iterative DPO with a reference reset: pairs files for both rounds, training
+    pairs never from held-out prompts (held-out pairs always), and --stop_at then --resume (across
+    the round boundary) ends with the same weights as the uninterrupted run."""
+    flags = ["--rounds", "2", "--ref_reset", "--epochs", "2", "--eval_every", "3",
+             "--ckpt_every", "100"]
     full, first, last = dpo(sft_ckpt, tmp_path / "a", *flags)
-    assert {"greedy_acc", "pass@2", "maj@2", "pref_acc", "pref_margin"} <= set(last) and first["pref_acc"] == 0.0
+    assert ({"greedy_acc", "pass@2", "maj@2", "pref_acc", "pref_margin"} <= set(last)
+            and first["pref_acc"] == 0.0)
     for k in (0, 1):
         pairs, settings = rollout.load_pairs(str(tmp_path / "a" / f"pairs_round{k}.jsonl"))
         assert settings["round"] == k and "reference" in settings
         for p in pairs:
             assert TASK.is_held_out(p["prompt"]) == (p["split"] == "heldout")
-    held = [[p["prompt"] for p in rollout.load_pairs(str(tmp_path / "a" / f"pairs_round{k}.jsonl"))[0]
+    held = [[p["prompt"]
+             for p in rollout.load_pairs(str(tmp_path / "a" / f"pairs_round{k}.jsonl"))[0]
              if p["split"] == "heldout"] for k in (0, 1)]
     assert held[0] == held[1] and held[0]  # the same held-out pairs in every round
     n_steps = sum(1 for line in open(tmp_path / "a" / "metrics.jsonl") if '"train"' in line)
@@ -185,7 +195,8 @@ def test_end_to_end_rounds_held_out_split_and_resume(sft_ckpt, tmp_path):
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     keys = [(r["step"], r["kind"]) for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))]
-    assert keys == [(r["step"], r["kind"]) for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl"))]
+    assert keys == [(r["step"], r["kind"])
+                    for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl"))]
 
 
 def test_pairs_file_is_reused_with_its_reference_logprobs(sft_ckpt, tmp_path, monkeypatch):
@@ -193,33 +204,38 @@ def test_pairs_file_is_reused_with_its_reference_logprobs(sft_ckpt, tmp_path, mo
     made = str(tmp_path / "a" / "pairs_round0.jsonl")
     calls = []
     monkeypatch.setattr(train_dpo, "add_ref_logprobs", lambda *a, **kw: calls.append(1))
-    monkeypatch.setattr(rollout, "make_pairs", lambda *a, **kw: pytest.fail("pairs were made again"))
+    monkeypatch.setattr(rollout, "make_pairs",
+                        lambda *a, **kw: pytest.fail("pairs were made again"))
     dpo(sft_ckpt, tmp_path / "b", "--epochs", "1", "--pairs_file", made)
     assert calls == []  # the same reference: its stored log-probs are reused
-    assert rollout.load_pairs(str(tmp_path / "b" / "pairs_round0.jsonl"))[0] == rollout.load_pairs(made)[0]
+    assert (rollout.load_pairs(str(tmp_path / "b" / "pairs_round0.jsonl"))[0]
+            == rollout.load_pairs(made)[0])
 
 
 def test_simpo_run_computes_no_reference_logprobs(sft_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_dpo, "add_ref_logprobs", lambda *a, **kw: pytest.fail("SimPO read a reference"))
+    monkeypatch.setattr(train_dpo, "add_ref_logprobs",
+                        lambda *a, **kw: pytest.fail("SimPO read a reference"))
     dpo(sft_ckpt, tmp_path, "--loss", "simpo", "--epochs", "1")
 
 
-@pytest.mark.parametrize("argv,flag", [(["--loss", "kto"], "--loss"), (["--label_smoothing", "0.7"], "--label_smoothing"),
-                                       (["--loss", "ipo", "--label_smoothing", "0.1"], "--label_smoothing"),
-                                       (["--beta", "-1"], "--beta"), (["--rounds", "0"], "--rounds"),
-                                       (["--pairs_source", "human"], "--pairs_source"),
-                                       (["--batch_size", "3", "--grad_accum", "2"], "--batch_size")])
+@pytest.mark.parametrize("argv,flag", [
+    (["--loss", "kto"], "--loss"), (["--label_smoothing", "0.7"], "--label_smoothing"),
+    (["--loss", "ipo", "--label_smoothing", "0.1"], "--label_smoothing"),
+    (["--beta", "-1"], "--beta"), (["--rounds", "0"], "--rounds"),
+    (["--pairs_source", "human"], "--pairs_source"),
+    (["--batch_size", "3", "--grad_accum", "2"], "--batch_size"),
+])
 def test_bad_settings_are_one_line_errors(sft_ckpt, tmp_path, argv, flag, capsys):
-    assert flag in one_line_failure(train_dpo.main, DPO_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path)] + argv,
-                                    capsys)
+    assert flag in one_line_failure(
+        train_dpo.main, DPO_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path)] + argv, capsys)
     assert not os.path.exists(tmp_path / "config.json")
 
 
 def test_pairs_file_of_another_task_is_an_error(tmp_path, sft_ckpt, capsys):
     path = str(tmp_path / "pairs.jsonl")
     rollout.save_pairs(path, [], {"task": "mul", "n_digits": 2})
-    err = one_line_failure(train_dpo.main, DPO_TINY + ["--init", sft_ckpt, "--pairs_file", path, "--out_dir",
-                                                       str(tmp_path / "run")], capsys)
+    err = one_line_failure(train_dpo.main, DPO_TINY + ["--init", sft_ckpt, "--pairs_file", path,
+                                                       "--out_dir", str(tmp_path / "run")], capsys)
     assert "holds pairs of task mul" in err and not os.path.exists(tmp_path / "run")
 
 
@@ -230,7 +246,8 @@ def test_pairs_file_of_another_task_is_an_error(tmp_path, sft_ckpt, capsys):
 def fixed_pairs():
     ref = tiny(1)
     pairs = synthetic_pairs(8, seed=2)
-    pairs[0]["rejected_ids"] = pairs[0]["rejected_ids"][:2] + pairs[0]["rejected_ids"]  # ragged lengths
+    rejected = pairs[0]["rejected_ids"]
+    pairs[0]["rejected_ids"] = rejected[:2] + rejected  # ragged lengths
     return with_ref(ref, pairs)
 
 

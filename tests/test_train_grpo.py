@@ -17,7 +17,7 @@ import train_sft
 from conftest import one_line_cli_error, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import Transformer
-from test_train_sft import TINY_MODEL
+from test_train_sft import TINY_MODEL, text_reward
 
 
 def tiny_policy(seed=0):
@@ -98,20 +98,22 @@ def test_rollout_logprobs_match_the_training_forward():
     recomputed ones (one shared-prefix forward): no off-by-one between logits and labels."""
     policy = tiny_policy().eval()
     r = rollout_batch(policy).rollout
-    torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.logprobs, logps(policy, r) * r.completion_mask,
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("G", [1, 4])
 def test_online_rft_coefficient_is_one_exactly_on_correct_completions(G, monkeypatch):
     """Online RFT's gradient coefficient is 1[correct] (DeepSeekMath 5.2.1): no baseline, no
     scaling, so a group of all-correct completions still pushes them up and G = 1 is allowed."""
-    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
+    monkeypatch.setattr(tasks.Addition, "reward", text_reward)
     exp = rollout_batch(tiny_policy(), G=G, cfg=config(num_generations=G, gradient_coef="rft"))
     texts = rollout.decode_completions(tasks.Tokenizer(), exp.rollout)
     want = torch.tensor([float(zlib.crc32(t.encode()) % 2) for t in texts])
     assert 0 < want.sum() < len(want)
     assert torch.equal(exp.advantages, want) and torch.equal(exp.rewards, want)
-    grpo = rollout_batch(tiny_policy(), cfg=config(num_generations=4))  # the same samples, GRPO's coefficient
+    # the same samples, GRPO's coefficient
+    grpo = rollout_batch(tiny_policy(), cfg=config(num_generations=4))
     assert G == 1 or not torch.equal(grpo.advantages, want)
 
 
@@ -134,7 +136,7 @@ def fixed_experience():
     """A rollout with hand-set advantages and completions of different lengths in each half."""
     policy = tiny_policy(seed=1)
     exp = rollout_batch(policy, n_prompts=4, G=2, seed=3)
-    exp.rollout.completion_mask[:4, 2:] = 0  # the first half is shorter: a per-half mean would be wrong
+    exp.rollout.completion_mask[:4, 2:] = 0  # first half shorter: a per-half mean would be wrong
     old = logps(policy, exp.rollout)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
     return with_logps(exp, adv, old, old - 0.1, mask=exp.rollout.completion_mask.clone())
@@ -158,16 +160,17 @@ DDP_CASES = [("grpo", 1), ("dapo", 1), ("dr_grpo", 1), ("grpo", 2), ("dapo", 2),
 def rows_of(exp, rows):
     """The experience restricted to some rows (what one rank holds)."""
     r = exp.rollout
-    local = rollout.Rollout(*(t[rows] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                                 r.ended, r.logprobs)))
-    return replace(exp, rollout=local, rewards=exp.rewards[rows], advantages=exp.advantages[rows], mask=exp.mask[rows],
-                   old_logp=exp.old_logp[rows], ref_logp=exp.ref_logp[rows])
+    local = rollout.Rollout(*(t[rows] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                                 r.completion_mask, r.ended, r.logprobs)))
+    return replace(exp, rollout=local, rewards=exp.rewards[rows], advantages=exp.advantages[rows],
+                   mask=exp.mask[rows], old_logp=exp.old_logp[rows], ref_logp=exp.ref_logp[rows])
 
 
 def _ddp_grpo(rank, world, path, exp):
     from torch.nn.parallel import DistributedDataParallel as DDP
     local = rows_of(exp, slice(rank * 4, rank * 4 + 4))  # each rank holds two whole groups
-    for loss_type, accum in DDP_CASES:  # MoE layers, no_sync and find_unused_parameters: where DDP bugs hide
+    # MoE layers, no_sync and find_unused_parameters: where DDP bugs hide
+    for loss_type, accum in DDP_CASES:
         policy = tiny_policy(seed=1)
         model = DDP(common.SharedPrefix(policy), find_unused_parameters=True)  # as Run.wrap does
         _split_step(policy, local, config(num_generations=2, loss_type=loss_type, grad_accum=accum),
@@ -187,7 +190,8 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
         _split_step(single, exp, config(num_generations=2, loss_type=loss_type))
         got = torch.load(f"{path}.{loss_type}.{accum}")
         for n, p in single.state_dict().items():
-            torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0, msg=f"{loss_type} accum {accum}: {n}")
+            torch.testing.assert_close(got[n], p, atol=1e-6, rtol=0,
+                                       msg=f"{loss_type} accum {accum}: {n}")
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -197,7 +201,8 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     (["--supervision", "process"], "use --task multistep"),
     (["--loss_type", "ppo"], "loss_type must be"),
     (["--gradient_coef", "sft"], "gradient_coef must be"),
-    (["--gradient_coef", "rft", "--task", "multistep", "--supervision", "process"], "use --supervision outcome"),
+    (["--gradient_coef", "rft", "--task", "multistep", "--supervision", "process"],
+     "use --supervision outcome"),
     (["--gradient_coef", "rft", "--filter_zero_std"], "without --filter_zero_std"),
     (["--gradient_coef", "rft", "--num_generations", "0"], "num_generations must be > 0"),
 ])
@@ -205,23 +210,24 @@ def test_bad_settings_are_one_line_errors(flags, msg, capsys):
     assert msg in one_line_cli_error(train_grpo.main, flags, capsys)
 
 
-GRPO_TINY = ["--eval_size", "8", "--samples", "0", "--quiet", "--batch_size", "4", "--num_generations", "4",
-             "--pass_k", "2", "--pass_n", "2", "--warmup", "1"]
+GRPO_TINY = ["--eval_size", "8", "--samples", "0", "--quiet", "--batch_size", "4",
+             "--num_generations", "4", "--pass_k", "2", "--pass_n", "2", "--warmup", "1"]
 
 
 def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path, monkeypatch):
     # A barely trained model is never right; a reward that depends on the text (not on being right)
     # gives the groups variance, so the policy really moves and the checks below can fail.
-    monkeypatch.setattr(tasks.Addition, "reward", lambda self, c, p: float(zlib.crc32(c.encode()) % 2))
-    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "4", "--ckpt_every", "2",
-                         "--num_iterations", "2", "--num_minibatches", "2", "--ref_reset_every", "2"]
+    monkeypatch.setattr(tasks.Addition, "reward", text_reward)
+    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "4",
+                         "--ckpt_every", "2", "--num_iterations", "2", "--num_minibatches", "2",
+                         "--ref_reset_every", "2"]
     full, first, last = train_grpo.main(flags + ["--out_dir", str(tmp_path / "a")])
     assert set(first) == {"greedy_acc", "pass@2", "maj@2"} and set(last) == set(first)
     recs = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     steps = [x for x in recs if "reward_mean" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
-    for key in ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_low", "clip_high", "completion_len",
-                "samples_per_s", "logprob_gap"):
+    for key in ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_low", "clip_high",
+                "completion_len", "samples_per_s", "logprob_gap"):
         assert key in steps[0]
     assert steps[0]["logprob_gap"] < 1e-4
     train_grpo.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at", "2"])
@@ -240,22 +246,26 @@ def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path, monkeypatch):
 
 def test_process_supervision_run(tmp_path):
     sft = tmp_path / "sft"
-    train_sft.main(TINY_MODEL + ["--task", "multistep", "--n_digits", "1", "--eval_size", "8", "--samples", "0",
-                                 "--quiet", "--batch_size", "8", "--steps", "3", "--eval_every", "100", "--out_dir", str(sft)])
-    _, first, last = train_grpo.main(GRPO_TINY + ["--task", "multistep", "--n_digits", "1", "--supervision", "process",
-                                                  "--init", str(sft), "--steps", "2", "--out_dir", str(tmp_path / "g")])
+    train_sft.main(TINY_MODEL + ["--task", "multistep", "--n_digits", "1", "--eval_size", "8",
+                                 "--samples", "0", "--quiet", "--batch_size", "8", "--steps", "3",
+                                 "--eval_every", "100", "--out_dir", str(sft)])
+    _, first, last = train_grpo.main(GRPO_TINY + ["--task", "multistep", "--n_digits", "1",
+                                                  "--supervision", "process", "--init", str(sft),
+                                                  "--steps", "2", "--out_dir", str(tmp_path / "g")])
     assert 0.0 <= last["greedy_acc"] <= 1.0
 
 
 def test_init_from_another_task_is_an_error(sft_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--task", "sub", "--n_digits", "2", "--out_dir", str(tmp_path)])
+        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--task", "sub", "--n_digits", "2",
+                                     "--out_dir", str(tmp_path)])
     assert "was trained on task add with 2 digits, not sub" in capsys.readouterr().err
 
 
 def test_init_with_other_model_flags_is_an_error(sft_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--n_digits", "2", "--dim", "48", "--out_dir", str(tmp_path)])
+        train_grpo.main(GRPO_TINY + ["--init", sft_ckpt, "--n_digits", "2", "--dim", "48",
+                                     "--out_dir", str(tmp_path)])
     assert "another model config in: dim" in capsys.readouterr().err
 
 

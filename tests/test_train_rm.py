@@ -16,8 +16,9 @@ from test_train_sft import TINY_MODEL
 
 CPU = torch.device("cpu")
 TOK, TASK = tasks.Tokenizer(), tasks.Addition(2)
-RM_TINY = TINY_MODEL + ["--n_digits", "2", "--eval_size", "8", "--quiet", "--batch_size", "4", "--num_prompts", "16",
-                        "--num_generations", "2", "--auc_samples", "2", "--warmup", "1"]
+RM_TINY = TINY_MODEL + ["--n_digits", "2", "--eval_size", "8", "--quiet", "--batch_size", "4",
+                        "--num_prompts", "16", "--num_generations", "2", "--auc_samples", "2",
+                        "--warmup", "1"]
 
 
 def tiny_rm(seed=0):
@@ -37,8 +38,8 @@ def test_zero_head_scores_exactly_zero():
 
 
 def test_scores_read_the_last_real_token_whatever_the_padding():
-    """The same scores for a right-padded batch (score), a left-padded batch with positions, and each
-    sequence alone: the head reads the last real token, never padding."""
+    """The same scores for a right-padded batch (score), a left-padded batch with positions, and
+    each sequence alone: the head reads the last real token, never padding."""
     rm = tiny_rm().eval()
     rng = random.Random(0)
     seqs = [[15] + [rng.randrange(15) for _ in range(n)] for n in (3, 9, 5, 1)]
@@ -46,7 +47,8 @@ def test_scores_read_the_last_real_token_whatever_the_padding():
     alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
     ids, mask = rollout.left_pad(seqs, TOK.pad_id, CPU)
-    left = rollout.last_real(rm(ids, positions=(mask.long().cumsum(1) - 1).clamp_min(0), pad_mask=mask), mask)
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+    left = rollout.last_real(rm(ids, positions=positions, pad_mask=mask), mask)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
     assert len(set(alone.tolist())) == 4
 
@@ -66,12 +68,14 @@ def test_scores_run_each_prompt_once_and_equal_each_sequence_alone():
     want = torch.stack([alone(p, c) for p, c in zip(prompts, completions)])
     torch.testing.assert_close(score(rm, prompts, completions), want, atol=1e-5, rtol=1e-5)
     pairs = synthetic_pairs(3)
-    pairs[2]["rejected_ids"] = pairs[2]["rejected_ids"][:3] + pairs[2]["rejected_ids"]  # the longest side
+    rejected = pairs[2]["rejected_ids"]
+    pairs[2]["rejected_ids"] = rejected[:3] + rejected  # the longest side
     with torch.no_grad():
         got = train_rm.pair_scores(rm, pairs, TOK.pad_id, CPU)
         for side, values in zip(("chosen_ids", "rejected_ids"), got):
-            torch.testing.assert_close(values, torch.stack([alone(p["prompt_ids"], p[side]) for p in pairs]),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                values, torch.stack([alone(p["prompt_ids"], p[side]) for p in pairs]),
+                atol=1e-5, rtol=1e-5)
     assert len(set(want.tolist())) == 4
 
 
@@ -80,7 +84,8 @@ def test_auc_by_hand():
     y = torch.tensor([True, False, True, False, False])
     # positives 0.9 and 0.3 against negatives 0.8, 0.3, 0.1: 0.9 beats 3, 0.3 beats 1 and ties 1
     assert abs(train_rm.auc(s, y) - (3 + 1 + 0.5) / 6) < 1e-7
-    assert train_rm.auc(s, ~torch.zeros(5, dtype=torch.bool)) != train_rm.auc(s, y)  # nan without negatives
+    # nan without negatives
+    assert train_rm.auc(s, ~torch.zeros(5, dtype=torch.bool)) != train_rm.auc(s, y)
 
 
 def rm_step(pairs, micro, model=None, n_global=8):
@@ -123,29 +128,35 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
 
 
 def test_end_to_end_resume_and_load(sft_ckpt, tmp_path, capsys):
-    flags = RM_TINY + ["--init", sft_ckpt, "--epochs", "2", "--eval_every", "3", "--ckpt_every", "100"]
+    flags = RM_TINY + ["--init", sft_ckpt, "--epochs", "2", "--eval_every", "3",
+                       "--ckpt_every", "100"]
     full, first, last = train_rm.main(flags + ["--out_dir", str(tmp_path / "a")])
-    assert first["pair_acc"] == 0.0 and {"pair_acc", "pair_margin", "auc", "frac_correct"} == set(last)
+    assert (first["pair_acc"] == 0.0
+            and {"pair_acc", "pair_margin", "auc", "frac_correct"} == set(last))
     for p in rollout.load_pairs(str(tmp_path / "a" / "pairs.jsonl"))[0]:
         assert TASK.is_held_out(p["prompt"]) == (p["split"] == "heldout")
     train_rm.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"])
     resumed, _, _ = train_rm.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume"])
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
-    rm = train_rm.load_reward_model(str(tmp_path / "a"), TOK, TASK, CPU)
+    rm = train_rm.load_reward_model(str(tmp_path / "a"), TASK, CPU)
     p = rollout.load_pairs(str(tmp_path / "a" / "pairs.jsonl"))[0][0]
     torch.testing.assert_close(score(rm, [p["prompt_ids"]], [p["chosen_ids"]]),
-                               score(full.eval().cpu(), [p["prompt_ids"]], [p["chosen_ids"]]))  # CUDA runs too
+                               score(full.eval().cpu(),  # CUDA runs too
+                                     [p["prompt_ids"]], [p["chosen_ids"]]))
     with pytest.raises(common.CheckpointError, match="not add with 3"):
-        train_rm.load_reward_model(str(tmp_path / "a"), TOK, tasks.Addition(3), CPU)
+        train_rm.load_reward_model(str(tmp_path / "a"), tasks.Addition(3), CPU)
     with pytest.raises(common.CheckpointError, match="is a sft checkpoint"):
-        train_rm.load_reward_model(sft_ckpt, TOK, TASK, CPU)
+        train_rm.load_reward_model(sft_ckpt, TASK, CPU)
 
 
-@pytest.mark.parametrize("argv,flag", [(["--margin", "-1"], "--margin"), (["--auc_samples", "0"], "--auc_samples"),
-                                       (["--pairs_source", "human"], "--pairs_source"), (["--lr", "nan"], "--lr")])
+@pytest.mark.parametrize("argv,flag", [(["--margin", "-1"], "--margin"),
+                                       (["--auc_samples", "0"], "--auc_samples"),
+                                       (["--pairs_source", "human"], "--pairs_source"),
+                                       (["--lr", "nan"], "--lr")])
 def test_bad_settings_are_one_line_errors(sft_ckpt, tmp_path, argv, flag, capsys):
-    assert flag in one_line_failure(train_rm.main, RM_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path)] + argv, capsys)
+    assert flag in one_line_failure(
+        train_rm.main, RM_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path)] + argv, capsys)
     assert not os.path.exists(tmp_path / "config.json")
 
 

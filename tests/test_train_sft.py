@@ -7,17 +7,19 @@ import pytest
 import torch
 
 import common
+import rollout
 import tasks
 import train_sft
 from conftest import one_line_cli_error, tiny_config
 from dist_helpers import run_on_two_ranks
 from model import Transformer
 
-TINY_MODEL = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "16", "--n_layers", "2", "--n_heads", "2",
-              "--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "4", "--v_head_dim", "8",
-              "--n_routed_experts", "4", "--max_seq_len", "32"]
-TINY_FLAGS = TINY_MODEL + ["--task", "add", "--n_digits", "2", "--eval_size", "8", "--samples", "0", "--quiet",
-                           "--batch_size", "8", "--warmup", "2"]
+TINY_MODEL = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "16", "--n_layers", "2",
+              "--n_heads", "2", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
+              "--qk_rope_head_dim", "4", "--v_head_dim", "8", "--n_routed_experts", "4",
+              "--max_seq_len", "32"]
+TINY_FLAGS = TINY_MODEL + ["--task", "add", "--n_digits", "2", "--eval_size", "8", "--samples", "0",
+                           "--quiet", "--batch_size", "8", "--warmup", "2"]
 
 
 def fixed_batch(n=8, seed=0):
@@ -26,11 +28,13 @@ def fixed_batch(n=8, seed=0):
 
 
 def fresh(seed=0, sgd=False, **kw):
-    """A tiny model and its optimiser. Equivalence tests use SGD: Adam's first step is ~lr * sign(g),
-    which turns float noise in a near-zero gradient into a full-size difference in the weights."""
+    """A tiny model and its optimiser. Equivalence tests use SGD: Adam's first step is
+    ~lr * sign(g), which turns float noise in a near-zero gradient into a full-size difference in
+    the weights."""
     torch.manual_seed(seed)
     m = Transformer(tiny_config(**kw))
-    opt = torch.optim.SGD(m.parameters(), lr=0.5) if sgd else torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = (torch.optim.SGD(m.parameters(), lr=0.5) if sgd
+           else torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0))
     return m, opt
 
 
@@ -42,7 +46,8 @@ def test_make_batch_masks_prompt_and_aligns_targets():
         row = [t for t in idx[i].tolist() if t != tok.pad_id]
         text = tok.decode(row)
         prompt_len = text.index("=") + 2  # <bos> + up to '='
-        assert torch.equal(targets[i, :-1][idx[i, 1:] != tok.pad_id], idx[i, 1:][idx[i, 1:] != tok.pad_id])
+        real = idx[i, 1:] != tok.pad_id
+        assert torch.equal(targets[i, :-1][real], idx[i, 1:][real])
         masked = targets[i][mask[i] == 1].tolist()
         assert masked[-1] == tok.eos_id  # the end token is learnt
         assert int(tok.decode(masked)) == eval_sum(text)  # only the answer (+ <eos>) is learnt
@@ -115,10 +120,11 @@ def run(tmp_path, *extra):
 
 
 def test_exact_resume_is_bitwise(tmp_path):
-    full, _ = run(tmp_path / "a", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100")
-    run(tmp_path / "b", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100", "--stop_at", "3")
+    flags = ("--steps", "6", "--ckpt_every", "2", "--eval_every", "100")
+    full, _ = run(tmp_path / "a", *flags)
+    run(tmp_path / "b", *flags, "--stop_at", "3")
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
-    resumed, _ = run(tmp_path / "b", "--steps", "6", "--ckpt_every", "2", "--eval_every", "100", "--resume")
+    resumed, _ = run(tmp_path / "b", *flags, "--resume")
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
@@ -129,14 +135,16 @@ def test_exact_resume_is_bitwise(tmp_path):
 def test_resume_with_other_config_names_the_fields(tmp_path, capsys):
     run(tmp_path, "--steps", "2", "--eval_every", "100")
     with pytest.raises(SystemExit):
-        run(tmp_path, "--steps", "4", "--eval_every", "100", "--resume", "--lr", "0.5", "--dim", "64")
+        run(tmp_path, "--steps", "4", "--eval_every", "100", "--resume", "--lr", "0.5",
+            "--dim", "64")
     err = capsys.readouterr().err
     assert "does not match" in err and "lr" in err and "dim" in err
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    good = {"model": {"w": torch.ones(3)}, "model_config": {}, "config": {}, "step": 1, "tokenizer": {}}
+    good = {"model": {"w": torch.ones(3)}, "model_config": {}, "config": {}, "step": 1,
+            "tokenizer": {}}
     common.save_checkpoint(path, good)
 
     def killed(src, dst):  # the process dies after writing the temp file, before the rename
@@ -153,8 +161,8 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign"])
 def test_bad_checkpoint_is_a_clear_error(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(path, {"model": {"w": torch.ones(100)}, "model_config": {}, "config": {}, "step": 1,
-                                  "tokenizer": {}})
+    common.save_checkpoint(path, {"model": {"w": torch.ones(100)}, "model_config": {},
+                                  "config": {}, "step": 1, "tokenizer": {}})
     data = open(path, "rb").read()
     if damage == "truncate":
         open(path, "wb").write(data[: len(data) // 2])
@@ -196,7 +204,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("argv,name", [(["--foo", "1"], "--foo"), (["--lr", "fast"], "--lr"),
-                                       (["--steps", "1.5"], "--steps"), (["--resume", "maybe"], "--resume")])
+                                       (["--steps", "1.5"], "--steps"),
+                                       (["--resume", "maybe"], "--resume")])
 def test_cli_rejects_bad_flags(argv, name, capsys):
     assert name in one_line_cli_error(train_sft.main, argv, capsys)
 
@@ -209,10 +218,12 @@ def test_cli_forms_and_help(capsys):
     with pytest.raises(SystemExit):
         train_sft.main(["--help"])
     out = capsys.readouterr().out
-    assert "--lr" in out and "peak learning rate (default: 0.002)" in out and "--kv_lora_rank" in out
+    assert ("--lr" in out and "peak learning rate (default: 0.002)" in out
+            and "--kv_lora_rank" in out)
 
 
-@pytest.mark.parametrize("script", ["train_sft", "train_grpo", "train_dpo", "train_rm", "train_ppo"])
+@pytest.mark.parametrize("script",
+                         ["train_sft", "train_grpo", "train_dpo", "train_rm", "train_ppo"])
 def test_every_script_prints_its_help(script, capsys):
     """--help formats every flag's comment (a '%' in one once broke train_dpo.py --help)."""
     main = __import__(script).main
@@ -228,24 +239,27 @@ def test_batch_not_dividing_is_an_error(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# RFT (--data rft): the same loop, another data source (issue 13)
+# RFT (--data rft): the same loop, another data source (DeepSeekMath 5.2.1)
 
 
 def text_reward(self, completion, problem):
-    """Right for about half of all texts: a tiny model is never right, and RFT needs kept samples."""
+    """Right for about half of all texts: a tiny model is never right, and RFT needs kept
+    samples."""
     return float(zlib.crc32(completion.encode()) % 2)
 
 
 def test_rft_data_keeps_exactly_the_correct_ended_samples(monkeypatch):
+    """RFT's data source, rejection sampling (rollout.correct_samples), on RFT's prompt stream."""
     monkeypatch.setattr(tasks.Addition, "reward", text_reward)
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
-    cfg = train_sft.SFTConfig(n_digits=2, rft_prompts=6, rft_samples=4)
-    torch.manual_seed(0)
-    seqs, solved = train_sft.make_rft_data(Transformer(tiny_config()), tok, task, cfg, 0)
-    assert 0 < len(seqs) < 24 and 0 < solved <= 6
-    prompts = {tok.decode(ids[1:k]) for ids, k in seqs}
     stream = random.Random(common.stream_seed(0, "rft", 0))
     problems = {p.prompt: p for p in (task.sample(stream) for _ in range(6))}
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    seqs, solved = rollout.correct_samples(Transformer(tiny_config()), tok, task,
+                                           list(problems.values()), 4, gen)
+    assert 0 < len(seqs) < 24 and 0 < solved <= 6
+    prompts = {tok.decode(ids[1:k]) for ids, k in seqs}
     assert prompts <= set(problems) and len(prompts) == solved
     for ids, k in seqs:  # `<bos> prompt completion <eos>`, the completion one the reward accepts
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.eos_id not in ids[k:-1]
@@ -255,11 +269,14 @@ def test_rft_data_keeps_exactly_the_correct_ended_samples(monkeypatch):
 def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tasks.Addition, "reward", text_reward)
     run(tmp_path / "sft", "--steps", "3", "--eval_every", "100")
-    flags = ["--data", "rft", "--init", str(tmp_path / "sft"), "--rft_prompts", "32", "--rft_samples", "8",
-             "--steps", "4", "--ckpt_every", "2", "--eval_every", "100", "--lr", "1e-30"]
-    unchanged, _ = run(tmp_path / "lr0", *flags, "--stop_at", "1")  # a step of 1e-30 rounds away: the weights are the init's
+    flags = ["--data", "rft", "--init", str(tmp_path / "sft"), "--rft_prompts", "32",
+             "--rft_samples", "8", "--steps", "4", "--ckpt_every", "2", "--eval_every", "100",
+             "--lr", "1e-30"]
+    # a step of 1e-30 rounds away: the weights are the init's
+    unchanged, _ = run(tmp_path / "lr0", *flags, "--stop_at", "1")
     init = torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=False)["model"]
-    assert all(torch.equal(unchanged.state_dict()[k], v) for k, v in init.items() if not k.endswith("gate.bias"))
+    assert all(torch.equal(unchanged.state_dict()[k], v) for k, v in init.items()
+               if not k.endswith("gate.bias"))
     flags[-1] = "1e-3"
     full, _ = run(tmp_path / "a", *flags)
     assert os.path.exists(tmp_path / "a" / "rft_data.jsonl")
@@ -270,7 +287,7 @@ def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):  # fine-tuning an init into its own folder would overwrite it
         run(tmp_path / "sft", *flags)
     assert "give it another folder" in capsys.readouterr().err
-    with open(tmp_path / "b" / "rft_data.jsonl", "a") as f:  # other data than the checkpoint trained on
+    with open(tmp_path / "b" / "rft_data.jsonl", "a") as f:  # data the checkpoint did not train on
         f.write('{"ids": [15, 16], "start": 1}\n')
     with pytest.raises(SystemExit):
         run(tmp_path / "b", *flags, "--resume")
