@@ -16,11 +16,11 @@ import common
 import tasks
 import train_grpo
 import train_sft
-from conftest import one_line_failure
+from conftest import one_line_cli_error, one_line_failure
 from dist_helpers import run_on_two_ranks
 from model import Transformer
 from test_train_grpo import GRPO_TINY
-from test_train_sft import TINY_FLAGS
+from test_train_sft import TINY_FLAGS, TINY_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RUN = TINY_FLAGS + ["--steps", "4", "--eval_every", "2", "--ckpt_every", "2"]
@@ -311,6 +311,96 @@ def test_stale_temporary_checkpoints_are_removed(runs, tmp_path):
         (tmp_path / "sft" / f"ckpt.pt.tmp.{pid}").write_bytes(b"x" * 1000)
     sft(tmp_path / "sft", "--resume", "--steps", "6")
     assert not [f for f in os.listdir(tmp_path / "sft") if ".tmp." in f]
+
+
+def test_stale_temporary_files_are_found_in_a_folder_named_like_a_glob(runs, tmp_path):
+    """A folder named sweep[1] is not the pattern sweep1: its own stale files go, the others'
+    stay (an unescaped glob would delete a live run's temporary checkpoint in sweep1)."""
+    for name in ("sweep[1]", "sweep1"):
+        shutil.copytree(runs / "sft", tmp_path / name)
+        (tmp_path / name / "ckpt.pt.tmp.11").write_bytes(b"x")
+    sft(tmp_path / "sweep[1]", "--resume", "--steps", "6")
+    assert not os.path.exists(tmp_path / "sweep[1]" / "ckpt.pt.tmp.11")
+    assert os.path.exists(tmp_path / "sweep1" / "ckpt.pt.tmp.11")
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder is never overwritten by accident, nor the checkpoint a run starts from
+
+
+def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(runs, tmp_path, capsys):
+    shutil.copytree(runs / "sft", tmp_path / "sft")
+    before = snapshot(tmp_path)
+    err = one_line_failure(train_sft.main, SFT_RUN + ["--out_dir", str(tmp_path / "sft")], capsys)
+    assert "holds a run (ckpt.pt, metrics.jsonl)" in err and "--resume" in err
+    assert "--overwrite" in err and snapshot(tmp_path) == before
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(runs / "sft"), "--out_dir",
+                                                      str(tmp_path / "sft")], capsys)
+    assert "holds a run" in err and snapshot(tmp_path) == before
+    old = common.load_checkpoint(str(tmp_path / "sft"))
+    sft(tmp_path / "sft", "--overwrite", "--steps", "2")  # starts again, as asked
+    assert common.load_checkpoint(str(tmp_path / "sft"))["step"] == 2 and old["step"] == 4
+    assert [r["step"] for r in metrics(tmp_path / "sft") if r["kind"] == "train"] == [1, 2]
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    err = one_line_cli_error(train_sft.main, TINY_FLAGS + ["--out_dir", str(tmp_path), "--resume",
+                                                           "--overwrite"], capsys)
+    assert "not both" in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "file"])
+def test_a_run_never_writes_into_its_own_init(runs, tmp_path, how, capsys):
+    """--init and --out_dir naming one folder (directly, through a symlink, or the folder of an
+    --init .pt file) would overwrite the checkpoint the run starts from: refused, untouched."""
+    shutil.copytree(runs / "sft", tmp_path / "sft")
+    init = tmp_path / "sft" / ("ckpt.pt" if how == "file" else "")
+    out = tmp_path / "sft"
+    if how == "symlink":
+        os.symlink(tmp_path / "sft", tmp_path / "link")
+        out = tmp_path / "link"
+    before = snapshot(tmp_path / "sft")
+    for main, argv in ((train_grpo.main, GRPO_2), (train_sft.main, TINY_FLAGS + ["--data", "rft"])):
+        err = one_line_failure(main, argv + ["--init", str(init), "--out_dir", str(out),
+                                             "--overwrite"], capsys)
+        assert "would overwrite the checkpoint it starts from" in err
+    assert snapshot(tmp_path / "sft") == before
+
+
+def test_a_warm_start_is_made_only_in_a_new_folder(runs, tmp_path, capsys):
+    """An --init folder with no checkpoint: a warm start is made only where nothing else is (a
+    folder of other files stays untouched); a warm start killed before its first checkpoint is
+    made again."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "results.json").write_text("{}")
+    before = snapshot(tmp_path / "notes")
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(tmp_path / "notes"),
+                                                      "--out_dir", str(tmp_path / "g")], capsys)
+    assert "holds no checkpoint" in err and snapshot(tmp_path / "notes") == before
+    assert not os.path.exists(tmp_path / "g")
+    warm = GRPO_2 + TINY_MODEL + ["--init", str(tmp_path / "warm"), "--warmstart_steps", "2",
+                                       "--steps", "1", "--out_dir", str(tmp_path / "g")]
+    real_save = common.Run.save
+
+    def killed_at_the_first_checkpoint(self, step, done):
+        if self.kind == "sft":
+            raise KeyboardInterrupt  # the warm start dies before writing a checkpoint
+        return real_save(self, step, done)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common.Run, "save", killed_at_the_first_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train_grpo.main(warm)
+    assert sorted(os.listdir(tmp_path / "warm")) == [".lock", "config.json", "metrics.jsonl"]
+    train_grpo.main(warm)  # the same warm start, made again
+    assert common.load_checkpoint(str(tmp_path / "warm"))["step"] == 2
+
+
+def test_an_unfinished_sft_run_of_other_settings_is_no_init(tmp_path, capsys):
+    sft(tmp_path / "sft", "--steps", "4", "--stop_at", "2", "--seed", "5")
+    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(tmp_path / "sft"),
+                                                      "--out_dir", str(tmp_path / "g")], capsys)
+    assert "unfinished SFT run (step 2)" in err and not os.path.exists(tmp_path / "g")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def update(policy, exp, cfg, opt, forward=None):
     """update_policy on the experience's rows split as cfg says; the statistics' means over the
     micro-batches, the number of optimiser steps and the largest sampler/trainer gap."""
     exp = replace(exp, batches=train_grpo.micro_batches(exp.mask, cfg))
-    stats = train_grpo.update_policy(forward or policy.forward_shared_prefix, opt, exp, cfg)
+    forward = policy.forward_shared_prefix if forward is None else forward
+    stats = train_grpo.update_policy(forward, opt, exp, cfg)
     out = {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats)
            for k in {k for s in stats for k in s}}
     return {**out, "updates": sum("grad_norm" in s for s in stats),

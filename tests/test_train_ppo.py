@@ -38,8 +38,9 @@ def config(**kw):
 
 
 def nets_of(policy, ref, critic, policy_ddp=None, critic_ddp=None):
-    return train_ppo.Nets(policy, ref, critic, None, policy_ddp or policy.forward_shared_prefix,
-                          critic_ddp or critic.forward_shared_prefix)
+    policy_ddp = policy.forward_shared_prefix if policy_ddp is None else policy_ddp
+    critic_ddp = critic.forward_shared_prefix if critic_ddp is None else critic_ddp
+    return train_ppo.Nets(policy, ref, critic, None, policy_ddp, critic_ddp)
 
 
 def experience(policy, ref, critic, cfg=None, n=8, seed=0):
