@@ -572,7 +572,7 @@ class Run:
         cfg, mcfg, run_cfg = common.parse_config([SFTConfig, ModelConfig], argv, __doc__)
         with common.Run("sft", cfg, mcfg, run_cfg) as run:  # torchrun, seed, one-line errors
             run.require(ok, "message")                       # checks: nothing is written yet
-            model = run.model(make)                          # --resume: the checkpoint's model
+            model = run.resumed() if run_cfg.resume else new_model()  # the checkpoint's, or new
             run.begin(model=model, optimizer=opt, streams=run.streams())  # restore; open the folder
             for step in run.steps(cfg.steps):                # tqdm; ends at --stop_at
                 ...                                          # the algorithm
@@ -634,11 +634,10 @@ class Run:
             raise ConfigError(f"--out_dir {self.rc.out_dir} holds a run ({', '.join(held)}): pass "
                               "--resume to continue it or --overwrite to start again")
 
-    def model(self, make, cls=Transformer):
-        """The network the run trains: on --resume a new `cls` of the checkpoint's model config,
-        checked against this run's config (begin() restores its weights); otherwise make()."""
-        if not self.rc.resume:
-            return make()
+    def resumed(self, cls=Transformer):
+        """--resume's network: the run's checkpoint, checked against this run's config (its kind,
+        tokenizer, settings, seed and the model flags given), gives a new `cls` of its model
+        config; begin() restores the weights."""
         self.ckpt = load_checkpoint(self.ckpt_path)
         check_checkpoint(self.ckpt, f"checkpoint {self.ckpt_path}", self.kind, tasks.Tokenizer())
         bad = config_mismatches(self.ckpt, self.cfg, self.rc)

@@ -255,7 +255,8 @@ def main(argv=None):
                 policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, generator=gen_eval,
                 temperature=cfg.temperature, mla_impl=cfg.mla_impl) if run.main else {})
 
-        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))  # Alg. 1 line 1
+        # Alg. 1 line 1: the SFT init (made if missing), or --resume's checkpoint
+        policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
         rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),

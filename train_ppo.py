@@ -75,9 +75,9 @@ class PPOConfig(train_sft.InitConfig):
             fractions=("min_lr_ratio", "gamma", "lam"),
             ordered=(("pass_k", "pass_n"),), choices={"reward": ("rule", "model"),
                      "critic_init": ("sft", "rm"), "truncation": ("penalty", "mask")})
-        if (self.reward == "model" or self.critic_init == "rm") and not self.reward_model:
+        if (self.reward == "model" or self.critic_init == "rm") != bool(self.reward_model):
             raise ValueError("--reward model and --critic_init rm need --reward_model (a "
-                             "train_rm.py run folder)")
+                             "train_rm.py run folder), and nothing else reads it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,10 +234,10 @@ def main(argv=None):
                 policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, generator=gen_eval,
                 temperature=cfg.temperature) if run.main else {})
 
-        rm = None  # the rule reward, or a reward model (frozen)
+        rm = None  # a trained reward model, frozen: the reward (--reward model), the critic's init
         if cfg.reward_model:
             rm = train_rm.load_reward_model(cfg.reward_model, task, run.device)
-        policy = run.model(lambda: train_sft.load_or_make_init(cfg, run))
+        policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
         rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
                     "another model config than the policy")
@@ -255,9 +255,9 @@ def main(argv=None):
         data, gen = run.streams()  # this rank's problems and sampling generator, PPO's own
         run.begin(model=policy, ref=ref, critic=critic, optimizer=opts[0],
                   critic_optimizer=opts[1], kl_ctl=kl_ctl, streams=(data, gen),
-                  held={"reward model": rm} if rm is not None else None)  # + --resume
-        nets = Nets(policy, ref, critic, rm, run.wrap(policy, shared_prefix=True),
-                    run.wrap(critic, shared_prefix=True))  # DDP and compile, as configured
+                  held={"reward model": rm} if cfg.reward == "model" else None)  # + --resume
+        nets = Nets(policy, ref, critic, rm if cfg.reward == "model" else None,  # None: the rule
+                    run.wrap(policy, shared_prefix=True), run.wrap(critic, shared_prefix=True))
         if run.start == 0:
             evaluate(0, k=cfg.pass_k)  # the init's figures
         for step in run.steps(cfg.steps):

@@ -192,7 +192,10 @@ def main(argv=None):
         tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
         if cfg.pairs_file:
             rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
-        rm = run.model(lambda: reward_model(train_sft.load_or_make_init(cfg, run)), ScalarModel)
+        if run_cfg.resume:
+            rm = run.resumed(ScalarModel)
+        else:  # the SFT init's weights, a zero head
+            rm = reward_model(train_sft.load_or_make_init(cfg, run))
         rollout.check_lengths(task, rm.cfg.max_seq_len, cfg.max_new_tokens)
         opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass

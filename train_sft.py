@@ -238,8 +238,12 @@ def main(argv=None, resume_hint=None):
                     f"not match the tokenizer's {tok.vocab_size}")
 
 
-        model = run.model(lambda: load_or_make_init(cfg, run) if rft else
-                          Transformer(mcfg).to(run.device))  # from the flags, seeded by --seed
+        if run_cfg.resume:
+            model = run.resumed()  # the checkpoint's model config; begin() restores its weights
+        elif rft:
+            model = load_or_make_init(cfg, run)  # the SFT run RFT samples and fine-tunes
+        else:
+            model = Transformer(mcfg).to(run.device)  # from the flags, seeded by --seed
         rollout.check_lengths(task, model.cfg.max_seq_len,
                              task.max_lengths()[1] + 2 if rft else None)  # RFT samples too
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

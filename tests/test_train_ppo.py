@@ -193,22 +193,27 @@ def test_end_to_end_with_adaptive_kl_and_exact_resume(sft_ckpt, tmp_path):
         assert key in rec[0] or key in rec[1], key
 
 
-def test_reward_model_run(sft_ckpt, tmp_path):
+def test_reward_model_run(sft_ckpt, tmp_path, monkeypatch):
+    """The reward model is the reward with --reward model, and only then: with the rule reward it
+    may still give the critic its start (--critic_init rm)."""
     train_rm.main(RM_TINY + ["--init", sft_ckpt, "--out_dir", str(tmp_path / "rm"),
                              "--epochs", "1"])
-    _, _, last = ppo(sft_ckpt, tmp_path / "ppo", "--steps", "2", "--reward", "model",
-                     "--reward_model", str(tmp_path / "rm"), "--critic_init", "rm")
+    flags = ["--steps", "2", "--reward_model", str(tmp_path / "rm"), "--critic_init", "rm"]
+    _, _, last = ppo(sft_ckpt, tmp_path / "ppo", "--reward", "model", *flags)
     assert "greedy_acc" in last
     ckpt = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=False)
     rm = torch.load(tmp_path / "rm" / "ckpt.pt", weights_only=False)["model"]
     assert not torch.equal(ckpt["critic"]["value_head.weight"],
                            torch.zeros_like(rm["value_head.weight"]))
+    monkeypatch.setattr(rollout, "score_completions", lambda *a: pytest.fail("the RM scored"))
+    ppo(sft_ckpt, tmp_path / "rule", "--reward", "rule", *flags)
 
 
 @pytest.mark.parametrize("argv,flag", [
     (["--gamma", "1.5"], "--gamma"), (["--lam", "-0.1"], "--lam"),
     (["--epsilon", "0"], "--epsilon"), (["--reward", "model"], "--reward_model"),
     (["--critic_init", "rm"], "--reward_model"), (["--truncation", "drop"], "--truncation"),
+    (["--reward_model", "out/rm"], "--reward_model"),
     (["--batch_size", "7"], "--batch_size"), (["--kl_coef", "-1"], "--kl_coef"),
 ])
 def test_bad_settings_are_one_line_errors(sft_ckpt, tmp_path, argv, flag, capsys):
