@@ -335,7 +335,7 @@ def _size(lines, ranges, docstrings=True):
 
 
 def bench_style(args):
-    """The numbers the code keeps (STYLE.md), measured on the files as they are: each train
+    """The numbers the project's style keeps, measured on the files as they are: each train
     script's length, its main()'s length and the share of main() outside its `# ---- plumbing`
     blocks (the algorithm and its setup), its `try` blocks, the distinct common.* names it uses;
     the step of GRPO and of PPO as a reader follows it, from sampling to the optimiser step (the

@@ -110,7 +110,7 @@ def test_kl_k3_properties_and_monte_carlo():
     assert kl_k3(lp, lr).var() < kl_k1(lp, lr).var()  # the reason GRPO uses k3
 
 
-def test_kl_estimator_gradients_pitfall_1():
+def test_kl_estimator_gradients():
     """k3 differentiated in the loss (as GRPO does) with samples from pi has expected gradient
     grad KL(ref || pi), not grad KL(pi || ref); k1 in the loss has expected gradient 0. Exact
     gradients vs Monte-Carlo averages on a 4-way categorical."""
