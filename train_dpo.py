@@ -32,6 +32,7 @@ from model import ModelConfig
 
 PAIRS = "pairs_round{}.jsonl"  # round k's pairs, in the run folder
 
+
 @dataclass
 class DPOConfig(train_sft.InitConfig):
     loss: str = "dpo"  # dpo (with --label_smoothing: cDPO), ipo or simpo

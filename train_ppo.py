@@ -253,11 +253,12 @@ def main(argv=None):
         kl_ctl = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                   if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef))
         data, gen = run.streams()  # this rank's problems and sampling generator, PPO's own
+        scorer = rm if cfg.reward == "model" else None  # None: the rule
         run.begin(model=policy, ref=ref, critic=critic, optimizer=opts[0],
                   critic_optimizer=opts[1], kl_ctl=kl_ctl, streams=(data, gen),
-                  held={"reward model": rm} if cfg.reward == "model" else None)  # + --resume
-        nets = Nets(policy, ref, critic, rm if cfg.reward == "model" else None,  # None: the rule
-                    run.wrap(policy, shared_prefix=True), run.wrap(critic, shared_prefix=True))
+                  held={"reward model": scorer} if scorer is not None else None)  # + --resume
+        nets = Nets(policy, ref, critic, scorer, run.wrap(policy, shared_prefix=True),
+                    run.wrap(critic, shared_prefix=True))
         if run.start == 0:
             evaluate(0, k=cfg.pass_k)  # the init's figures
         for step in run.steps(cfg.steps):

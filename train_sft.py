@@ -236,8 +236,6 @@ def main(argv=None, resume_hint=None):
                     f"into {run.world} ranks x {cfg.grad_accum} micro-batches")
         run.require(mcfg.vocab_size == tok.vocab_size, f"--vocab_size {mcfg.vocab_size} does "
                     f"not match the tokenizer's {tok.vocab_size}")
-
-
         if run_cfg.resume:
             model = run.resumed()  # the checkpoint's model config; begin() restores its weights
         elif rft:
