@@ -102,12 +102,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _field_comments(cls):
-    """The `# comment` after each field in the class source, shown by --help."""
+    """The `# comment` after each field in the sources of the dataclass and of the dataclasses it
+    inherits fields from (its own comment wins), shown by --help."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
-            comments[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        for line in inspect.getsource(c).splitlines():
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
+                comments[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
     return comments
 
 

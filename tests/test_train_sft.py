@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import random
@@ -225,11 +226,19 @@ def test_cli_forms_and_help(capsys):
 @pytest.mark.parametrize("script",
                          ["train_sft", "train_grpo", "train_dpo", "train_rm", "train_ppo"])
 def test_every_script_prints_its_help(script, capsys):
-    """--help formats every flag's comment (a '%' in one once broke train_dpo.py --help)."""
-    main = __import__(script).main
+    """--help formats every flag's comment (a '%' in one once broke train_dpo.py --help), and every
+    flag has one, inherited fields (InitConfig's --task, --init, ...) too."""
+    module = __import__(script)
     with pytest.raises(SystemExit) as e:
-        main(["--help"])
+        module.main(["--help"])
     assert e.value.code == 0 and "--seed" in capsys.readouterr().out
+    configs = [c for c in vars(module).values() if dataclasses.is_dataclass(c)
+               and isinstance(c, type) and c.__name__.endswith("Config")]
+    for cls in configs + [common.RunConfig]:
+        comments = common._field_comments(cls)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.metadata.get("flag", True) and not comments.get(f.name)]
+        assert not missing, f"{cls.__name__}: no --help text for {missing}"
 
 
 def test_batch_not_dividing_is_an_error(tmp_path, capsys):
