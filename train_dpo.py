@@ -46,7 +46,6 @@ class DPOConfig(train_sft.InitConfig):
     num_prompts: int = 2048  # new training prompts per round (a pair needs a wrong sample)
     num_generations: int = 8  # samples per prompt for policy pairs
     temperature: float = 1.0  # sampling temperature of policy pairs
-    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     rounds: int = 1  # iterative DPO: make pairs from the current policy at each round's start
     ref_reset: bool = False  # iterative DPO: the reference becomes the policy at each new round
     epochs: int = 2  # passes over each round's pairs
@@ -66,8 +65,7 @@ class DPOConfig(train_sft.InitConfig):
         common.check_config(
             self, positive=("num_prompts", "num_generations", "temperature",
                             "rounds", "epochs", "batch_size", "grad_accum", "eval_size", "pass_k"),
-            non_negative=("beta", "lr", "simpo_gamma", "max_new_tokens", "warmup", "weight_decay",
-                          "grad_clip"),
+            non_negative=("beta", "lr", "simpo_gamma", "warmup", "weight_decay", "grad_clip"),
             fractions=("label_smoothing", "min_lr_ratio"),
             ordered=(("pass_k", "pass_n"),), choices={"loss": (
                 "dpo", "ipo", "simpo"), "pairs_source": ("policy", "synthetic")})

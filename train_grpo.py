@@ -57,7 +57,6 @@ class GRPOConfig(train_sft.InitConfig):
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO)
     ref_reset_every: int = 0  # iterative GRPO: pi_ref <- pi every M steps (0 = never)
     temperature: float = 1.0  # sampling temperature of the rollouts
-    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     mla_impl: str = "absorbed"  # MLA decode path of the rollouts: absorbed or naive
     eval_size: int = 256  # held-out problems per evaluation
     pass_k: int = 4  # k of pass@k and maj@k, measured at the start and the end
@@ -72,7 +71,7 @@ class GRPOConfig(train_sft.InitConfig):
                             "num_iterations", "num_minibatches", "grad_accum", "lr", "epsilon",
                             "temperature", "eval_size", "pass_k"),
             non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high",
-                          "ref_reset_every", "max_new_tokens", "samples", "collapse_patience"),
+                          "ref_reset_every", "samples", "collapse_patience"),
             fractions=("min_lr_ratio",), ordered=(("pass_k", "pass_n"),),
             choices={"loss_type": ("grpo", "dapo", "dr_grpo"),
                      "scale_rewards": ("group", "batch", "none"), "gradient_coef": ("grpo", "rft"),

@@ -59,7 +59,6 @@ class PPOConfig(train_sft.InitConfig):
     entropy_coef: float = 0.0  # c2: weight of the entropy bonus
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch
     temperature: float = 1.0  # sampling temperature of the rollouts
-    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     eval_size: int = 256  # held-out problems per evaluation
     pass_k: int = 4  # k of pass@k and maj@k, measured at the start and the end
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
@@ -70,8 +69,7 @@ class PPOConfig(train_sft.InitConfig):
             self, positive=("steps", "batch_size", "ppo_epochs",
                             "num_minibatches", "grad_accum", "lr", "critic_lr", "kl_target",
                             "kl_horizon", "epsilon", "temperature", "eval_size", "pass_k"),
-            non_negative=("warmup", "grad_clip", "kl_coef", "value_clip", "entropy_coef",
-                          "max_new_tokens"),
+            non_negative=("warmup", "grad_clip", "kl_coef", "value_clip", "entropy_coef"),
             fractions=("min_lr_ratio", "gamma", "lam"),
             ordered=(("pass_k", "pass_n"),), choices={"reward": ("rule", "model"),
                      "critic_init": ("sft", "rm"), "truncation": ("penalty", "mask")})

@@ -35,7 +35,6 @@ class RMConfig(train_sft.InitConfig):
     num_prompts: int = 65536  # training prompts (policy pairs: a pair needs a wrong sample)
     num_generations: int = 8  # samples per prompt for policy pairs
     temperature: float = 1.0  # sampling temperature of policy pairs and of the AUC samples
-    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
     margin: float = 0.0  # Bradley-Terry margin
     epochs: int = 6  # passes over the pairs
     batch_size: int = 64  # pairs per optimiser step, over all ranks and micro-batches
@@ -53,7 +52,7 @@ class RMConfig(train_sft.InitConfig):
         common.check_config(
             self, positive=("num_prompts", "num_generations", "temperature",
                             "epochs", "batch_size", "grad_accum", "lr", "eval_size", "auc_samples"),
-            non_negative=("max_new_tokens", "margin", "warmup", "weight_decay", "grad_clip"),
+            non_negative=("margin", "warmup", "weight_decay", "grad_clip"),
             fractions=("min_lr_ratio",),
             choices={"pairs_source": ("policy", "synthetic")})
 

@@ -152,10 +152,12 @@ class InitConfig:
     init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
     warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
 
     def __post_init__(self):  # checks; n_digits, max_new_tokens (longest answer + 2), init
-        common.check_config(self, positive=("warmstart_steps",), fractions=(
-            "warmstart_target_acc",), choices={"task": tuple(tasks.TASKS)})
+        common.check_config(self, positive=("warmstart_steps",), non_negative=("max_new_tokens",),
+                            fractions=("warmstart_target_acc",),
+                            choices={"task": tuple(tasks.TASKS)})
         task = tasks.get_task(self.task, self.n_digits)
         self.n_digits = task.n_digits
         self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
