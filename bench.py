@@ -260,13 +260,11 @@ def bench_spec(args):
     import tasks
     tok = tasks.Tokenizer()
     ckpt = common.load_checkpoint(args.ckpt)
-    m = model.Transformer(model.ModelConfig(**ckpt["model_config"]))
-    m.load_state_dict(ckpt["model"])
-    m.eval()
+    m = common.model_of(ckpt, args.ckpt).eval()
     task = tasks.get_task(ckpt["config"]["task"], ckpt["config"]["n_digits"])
     problems = task.eval_set(256)
     prompts = [tasks.encode_problem(tok, p, False)[0] for p in problems]
-    new = task.max_lengths()[1] + 2
+    new = task.max_new_tokens()
     kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=new)
     print(f"{args.ckpt}: task {task.name} ({task.n_digits} digits, completions up to {new - 2} "
           f"tokens + end), MTP depth {m.cfg.mtp_depth}, {torch.get_num_threads()} threads")

@@ -70,6 +70,14 @@ class RunFolderBusy(RunError):
     """Another process holds the run folder's lock."""
 
 
+class WriteError(RunError, OSError):
+    """A file could not be written (a full disk, a read-only folder): nothing was left half done."""
+
+
+class PeerFailed(RunError):
+    """Under torchrun: another rank failed (it says why) or was killed."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Config: CLI flags generated from dataclass fields
 
@@ -187,21 +195,27 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, 
         raise ConfigError("; ".join(errors))
 
 
-def check_out_dir(path):
-    """Raise ConfigError if `path` cannot hold a run: it, or a folder above it, is a file, or its
-    checkpoint path is taken by something that is not a file. Creates nothing."""
+def check_out_dir(path, flag="--out_dir"):
+    """Raise ConfigError if `path` cannot hold a run: it is empty, a dangling symlink or a file, a
+    folder above it is a file or not writable, or its checkpoint path is taken by something that
+    is not a file. Creates nothing. flag: how to name the path in an error."""
+    if not path:
+        raise ConfigError(f"{flag} must name a folder, got an empty string")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"{flag} {path} is a symlink to {os.readlink(path)}, which does not "
+                          "exist")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--out_dir {path} is a file, not a folder")
+        raise ConfigError(f"{flag} {path} is a file, not a folder")
     parent = path
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
-        raise ConfigError(f"--out_dir {path} lies under {parent}, which is a file")
+        raise ConfigError(f"{flag} {path} lies under {parent}, which is a file")
     if not os.access(parent or ".", os.W_OK):
-        raise ConfigError(f"--out_dir {path}: {parent or '.'} is not writable")
+        raise ConfigError(f"{flag} {path}: {parent or '.'} is not writable")
     ckpt = os.path.join(path, "ckpt.pt")
     if os.path.exists(ckpt) and not os.path.isfile(ckpt):
-        raise ConfigError(f"--out_dir {path}: {ckpt} exists and is not a file")
+        raise ConfigError(f"{flag} {path}: {ckpt} exists and is not a file")
 
 
 # Fields that may differ between a run and its resumption: the length of the run, and how an RL
@@ -392,13 +406,21 @@ def non_finite(obj, name=""):
 def atomic_write(path, data):
     """Write bytes or text to path through a temporary file in the same folder, flushed to disk
     and renamed over path: a kill at any moment leaves the old file or the new one, never a torn
-    one."""
+    one. A failed write (a full disk, a read-only folder) removes its temporary file and raises
+    WriteError; the old file stays."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path}: {e.strerror or e}") from None
+        raise
 
 
 def save_checkpoint(path, payload):
@@ -436,7 +458,9 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # unpickling junk: one clear message
         raise CheckpointError(f"{bad} ({type(e).__name__}); {advice}") from None
     required = {"model", "model_config", "config", "step", "tokenizer"}
-    if not isinstance(ckpt, dict) or not required <= set(ckpt):
+    if not isinstance(ckpt, dict) or not required <= set(ckpt) or not isinstance(
+            ckpt["step"], int) or not all(isinstance(ckpt[k], dict) for k in ("model_config",
+                                                                              "config")):
         raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys "
                               f"{sorted(required)})")
     return ckpt
@@ -464,11 +488,43 @@ def load_trained(path, what, kind, task):
     return ckpt
 
 
+def saved_model_config(ckpt):
+    """The model config a checkpoint records, as a dict: a field it lacks (saved before the field
+    existed) counts as its default, as for the train configs."""
+    return {**config_dict(ModelConfig()), **ckpt["model_config"]}
+
+
+def model_of(ckpt, what, cls=Transformer, device="cpu", weights=True):
+    """A new `cls` of the checkpoint's model config, with its weights unless weights=False; a
+    one-line CheckpointError for a field this code does not know, a bad value, or weights that do
+    not fit."""
+    unknown = sorted(set(ckpt["model_config"]) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{what} has model config fields this code does not know "
+                              f"({', '.join(unknown)}): it was written by another version")
+    try:
+        net = cls(ModelConfig(**saved_model_config(ckpt))).to(device)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{what} has an invalid model config ({e})") from None
+    if weights:
+        load_state(net, ckpt["model"], what)
+    return net
+
+
+def load_state(thing, state, what):
+    """thing.load_state_dict(state), a one-line CheckpointError if the state does not fit."""
+    try:
+        thing.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        detail = str(e).strip().splitlines()[-1].strip()[:200]
+        raise CheckpointError(f"{what} holds a state that does not fit ({detail})") from None
+
+
 def model_mismatches(ckpt, model_flags, mcfg):
     """The model flags given on the command line that the checkpoint's model config disagrees
     with, as `name (saved, not given)`: the checkpoint decides the model, and an ignored flag
     would be a lie."""
-    saved = ckpt["model_config"]
+    saved = saved_model_config(ckpt)
     return [f"{k} ({saved.get(k)}, not {getattr(mcfg, k)})" for k in sorted(model_flags)
             if saved.get(k) != getattr(mcfg, k)]
 
@@ -544,13 +600,13 @@ def kept_metrics(path, step):
     after it (a torn last line included), so that the file reads the same whatever the history of
     kills and resumes."""
     kept = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 if json.loads(line)["step"] <= step:
-                    kept.append(line)
+                    kept.append(line.decode())
             except (ValueError, KeyError, TypeError):
-                pass  # a line torn by a kill
+                pass  # a line torn by a kill, or bytes that are not a record
     return kept
 
 
@@ -602,7 +658,7 @@ class Run:
         self.rank, self.world, self.device = setup_dist()
         self.main = self.rank == 0
         setup_torch(self.rc.seed, self.device)
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
             self.previous_handlers[s] = signal.signal(s, self._on_signal)
         try:
             self._check_out_dir()
@@ -642,8 +698,11 @@ class Run:
             raise ConfigError(f"checkpoint {self.ckpt_path} does not match this run's config in: "
                               f"{', '.join(bad)}")
         self.start = self.step = self.saved_step = self.ckpt["step"]
-        self.mcfg = ModelConfig(**self.ckpt["model_config"])
-        return cls(self.mcfg).to(self.device)
+        self.inputs = dict(self.ckpt.get("inputs", {}))  # kept in the checkpoints to come
+        self._check_inputs()
+        net = model_of(self.ckpt, f"checkpoint {self.ckpt_path}", cls, self.device, weights=False)
+        self.mcfg = net.cfg
+        return net
 
     def streams(self):
         """This rank's problem stream (a random.Random) and sampling generator (a torch.Generator on
@@ -669,23 +728,41 @@ class Run:
         run folder: from here on the run writes. state["model"] is the trained network, whose
         config the checkpoint records; held: networks the run holds but does not save."""
         self.state, self.mcfg = state, state["model"].cfg
-        note = None
+        note, what = None, f"checkpoint {self.ckpt_path}"
         for name, thing in state.items() if self.ckpt is not None else ():
+            key = "rng" if name == "streams" else name
+            if key not in self.ckpt:
+                raise CheckpointError(f"{what} holds no {key}: it is not a checkpoint of this run")
             if name == "streams":
                 note = self._restore_streams(*thing)
             elif isinstance(thing, dict):
                 thing.update(self.ckpt[name])
             else:
-                thing.load_state_dict(self.ckpt[name])
+                load_state(thing, self.ckpt[name], f"{what} ({name})")
         nets = {k: v for k, v in {**state, **(held or {})}.items()
                 if isinstance(v, torch.nn.Module)}
         self.params = {f"params_{k.replace(' ', '_')}": _parameters(v) for k, v in nets.items()}
-        if self.main:
-            self._open_folder()
+        self.on_main(self._open_folder)
         self.opened = True
         if self.main and not self.rc.quiet:
             print("networks held: " + ", ".join(f"{k} {_parameters(v):,}" for k, v in nets.items())
                   + (f"\nnote: {note}" if note else ""))
+
+    def on_main(self, fn, *args):
+        """fn(*args) on rank 0 alone (what writes the run folder), then every rank goes on once it
+        is done, or stops if it failed: rank 0 with its error, the others with PeerFailed."""
+        error = None
+        if self.main:
+            try:
+                fn(*args)
+            except RunError as e:
+                error = e
+        if self.world > 1:
+            failed = all_reduce_sum({"failed": float(error is not None)}, self.device)["failed"]
+            if failed and error is None:
+                raise PeerFailed("rank 0 failed")
+        if error is not None:
+            raise error
 
     def _restore_streams(self, data, gen):
         """This rank's random state, exactly, on the world size the run was saved with (bitwise
@@ -694,11 +771,15 @@ class Run:
         states = self.ckpt["rng"]
         if len(states) == self.world:
             s = states[self.rank]
-            torch.set_rng_state(s["torch"])
-            np.random.set_state(s["numpy"])
-            random.setstate(s["python"])
-            data.setstate(s["data"])
-            gen.set_state(s["generator"])
+            try:
+                torch.set_rng_state(s["torch"])
+                np.random.set_state(s["numpy"])
+                random.setstate(s["python"])
+                data.setstate(s["data"])
+                gen.set_state(s["generator"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint {self.ckpt_path} holds a random state that "
+                                      f"does not fit ({type(e).__name__})") from None
             if s.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(s["cuda"])
             return None
@@ -727,15 +808,28 @@ class Run:
         atomic_write(path, "".join(kept))
         self.metrics = open(path, "a")
 
-    def input(self, name, path):
-        """Tie a data file the run reads to its checkpoints: its digest is saved with them, and a
-        resume on another file (or none) is refused."""
-        digest = file_digest(path) if os.path.exists(path) else None
-        if self.ckpt is not None and digest != self.ckpt.get("inputs", {}).get(name):
-            raise CheckpointError(f"{path} is missing or is not the data this run trained on (a "
-                                  f"later run in {self.rc.out_dir} rewrote it?): start the run "
-                                  "again without --resume")
+    def input(self, path, name=None):
+        """Tie a file the run reads to its checkpoints: its digest is saved with them, and a resume
+        on another file (or none) is refused with one line. Returns the path (a folder means its
+        ckpt.pt). name: how the checkpoint names it, by default its path in the run folder
+        (resumed() checks those before anything is written); a file outside the run folder is
+        named by its flag (e.g. "--reward_model")."""
+        path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        name = name or os.path.relpath(path, self.rc.out_dir)
+        digest = file_digest(path) if os.path.isfile(path) else None
+        recorded = self.ckpt.get("inputs", {}) if self.ckpt is not None else {}
+        if name in recorded and recorded[name] != digest:
+            raise CheckpointError(f"{path} is missing or is not the file this run's checkpoint "
+                                  f"was trained on ({name}): restore it, or start the run again "
+                                  "with --overwrite")
         self.inputs[name] = digest
+        return path
+
+    def _check_inputs(self):
+        """On --resume: every file of the run folder the checkpoint names is the one it names."""
+        for name, digest in self.ckpt.get("inputs", {}).items():
+            if not name.startswith("--") and "." in name:  # a file of the run folder
+                self.input(os.path.join(self.rc.out_dir, name), name)
 
     # ---- the loop: progress, metrics, evaluations, checkpoints, signals
 
@@ -793,9 +887,14 @@ class Run:
 
     def _write(self, record, kind):
         if self.metrics is not None:
-            rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-            self.metrics.write(json.dumps({"step": record["step"], "kind": kind, **rounded}) + "\n")
-            self.metrics.flush()
+            rounded = {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float)
+                       else v for k, v in record.items()}  # JSON has no NaN: null
+            line = json.dumps({"step": record["step"], "kind": kind, **rounded}) + "\n"
+            try:
+                self.metrics.write(line)
+                self.metrics.flush()
+            except OSError as e:
+                raise WriteError(f"could not write {self.metrics.name}: {e.strerror}") from None
 
     def end_step(self, step, finished=None):
         """After each step: a checkpoint every ckpt_every steps, once the run is finished (by
@@ -861,8 +960,14 @@ class Run:
     # ---- the end
 
     def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, RunError):
-            print(f"error: {self._one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, OSError) and not isinstance(exc, RunError):  # e.g. a folder not made
+            exc = WriteError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)
+        if isinstance(exc, dist.DistError) or (self.world > 1 and isinstance(exc, RuntimeError)
+                                               and "gloo" in str(exc).lower()):
+            exc = PeerFailed("another rank failed (its message says why) or was killed")
+        if isinstance(exc, RunError):  # rank 0 tells what every rank decided alike
+            if self.main or not isinstance(exc, (ConfigError, PeerFailed)):
+                print(f"error: {self._one_line(exc)}", file=sys.stderr)
             self._close(clean=False)
             sys.exit(1)
         if exc is None and self.main and not self.rc.quiet and self.finished:

@@ -272,8 +272,7 @@ def passk(args):
     for label, path in (("SFT init", shared_init()),
                         ("after GRPO", os.path.join(folder, "ckpt.pt"))):
         ckpt = common.load_checkpoint(path)
-        m = Transformer(ModelConfig(**ckpt["model_config"]))
-        m.load_state_dict(ckpt["model"])
+        m = common.model_of(ckpt, path)
         per_seed = [rollout.evaluate(m.eval(), tok, task, problems, k=ks, n_samples=16,
                                      generator=torch.Generator().manual_seed(seed))
                     for seed in args.seeds]

@@ -501,7 +501,7 @@ def correct_samples(model, tok, task, problems, num_generations, generator, temp
         prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in batch]
         with common.autocast():
             r = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
-                         max_new_tokens=task.max_lengths()[1] + 2, temperature=temperature,
+                         max_new_tokens=task.max_new_tokens(), temperature=temperature,
                          generator=generator)
         texts, lengths = decode_completions(tok, r), r.completion_mask.sum(1).long().tolist()
         for j, p in enumerate(batch):
@@ -517,7 +517,7 @@ def print_samples(model, tok, task, problems, generator, label):
     """A completion the model samples for each problem, printed with whether it is right."""
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
     r = generate(model, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                 max_new_tokens=task.max_lengths()[1] + 2, generator=generator)
+                 max_new_tokens=task.max_new_tokens(), generator=generator)
     for p, c in zip(problems, decode_completions(tok, r)):
         right = "correct" if task.reward(c, p) else "wrong"
         tqdm.write(f"  {label} sample: {p.prompt}{c}  ({right})")
@@ -576,21 +576,45 @@ def _pair(tok, problem, prompt_ids, chosen_ids, rejected_ids):
 
 
 def save_pairs(path, pairs, settings):
-    """JSONL: a first line {"settings": ...} (what made the pairs), then one pair per line;
-    written atomically."""
-    common.write_jsonl(path, [{"settings": settings}] + list(pairs))
+    """JSONL: a first line {"settings": ...} (what made the pairs, and how many of each split: a
+    file cut short is then found), then one pair per line; written atomically."""
+    counts = {split: sum(p["split"] == split for p in pairs) for split in ("train", "heldout")}
+    common.write_jsonl(path, [{"settings": {**settings, "pairs": counts}}] + list(pairs))
 
 
-def load_pairs(path, task=None):
+def load_pairs(path, task=None, max_new_tokens=None):
     """(pairs, settings) from a file written by save_pairs; a one-line common.ConfigError if it is
-    not one, or (given a task) if its pairs are of another task or digit count."""
+    not one (or is cut short, or holds token ids that are not the tokenizer's), or, given a task,
+    if its pairs are of another task or digit count or have prompts longer than the task's, or
+    completions longer than max_new_tokens."""
+    def bad(why):
+        return common.ConfigError(f"{path} is not a pairs file written by save_pairs ({why})")
     try:
         lines = common.read_jsonl(path)
-        settings, pairs = lines[0]["settings"], lines[1:]
-        assert all({"prompt_ids", "chosen_ids", "rejected_ids", "split"} <= set(p) for p in pairs)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as e:
-        raise common.ConfigError(f"{path} is not a pairs file written by save_pairs "
-                                 f"({type(e).__name__})") from None
+    except (OSError, ValueError) as e:
+        raise bad(type(e).__name__) from None
+    settings = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("pairs"), dict):
+        raise bad("no settings line with the pair counts")
+    pairs, vocab = lines[1:], tasks.Tokenizer().vocab_size
+    counts = {split: sum(isinstance(p, dict) and p.get("split") == split for p in pairs)
+              for split in ("train", "heldout")}
+    if counts != settings["pairs"] or len(pairs) != sum(counts.values()):
+        raise bad(f"it holds {counts} pairs, its settings line says {settings['pairs']}: cut short?")
+    longest = (1 + task.max_lengths()[0], max_new_tokens or math.inf) if task else (math.inf,) * 2
+    for n, p in enumerate(pairs, 2):
+        for key, limit in (("prompt_ids", longest[0]), ("chosen_ids", longest[1]),
+                           ("rejected_ids", longest[1])):
+            ids = p.get(key)
+            if not (isinstance(ids, list) and ids and all(
+                    type(t) is int and 0 <= t < vocab for t in ids)):
+                raise bad(f"line {n}: {key} must be a non-empty list of token ids < {vocab}")
+            if len(ids) > limit:
+                raise common.ConfigError(f"{path} line {n}: {key} has {len(ids)} tokens, more "
+                                         f"than this run's {limit}")
+        if any(not (type(p[k]) in (int, float) and math.isfinite(p[k]))
+               for k in ("ref_chosen_logp", "ref_rejected_logp") if k in p):
+            raise bad(f"line {n}: a reference log-prob that is not a finite number")
     made = (settings.get("task"), settings.get("n_digits"))
     if task is not None and made != (task.name, task.n_digits):
         raise common.ConfigError(f"{path} holds pairs of task {made[0]} with {made[1]} digits, not "

@@ -116,6 +116,11 @@ class Task:
         """(characters of the longest prompt, characters of the longest reference completion)."""
         raise NotImplementedError
 
+    def max_new_tokens(self):
+        """What sampling an answer needs: the longest reference completion, its end token, one more
+        (a completion that runs past its end is seen as wrong, not cut to look right)."""
+        return self.max_lengths()[1] + 2
+
     def canonical(self, prompt):
         """The form of a prompt that decides the held-out split. Prompts with one canonical form are
         one problem (`a+b=` and `b+a=`): they fall on the same side of the split."""

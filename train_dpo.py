@@ -176,7 +176,7 @@ def round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, device):
     init; all scored by the reference, unless the file holds this very reference's log-probs."""
     seed, path = run_cfg.seed, os.path.join(run_cfg.out_dir, PAIRS.format(k))
     if k == 0 and cfg.pairs_file:
-        pairs, settings = rollout.load_pairs(cfg.pairs_file, task)
+        pairs, settings = rollout.load_pairs(cfg.pairs_file, task, cfg.max_new_tokens)
     else:
         made_by = "the SFT init" if k == 0 else f"the policy after round {k - 1}"
         pairs, settings = [], {"task": cfg.task, "n_digits": cfg.n_digits, "round": k,
@@ -190,7 +190,7 @@ def round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, device):
         return [{**p, "split": split} for p in rollout.make_pairs(
             policy, tok, task, problems, cfg.pairs_source, cfg.num_generations, cfg.temperature,
             cfg.max_new_tokens, gen, rng)]
-    if not pairs:
+    if not (k == 0 and cfg.pairs_file):
         pairs = make([task.sample(rng) for _ in range(cfg.num_prompts)], "train")
     if k > 0:
         first = rollout.load_pairs(os.path.join(run_cfg.out_dir, PAIRS.format(0)))[0]
@@ -198,7 +198,9 @@ def round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, device):
     elif not any(p["split"] == "heldout" for p in pairs):
         pairs += make(held_out, "heldout")  # only ever evaluated on
     scored_by = common.fingerprint(ref)  # which reference the stored log-probs come from
-    if cfg.loss != "simpo" and (cfg.recompute_ref or settings.get("reference") != scored_by):
+    stale = cfg.recompute_ref or settings.get("reference") != scored_by or any(
+        "ref_chosen_logp" not in p for p in pairs)  # e.g. held-out pairs made just now
+    if cfg.loss != "simpo" and stale:
         add_ref_logprobs(ref, pairs, tok.pad_id, device)
         settings["reference"] = scored_by
     rollout.save_pairs(path, pairs, settings)
@@ -231,8 +233,8 @@ def main(argv=None):
         run.require(cfg.batch_size % (run.world * cfg.grad_accum) == 0, f"--batch_size "
                     f"{cfg.batch_size} does not divide into {run.world} ranks x {cfg.grad_accum} "
                     "micro-batches")
-        if cfg.pairs_file:
-            rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
+        if cfg.pairs_file and not run_cfg.resume:  # a bad file: one line, before anything
+            rollout.load_pairs(cfg.pairs_file, task, cfg.max_new_tokens)
         held_out = task.eval_set(cfg.eval_size)
 
         def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k, maj@k, preference accuracy
@@ -254,16 +256,16 @@ def main(argv=None):
             if position["step_in_round"] == 0:  # the round's pairs: the policy's, scored by ref
                 if k > 0 and cfg.ref_reset:
                     ref.load_state_dict(policy.state_dict())  # iterative DPO: ref <- the policy
-                if run.main:
-                    round_pairs(k, cfg, run_cfg, policy, ref, tok, task, held_out, run.device)
-                if run.world > 1:
-                    torch.distributed.barrier()
-            pairs = rollout.load_pairs(os.path.join(run_cfg.out_dir, PAIRS.format(k)))[0]
+                run.on_main(round_pairs, k, cfg, run_cfg, policy, ref, tok, task, held_out,
+                            run.device)
+            path = run.input(os.path.join(run_cfg.out_dir, PAIRS.format(k)))  # tied to the run
+            pairs = rollout.load_pairs(path)[0]
             train = Pairs.of([p for p in pairs if p["split"] == "train"], run.device)
             heldout = Pairs.of([p for p in pairs if p["split"] == "heldout"], run.device)
             run.require(len(train) >= cfg.batch_size, f"round {k} has {len(train)} training pairs, "
                         f"fewer than --batch_size {cfg.batch_size} (a policy right on every sample "
-                        "gives no pair): lower --batch_size or raise --num_prompts")
+                        "gives no pair): lower --batch_size, or raise --num_prompts (or give a "
+                        "--pairs_file with more pairs)")
             order = common.epoch_batches(len(train), cfg.batch_size, cfg.epochs, run_cfg.seed,
                                          f"dpo round {k}")
             if run.step == 0:

@@ -236,6 +236,8 @@ def main(argv=None):
         if cfg.reward_model:
             rm = train_rm.load_reward_model(cfg.reward_model, task, run.device)
         policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
+        if cfg.reward_model:  # tied to the checkpoints: a resume on another one is refused
+            run.input(cfg.reward_model, "--reward_model")
         rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
                     "another model config than the policy")

@@ -61,8 +61,7 @@ def load_reward_model(path, task, device):
     """A reward model trained by this script (a run folder or its ckpt.pt) for this task; frozen,
     in eval mode. Score with rollout.score_completions."""
     ckpt = common.load_trained(path, f"reward model {path}", "rm", task)
-    rm = ScalarModel(ModelConfig(**ckpt["model_config"])).to(device)
-    rm.load_state_dict(ckpt["model"])
+    rm = common.model_of(ckpt, f"reward model {path}", ScalarModel, device)
     return rm.eval().requires_grad_(False)
 
 
@@ -92,7 +91,7 @@ def make_run_data(cfg, run_cfg, sft, tok, task, held_out):
             sft, tok, task, problems, cfg.pairs_source, cfg.num_generations, cfg.temperature,
             cfg.max_new_tokens, generator(f"{split} sampling"), rng)]
     if cfg.pairs_file:
-        pairs, settings = rollout.load_pairs(cfg.pairs_file, task)
+        pairs, settings = rollout.load_pairs(cfg.pairs_file, task, cfg.max_new_tokens)
     else:
         prompts_rng = random.Random(common.stream_seed(run_cfg.seed, "rm", 0, "prompts"))
         pairs = make([task.sample(prompts_rng) for _ in range(cfg.num_prompts)], "train")
@@ -189,8 +188,8 @@ def main(argv=None):
                     f"{cfg.batch_size} does not divide into {run.world} ranks x {cfg.grad_accum} "
                     "micro-batches")
         tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
-        if cfg.pairs_file:
-            rollout.load_pairs(cfg.pairs_file, task)  # a bad file: one line, before anything
+        if cfg.pairs_file and not run_cfg.resume:  # a bad file: one line, before anything
+            rollout.load_pairs(cfg.pairs_file, task, cfg.max_new_tokens)
         if run_cfg.resume:
             rm = run.resumed(ScalarModel)
         else:  # the SFT init's weights, a zero head
@@ -200,17 +199,18 @@ def main(argv=None):
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         run.begin(model=rm, optimizer=opt)  # restored by --resume; opens the run folder
         rm_ddp = run.wrap(rm)  # DDP and torch.compile, as configured
-        if run.start == 0 and run.main:  # the pairs and AUC samples, by the init (rm.body now)
-            make_run_data(cfg, run_cfg, rm.body, tok, task, task.eval_set(cfg.eval_size))
-        if run.world > 1:
-            torch.distributed.barrier()
-        pairs = rollout.load_pairs(os.path.join(run_cfg.out_dir, "pairs.jsonl"))[0]
+        if run.start == 0:  # the pairs and AUC samples, by the init (rm.body now), on rank 0
+            run.on_main(make_run_data, cfg, run_cfg, rm.body, tok, task,
+                        task.eval_set(cfg.eval_size))
+        pairs = rollout.load_pairs(run.input(os.path.join(run_cfg.out_dir, "pairs.jsonl")))[0]
         train = [p for p in pairs if p["split"] == "train"]
         heldout = [p for p in pairs if p["split"] == "heldout"]
-        samples = common.read_jsonl(os.path.join(run_cfg.out_dir, "heldout_samples.jsonl"))
+        samples = common.read_jsonl(run.input(os.path.join(run_cfg.out_dir,
+                                                           "heldout_samples.jsonl")))
         order = common.epoch_batches(len(train), cfg.batch_size, cfg.epochs, run_cfg.seed, "rm")
         run.require(order, f"{len(train)} training pairs are fewer than --batch_size "
-                    f"{cfg.batch_size}: raise --num_prompts")
+                    f"{cfg.batch_size}: lower it, or raise --num_prompts (with --pairs_file: "
+                    "give a file with more pairs)")
         if run.main and not run_cfg.quiet:
             print(f"{len(train)} training pairs ({len(order)} steps), {len(heldout)} held-out "
                   f"pairs, {len(samples)} AUC samples")

@@ -106,7 +106,7 @@ def rft_data(model, tok, task, cfg, run):
                   f"{solved} of {cfg.rft_prompts} prompts solved at least once")
     if run.world > 1:
         torch.distributed.barrier()
-    run.input("rft_data", path)
+    run.input(path)
     data = [(d["ids"], d["start"]) for d in common.read_jsonl(path)]
     run.require(len(data) >= cfg.batch_size, f"RFT kept {len(data)} correct samples, fewer than "
                 f"--batch_size {cfg.batch_size}: raise --rft_prompts or --rft_samples")
@@ -160,7 +160,7 @@ class InitConfig:
                             choices={"task": tuple(tasks.TASKS)})
         task = tasks.get_task(self.task, self.n_digits)
         self.n_digits = task.n_digits
-        self.max_new_tokens = self.max_new_tokens or task.max_lengths()[1] + 2
+        self.max_new_tokens = self.max_new_tokens or task.max_new_tokens()
         self.init = self.init or default_init(self.task)
 
 
@@ -179,10 +179,14 @@ def load_or_make_init(cfg, run):
     argv += ["--quiet"] if run.rc.quiet else []
     warm, warm_model, warm_run = common.parse_config([SFTConfig, ModelConfig], argv)
     hint = f"run the same command again: the SFT warm start in {folder} continues where it stopped"
+    task = tasks.get_task(cfg.task, cfg.n_digits)
     if not os.path.exists(path):
         if path.endswith(".pt") and not path.endswith("ckpt.pt"):
             raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for "
                                          "a run folder)")
+        common.check_out_dir(folder, "--init")
+        rollout.check_lengths(task, run.mcfg.max_seq_len, getattr(  # the run's sampling must
+            cfg, "max_new_tokens", task.max_new_tokens()))  # fit the warm start's model
         held = os.listdir(folder) if os.path.isdir(folder) else []
         recorded = common.recorded_checkpoint(folder)  # what config.json says made it
         if held and not _same_settings(recorded, warm, warm_model, warm_run):
@@ -192,7 +196,6 @@ def load_or_make_init(cfg, run):
         if run.main:
             print(f"no SFT checkpoint at {path}: a short SFT warm start makes one")
         main(argv + (["--overwrite"] if held else []), resume_hint=hint)
-    task = tasks.get_task(cfg.task, cfg.n_digits)
     ckpt = common.load_trained(path, f"--init {path}", "sft", task)
     if not ckpt.get("done", True):
         if not _same_settings(ckpt, warm, warm_model, warm_run):
@@ -207,15 +210,13 @@ def load_or_make_init(cfg, run):
     if bad:
         raise common.CheckpointError(f"--init {path} has another model config in: "
                                      f"{', '.join(bad)}")
-    model = Transformer(ModelConfig(**ckpt["model_config"])).to(run.device)
-    model.load_state_dict(ckpt["model"])
-    return model
+    return common.model_of(ckpt, f"--init {path}", device=run.device)
 
 
 def _same_settings(ckpt, cfg, mcfg, run_cfg):
     """Whether a checkpoint (a warm start's) was made with these SFT settings."""
     return ckpt is not None and not (common.config_mismatches(ckpt, cfg, run_cfg) or
-                                     common.mismatched_fields(ckpt["model_config"],
+                                     common.mismatched_fields(common.saved_model_config(ckpt),
                                                               common.config_dict(mcfg)))
 
 
@@ -244,8 +245,7 @@ def main(argv=None, resume_hint=None):
             model = load_or_make_init(cfg, run)  # the SFT run RFT samples and fine-tunes
         else:
             model = Transformer(mcfg).to(run.device)  # from the flags, seeded by --seed
-        rollout.check_lengths(task, model.cfg.max_seq_len,
-                             task.max_lengths()[1] + 2 if rft else None)  # RFT samples too
+        rollout.check_lengths(task, model.cfg.max_seq_len, task.max_new_tokens())  # evaluations
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         data, gen = run.streams()  # this rank's problem stream, SFT's own

@@ -298,9 +298,11 @@ def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch,
     assert "give it another folder" in capsys.readouterr().err
     with open(tmp_path / "b" / "rft_data.jsonl", "a") as f:  # data the checkpoint did not train on
         f.write('{"ids": [15, 16], "start": 1}\n')
+    os.remove(tmp_path / "b" / "config.json")  # the refusal comes before anything is written
     with pytest.raises(SystemExit):
         run(tmp_path / "b", *flags, "--resume")
-    assert "is not the data this run trained on" in capsys.readouterr().err
+    assert "is not the file this run's checkpoint was trained on" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "b" / "config.json")
 
 
 def test_a_field_added_after_a_checkpoint_was_saved_counts_as_its_default():
