@@ -838,8 +838,11 @@ class Run:
         early at --stop_at. run.step counts the steps taken, over every call (DPO's rounds)."""
         first = self.start if first is None else first
         self.total, self.t0 = total, time.perf_counter()
+        if self.ckpt is not None and self.ckpt.get("done") and self.ckpt["config"].get(
+                "steps") == getattr(self.cfg, "steps", None):
+            first = total  # finished early (SFT's --target_acc), and no more steps asked for
         if first >= total and self.main and not self.rc.quiet and desc is None:
-            print(f"{self.ckpt_path} is already at step {first} of {total}: nothing to do")
+            print(f"{self.ckpt_path} holds a finished run (step {self.start}): nothing to do")
         self.bar = tqdm(total=total, initial=first, desc=desc, dynamic_ncols=True,
                         disable=not self.main or self.rc.quiet)
         if self._signalled():  # a signal before the first step

@@ -7,9 +7,12 @@ Needs matplotlib, an optional extra (pip install -r requirements-plot.txt); noth
 project imports it. A panel is drawn when any of the runs logged its metric.
 """
 import argparse
+import io
 import json
 import os
 import sys
+
+import common
 
 # (metric keys, the first one a run has is drawn; panel title; y-axis label)
 PANELS = [
@@ -29,12 +32,14 @@ def fail(message):
 def series(path):
     """{metric: (steps, values)} of one metrics.jsonl, each metric in step order."""
     out = {}
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 rec = json.loads(line)
-            except ValueError:
-                continue  # a blank line, or the torn last line of a run being written or killed
+            except ValueError:  # a blank line, the torn last line of a run being written or
+                continue  # killed, or bytes that are not text
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                continue  # JSON, but not a metrics record
             for k, v in rec.items():
                 if k not in ("step", "kind") and isinstance(v, (int, float)):
                     out.setdefault(k, ([], []))
@@ -79,7 +84,14 @@ def main(argv=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     out = args.out or os.path.join(os.path.dirname(files[0]), "metrics.png")
-    fig.savefig(out, dpi=110)
+    if not os.path.isdir(os.path.dirname(out) or "."):
+        fail(f"--out {out}: no folder {os.path.dirname(out)}")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    try:
+        common.atomic_write(out, png.getvalue())  # a kill leaves the old plot or the new one
+    except common.WriteError as e:
+        fail(str(e))
     print(f"wrote {out}")
     return out
 

@@ -22,12 +22,18 @@ train_grpo.py` makes it) and their seed changes the problems and samples, not th
 runs (balance, mtp, mla_mha) train from scratch and their seed changes the weights too. Each
 experiment prints its table (mean and spread over seeds) and its wall time, and writes
 results/<experiment>.json and .png (the PNG needs matplotlib: pip install -r requirements-plot.txt).
+
+A rerun keeps what is done: a finished run is read again, an interrupted one (Ctrl-C, a kill)
+resumes from its checkpoint; --fresh starts every run again. `--steps N` runs go to folders of
+their own (seed<k>_steps<N>).
 """
 import argparse
+import io
 import itertools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -207,28 +213,74 @@ def read_run(out_dir):
     return out
 
 
-def run_methods(name, methods, seeds, steps):
+def run_methods(name, methods, seeds, steps, fresh=False):
     """Every method at every seed, each its own process (its own peak memory), as a user would
-    type it; returns {method: [run summary per seed]} with wall times."""
+    type it; returns {method: [run summary per seed]} with wall times. A run folder that holds a
+    checkpoint is resumed (a finished run then does nothing), unless fresh."""
     out = {}
     for method, script, flags in methods:
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9-]+", "_",
                           method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
-            folder = os.path.join("out", "results", name, slug, f"seed{seed}")
-            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", "--overwrite"]
+            folder = os.path.join("out", "results", name, slug,
+                                  f"seed{seed}" + (f"_steps{steps}" if steps else ""))
+            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", keep(folder, fresh)]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
             elif steps:
                 argv += ["--steps", str(steps)]
             t = time.perf_counter()
-            if subprocess.run([sys.executable, os.path.join(HERE, script), *argv]).returncode:
-                sys.exit(f"results: this run failed: python {script} {' '.join(argv)}")
+            if run_child([sys.executable, os.path.join(HERE, script), *argv]):
+                sys.exit(f"results: this run failed: python {script} {' '.join(argv)} (to start "
+                         "it again: --fresh)")
             out.setdefault(method, []).append({"seed": seed, "wall_s": time.perf_counter() - t,
                                                **read_run(folder)})
             print(f"  {method}, seed {seed}: {out[method][-1]['final']['greedy_acc']:.1%} "
                   f"({out[method][-1]['wall_s']:.0f} s)", flush=True)
     return out
+
+
+def keep(folder, fresh):
+    """The flag that keeps what a run folder holds (--resume: a finished run is kept, an
+    interrupted one goes on) or starts it again (--overwrite)."""
+    return "--resume" if os.path.isfile(os.path.join(folder, "ckpt.pt")) and not fresh \
+        else "--overwrite"
+
+
+def _die_with_parent(parent):
+    """In the child, before it runs: Linux sends it SIGTERM (a checkpoint, then exit) when
+    results.py dies, even by kill -9, so no run is left orphaned holding its folder."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent
+        pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_child(argv):
+    """Run a train script and return its exit code. It runs in its own process group, so that
+    Ctrl-C in the terminal reaches results.py alone, which passes the signal on once and waits
+    for the run's checkpoint; then results.py stops, and the same command resumes."""
+    child = subprocess.Popen(argv, start_new_session=True,
+                             preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
+    got = []
+
+    def forward(signum, frame):
+        if not got:
+            got.append(signum)
+            child.send_signal(signum)
+    handlers = {s: signal.signal(s, forward)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    code = child.wait()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    if got:
+        name = signal.Signals(got[0]).name
+        sys.exit(f"results: stopped by {name}; finished runs are kept: run the same command "
+                 "again to resume the interrupted one and go on")
+    return code
 
 
 def spread(values):
@@ -239,7 +291,7 @@ def compare(name, args):
     claim, methods = EXPERIMENTS[name]
     print(f"{name}: {claim}")
     return {"claim": claim, "seeds": args.seeds,
-            "runs": run_methods(name, methods, args.seeds, args.steps)}
+            "runs": run_methods(name, methods, args.seeds, args.steps, args.fresh)}
 
 
 def table(name, result):
@@ -264,8 +316,9 @@ def passk(args):
     claim = ("RL raises maj@k more than pass@k: it sharpens the distribution more than it adds "
              "ability (DeepSeekMath Figure 7)")
     print(f"passk: {claim}")
-    folder = os.path.join("out", "results", "passk", "grpo")
-    train_grpo.main(["--out_dir", folder, "--quiet", "--overwrite"]
+    folder = os.path.join("out", "results", "passk", "grpo" + (f"_steps{args.steps}"
+                                                               if args.steps else ""))
+    train_grpo.main(["--out_dir", folder, "--quiet", keep(folder, args.fresh)]
                     + (["--steps", str(args.steps)] if args.steps else []))
     tok, task = tasks.Tokenizer(), tasks.get_task("add", 0)
     problems, ks, out = task.eval_set(256), list(range(1, 17)), {}
@@ -340,7 +393,9 @@ def plot(name, result, panels):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join("results", f"{name}.png"), dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    common.atomic_write(os.path.join("results", f"{name}.png"), png.getvalue())
     print(f"wrote results/{name}.png")
 
 
@@ -352,6 +407,9 @@ def main(argv=None):
                    help="seeds of the runs (default: 0 1 2)")
     p.add_argument("--steps", type=int, default=0,
                    help="steps of every run (default: the experiment's own)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start every run again, instead of keeping finished runs and resuming "
+                        "interrupted ones")
     p.add_argument("--table", action="store_true",
                    help="run nothing: print the table and redraw the PNG from "
                         "results/<experiment>.json")
@@ -362,8 +420,14 @@ def main(argv=None):
     if args.table:
         if not os.path.exists(path):
             sys.exit(f"results: no {path}: run `python results.py {args.experiment}` first")
-        with open(path) as f:
-            result = json.load(f)
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except ValueError:
+            result = None
+        if not isinstance(result, dict) or not {"claim", "wall_s", "seeds"} <= set(result):
+            sys.exit(f"results: {path} is not a saved experiment: run `python results.py "
+                     f"{args.experiment}` again")
     else:
         common.setup_torch(0, torch.device("cpu"))
         init = INIT.get(args.experiment, {})
@@ -373,8 +437,7 @@ def main(argv=None):
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t
         os.makedirs("results", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        common.atomic_write(path, json.dumps(result, indent=1))
     print(result["claim"])
     passk_table(result) if args.experiment == "passk" else table(args.experiment, result)
     print(f"{args.experiment}: {result['wall_s'] / 60:.1f} min in all; results in {path}")

@@ -95,7 +95,7 @@ class Pairs:
     @classmethod
     def of(cls, items, device):
         column = lambda key: torch.tensor([float(key(p)) for p in items], device=device)  # noqa
-        scored = bool(items) and "ref_chosen_logp" in items[0]
+        scored = bool(items) and all("ref_chosen_logp" in p for p in items)
         return cls(items, column(lambda p: len(p["chosen_ids"])),
                    column(lambda p: len(p["rejected_ids"])),
                    column(lambda p: p["ref_chosen_logp"]) if scored else None,
