@@ -75,7 +75,11 @@ class WriteError(RunError, OSError):
 
 
 class PeerFailed(RunError):
-    """Under torchrun: another rank failed (it says why) or was killed."""
+    """Under torchrun: another rank failed or was killed. quiet: the failed rank says why."""
+
+    def __init__(self, message, quiet=False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,7 +764,7 @@ class Run:
         if self.world > 1:
             failed = all_reduce_sum({"failed": float(error is not None)}, self.device)["failed"]
             if failed and error is None:
-                raise PeerFailed("rank 0 failed")
+                raise PeerFailed("rank 0 failed", quiet=True)
         if error is not None:
             raise error
 
@@ -967,9 +971,10 @@ class Run:
             exc = WriteError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)
         if isinstance(exc, dist.DistError) or (self.world > 1 and isinstance(exc, RuntimeError)
                                                and "gloo" in str(exc).lower()):
-            exc = PeerFailed("another rank failed (its message says why) or was killed")
-        if isinstance(exc, RunError):  # rank 0 tells what every rank decided alike
-            if self.main or not isinstance(exc, (ConfigError, PeerFailed)):
+            exc = PeerFailed(f"rank {self.rank} lost its peers: another rank failed (its "
+                             "message says why) or was killed")
+        if isinstance(exc, RunError):  # rank 0 alone tells what every rank decided alike
+            if not (getattr(exc, "quiet", False) or isinstance(exc, ConfigError) and not self.main):
                 print(f"error: {self._one_line(exc)}", file=sys.stderr)
             self._close(clean=False)
             sys.exit(1)

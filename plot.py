@@ -59,6 +59,9 @@ def main(argv=None):
     for f in files:
         if not os.path.isfile(f):
             fail(f"no metrics file at {f}")
+    out = args.out or os.path.join(os.path.dirname(files[0]), "metrics.png")
+    if not os.path.isdir(os.path.dirname(out) or "."):
+        fail(f"--out {out}: no folder {os.path.dirname(out)}")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -83,9 +86,6 @@ def main(argv=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = args.out or os.path.join(os.path.dirname(files[0]), "metrics.png")
-    if not os.path.isdir(os.path.dirname(out) or "."):
-        fail(f"--out {out}: no folder {os.path.dirname(out)}")
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     try:

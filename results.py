@@ -224,7 +224,8 @@ def run_methods(name, methods, seeds, steps, fresh=False):
                           method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
             folder = os.path.join("out", "results", name, slug,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
-            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", keep(folder, fresh)]
+            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet",
+                            keep(folder, fresh)]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
             elif steps:

@@ -600,7 +600,7 @@ def load_pairs(path, task=None, max_new_tokens=None):
     counts = {split: sum(isinstance(p, dict) and p.get("split") == split for p in pairs)
               for split in ("train", "heldout")}
     if counts != settings["pairs"] or len(pairs) != sum(counts.values()):
-        raise bad(f"it holds {counts} pairs, its settings line says {settings['pairs']}: cut short?")
+        raise bad(f"it holds {counts} pairs, its settings line {settings['pairs']}: cut short?")
     longest = (1 + task.max_lengths()[0], max_new_tokens or math.inf) if task else (math.inf,) * 2
     for n, p in enumerate(pairs, 2):
         for key, limit in (("prompt_ids", longest[0]), ("chosen_ids", longest[1]),

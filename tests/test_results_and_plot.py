@@ -20,8 +20,9 @@ RECORDS = [{"step": 2, "kind": "train", "reward_mean": 0.5, "kl": 0.1, "note": "
 
 def test_series_sorts_by_step_and_reads_accuracy_in_percent(tmp_path):
     write_metrics(tmp_path / "run", RECORDS)
-    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "kind": "tr')  # the torn last line of a killed run
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:  # JSON that is not a record, bytes
+        f.write(b'[1, 2]\n"text"\n{"kl": 9}\n\xff\xfe\n')  # that are not text, and the torn
+        f.write(b'{"step": 3, "kind": "tr')  # last line of a killed run
     s = plot.series(tmp_path / "run" / "metrics.jsonl")
     assert s["reward_mean"] == ((1, 2), (0.25, 0.5))
     assert s["eval_greedy_acc"] == ((0, 2), (50.0, 75.0))
@@ -30,6 +31,13 @@ def test_series_sorts_by_step_and_reads_accuracy_in_percent(tmp_path):
 
 def test_missing_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert "no metrics file" in one_line_failure(plot.main, [str(tmp_path / "nothing")], capsys)
+
+
+def test_out_into_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    write_metrics(tmp_path / "run", RECORDS)
+    out = str(tmp_path / "no" / "x.png")
+    err = one_line_failure(plot.main, [str(tmp_path / "run"), "--out", out], capsys)
+    assert "no folder" in err
 
 
 def test_writes_a_png(tmp_path):
