@@ -274,7 +274,7 @@ def main(argv=None, resume_hint=None):
             hit = float(cfg.target_acc > 0 and m.get("greedy_acc", 0) >= cfg.target_acc)
             return common.all_reduce_sum({"hit": hit}, run.device)["hit"] > 0
 
-        hit = evaluate(0) if run.start == 0 else False
+        hit = evaluate(0) if not run_cfg.resume else False
         if hit:  # the init is already good enough: it is the result
             run.end_step(0, finished=True)
         for step in [] if hit else run.steps(cfg.steps):

@@ -25,7 +25,7 @@ import train_rm
 import train_sft
 from conftest import one_line_failure
 from dist_helpers import run_on_two_ranks
-from test_runs import GRPO_2, ROOT, SFT_RUN, keys, metrics, same_weights, sft, snapshot
+from test_runs import GRPO_2, ROOT, SFT_RUN, keys, metrics, sft, snapshot
 from test_train_dpo import DPO_TINY
 from test_train_ppo import PPO_TINY
 from test_train_rm import RM_TINY
@@ -92,7 +92,12 @@ def test_a_kill_at_any_atomic_write_of_a_resume_loses_nothing(init, tmp_path):
     assert common.load_checkpoint(str(run))["step"] == 6
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def can_trace():
+    return shutil.which("strace") is not None and subprocess.run(
+        ["strace", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_trace(), reason="needs strace, allowed to trace")
 def test_a_kill_at_the_first_write_to_metrics_keeps_the_curve(init, tmp_path):
     """strace kills the resume at its first write() to metrics.jsonl (an in-place rewrite would
     leave 0 bytes there)."""
@@ -139,6 +144,7 @@ def test_every_file_the_project_writes_goes_through_atomic_write():
 # A full or read-only disk: one line naming the last good checkpoint, no temporary file left
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(init, tmp_path,
                                                                             monkeypatch, capsys):
     run = copy_of(init, tmp_path)
@@ -423,18 +429,6 @@ def test_a_signal_before_the_loop_is_one_line(init, tmp_path, monkeypatch, signu
     assert f"stopped by {signal.Signals(signum).name} after step 0" in err
 
 
-def test_sighup_stops_a_run_with_a_checkpoint_like_sigterm(tmp_path, monkeypatch, capsys):
-    from test_runs import interrupt_at
-    full, _ = sft(tmp_path / "full", "--steps", "6", "--ckpt_every", "100")
-    interrupt_at(monkeypatch, train_sft, "make_batch", 3, signal.SIGHUP)
-    with pytest.raises(SystemExit) as e:
-        sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100")
-    assert e.value.code == 128 + signal.SIGHUP
-    monkeypatch.undo()
-    resumed, _ = sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100", "--resume")
-    same_weights(full, resumed)
-
-
 def test_a_run_finished_early_stays_finished_on_resume(tmp_path, monkeypatch):
     """SFT stopped at --target_acc: --resume has nothing to do (it does not train on)."""
     real, calls = rollout.evaluate, []
@@ -532,6 +526,7 @@ def test_results_passes_ctrl_c_to_its_run_and_waits_for_it():
     assert "stopped by SIGINT" in out.stderr and "run the same command again" in out.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
 def test_a_run_ends_when_results_is_killed():
     """kill -9 of results.py: its run gets SIGTERM (it checkpoints and exits), not orphaned."""
     out = parent_and_child("SIGTERM", "SIGKILL")  # reads until the child has closed stdout too

@@ -254,14 +254,16 @@ def interrupt_at(monkeypatch, module, name, call, signum):
     monkeypatch.setattr(module, name, wrapped)
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])  # Ctrl-C, a closed terminal
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, signum,
+                                                                  capsys):
     full, _ = sft(tmp_path / "full", "--steps", "6", "--ckpt_every", "100")
-    interrupt_at(monkeypatch, train_sft, "make_batch", 3, signal.SIGINT)
+    interrupt_at(monkeypatch, train_sft, "make_batch", 3, signum)
     with pytest.raises(SystemExit) as e:
         sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100")
-    assert e.value.code == 128 + signal.SIGINT
+    assert e.value.code == 128 + signum
     err = capsys.readouterr().err
-    assert "stopped by SIGINT after step 3" in err and "--resume" in err
+    assert f"stopped by {signal.Signals(signum).name} after step 3" in err and "--resume" in err
     assert common.load_checkpoint(str(tmp_path / "b"))["step"] == 3
     monkeypatch.undo()
     resumed, _ = sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100", "--resume")
