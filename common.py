@@ -663,7 +663,8 @@ class Run:
         self.main = self.rank == 0
         setup_torch(self.rc.seed, self.device)
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
-            self.previous_handlers[s] = signal.signal(s, self._on_signal)
+            if signal.getsignal(s) is not signal.SIG_IGN:  # ignored stays ignored (nohup, &)
+                self.previous_handlers[s] = signal.signal(s, self._on_signal)
         try:
             self._check_out_dir()
         except RunError as e:  # __exit__ does not run for an error raised in __enter__
@@ -702,7 +703,8 @@ class Run:
             raise ConfigError(f"checkpoint {self.ckpt_path} does not match this run's config in: "
                               f"{', '.join(bad)}")
         self.start = self.step = self.saved_step = self.ckpt["step"]
-        self.inputs = dict(self.ckpt.get("inputs", {}))  # kept in the checkpoints to come
+        legacy = {"rft_data": "rft_data.jsonl"}  # named before inputs were named by their file
+        self.inputs = {legacy.get(k, k): v for k, v in self.ckpt.get("inputs", {}).items()}
         self._check_inputs()
         net = model_of(self.ckpt, f"checkpoint {self.ckpt_path}", cls, self.device, weights=False)
         self.mcfg = net.cfg
@@ -759,7 +761,7 @@ class Run:
         if self.main:
             try:
                 fn(*args)
-            except RunError as e:
+            except Exception as e:  # the others learn of any failure: none waits for rank 0
                 error = e
         if self.world > 1:
             failed = all_reduce_sum({"failed": float(error is not None)}, self.device)["failed"]
@@ -821,7 +823,7 @@ class Run:
         path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
         name = name or os.path.relpath(path, self.rc.out_dir)
         digest = file_digest(path) if os.path.isfile(path) else None
-        recorded = self.ckpt.get("inputs", {}) if self.ckpt is not None else {}
+        recorded = self.inputs if self.ckpt is not None else {}  # the checkpoint's
         if name in recorded and recorded[name] != digest:
             raise CheckpointError(f"{path} is missing or is not the file this run's checkpoint "
                                   f"was trained on ({name}): restore it, or start the run again "
@@ -831,8 +833,8 @@ class Run:
 
     def _check_inputs(self):
         """On --resume: every file of the run folder the checkpoint names is the one it names."""
-        for name, digest in self.ckpt.get("inputs", {}).items():
-            if not name.startswith("--") and "." in name:  # a file of the run folder
+        for name in list(self.inputs):
+            if not name.startswith("--"):  # a file of the run folder
                 self.input(os.path.join(self.rc.out_dir, name), name)
 
     # ---- the loop: progress, metrics, evaluations, checkpoints, signals
@@ -934,8 +936,7 @@ class Run:
                        config=config_dict(self.cfg), model_config=config_dict(self.mcfg),
                        run_config=config_dict(self.rc), inputs=self.inputs,
                        tokenizer=tasks.Tokenizer().definition())
-        if self.main:
-            save_checkpoint(self.ckpt_path, payload)
+        self.on_main(save_checkpoint, self.ckpt_path, payload)  # every rank learns if it failed
         self.saved_step = step
 
     def last_good(self):
@@ -946,9 +947,12 @@ class Run:
     # ---- signals
 
     def _on_signal(self, signum, frame):
-        self.signum = signum
-        for s, h in self.previous_handlers.items():  # a second signal: the default, stop now
-            signal.signal(s, h)
+        """The first signal stops the run after its step. A second Ctrl-C stops it at once; a
+        repeated SIGTERM or SIGHUP (a scheduler signalling every process, results.py passing it
+        on) changes nothing: SIGKILL is the way to stop at once."""
+        self.signum = self.signum or signum
+        if signal.SIGINT in self.previous_handlers:
+            signal.signal(signal.SIGINT, self.previous_handlers[signal.SIGINT])
 
     def _signalled(self):
         """Whether any rank got a signal (every rank asks at the same step, so all stop there)."""

@@ -224,21 +224,40 @@ def run_methods(name, methods, seeds, steps, fresh=False):
                           method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
             folder = os.path.join("out", "results", name, slug,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
-            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet",
-                            keep(folder, fresh)]
+            how = keep(folder, fresh)
+            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", how]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
             elif steps:
                 argv += ["--steps", str(steps)]
-            t = time.perf_counter()
-            if run_child([sys.executable, os.path.join(HERE, script), *argv]):
+            t, wall = time.perf_counter(), os.path.join(folder, "results_wall_s.json")
+            code = run_child([sys.executable, os.path.join(HERE, script), *argv])
+            if code:
                 sys.exit(f"results: this run failed: python {script} {' '.join(argv)} (to start "
                          "it again: --fresh)")
-            out.setdefault(method, []).append({"seed": seed, "wall_s": time.perf_counter() - t,
+            seconds = earlier_seconds(wall) if how == "--resume" else 0.0  # None: not known
+            seconds = None if seconds is None else seconds + time.perf_counter() - t
+            common.atomic_write(wall, json.dumps(seconds))
+            out.setdefault(method, []).append({"seed": seed, "wall_s": seconds,
                                                **read_run(folder)})
             print(f"  {method}, seed {seed}: {out[method][-1]['final']['greedy_acc']:.1%} "
-                  f"({out[method][-1]['wall_s']:.0f} s)", flush=True)
+                  f"({seconds_text(seconds)})", flush=True)
     return out
+
+
+def earlier_seconds(path):
+    """The wall seconds results.py spent on a run before (its earlier parts, if it was
+    interrupted), None if not recorded (a run made before results.py recorded them)."""
+    try:
+        with open(path) as f:
+            seconds = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return seconds if isinstance(seconds, (int, float)) else None
+
+
+def seconds_text(seconds):
+    return "time not recorded" if seconds is None else f"{seconds:.0f} s"
 
 
 def keep(folder, fresh):
@@ -248,39 +267,50 @@ def keep(folder, fresh):
         else "--overwrite"
 
 
-def _die_with_parent(parent):
-    """In the child, before it runs: Linux sends it SIGTERM (a checkpoint, then exit) when
-    results.py dies, even by kill -9, so no run is left orphaned holding its folder."""
+def _parent_death_signal():
+    """Linux's prctl(PR_SET_PDEATHSIG, SIGTERM) as a function the child calls before it runs,
+    looked up here (a forked child should not load libraries); None where there is none."""
     try:
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent
-        pass
-    if os.getppid() != parent:  # the parent died before prctl
-        os.kill(os.getpid(), signal.SIGTERM)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: a child outlives a killed results.py
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def run_child(argv):
     """Run a train script and return its exit code. It runs in its own process group, so that
     Ctrl-C in the terminal reaches results.py alone, which passes the signal on once and waits
-    for the run's checkpoint; then results.py stops, and the same command resumes."""
-    child = subprocess.Popen(argv, start_new_session=True,
-                             preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
-    got = []
+    for the run's checkpoint; then results.py stops, and the same command resumes. The child gets
+    SIGTERM (a checkpoint, then exit) if results.py dies, even by kill -9, so that no run is left
+    orphaned holding its folder."""
+    parent, pdeathsig, state = os.getpid(), _parent_death_signal(), {"child": None, "got": None}
+
+    def in_the_child():
+        if pdeathsig is not None:
+            pdeathsig()
+        if os.getppid() != parent:  # results.py died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def forward(signum, frame):
-        if not got:
-            got.append(signum)
-            child.send_signal(signum)
-    handlers = {s: signal.signal(s, forward)
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    code = child.wait()
+        if state["got"] is None:
+            state["got"] = signum
+            state["child"].send_signal(signum)
+    mine = [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]  # nohup: kept
+    signal.pthread_sigmask(signal.SIG_BLOCK, mine)  # a signal while starting it waits for it
+    handlers = {s: signal.signal(s, forward) for s in mine}
+    state["child"] = subprocess.Popen(argv, start_new_session=True, preexec_fn=in_the_child)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, mine)
+    code = state["child"].wait()
     for s, h in handlers.items():
         signal.signal(s, h)
-    if got:
-        name = signal.Signals(got[0]).name
-        sys.exit(f"results: stopped by {name}; finished runs are kept: run the same command "
-                 "again to resume the interrupted one and go on")
+    if state["got"] is not None:
+        sys.exit(f"results: stopped by {signal.Signals(state['got']).name}; finished runs are "
+                 "kept: run the same command again to resume the interrupted one and go on")
     return code
 
 
@@ -308,7 +338,13 @@ def table(name, result):
         each = ", ".join(f"{r['final']['greedy_acc']:.1%}" for r in rs)
         extra = "".join(f"{column(rs)} | " for _, column in columns)
         print(f"| {method} | {m:.1%} +- {s:.1%} | {each} | "
-              f"{extra}{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+              f"{extra}{seconds_text(wall_mean(rs))} |")
+
+
+def wall_mean(rs):
+    """The mean wall time of a method's runs; None if any is not recorded."""
+    known = [r["wall_s"] for r in rs]
+    return None if None in known else statistics.mean(known)
 
 
 def passk(args):

@@ -594,13 +594,18 @@ def load_pairs(path, task=None, max_new_tokens=None):
     except (OSError, ValueError) as e:
         raise bad(type(e).__name__) from None
     settings = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
-    if not isinstance(settings, dict) or not isinstance(settings.get("pairs"), dict):
-        raise bad("no settings line with the pair counts")
+    if not isinstance(settings, dict):
+        raise bad("no settings line")
     pairs, vocab = lines[1:], tasks.Tokenizer().vocab_size
     counts = {split: sum(isinstance(p, dict) and p.get("split") == split for p in pairs)
               for split in ("train", "heldout")}
-    if counts != settings["pairs"] or len(pairs) != sum(counts.values()):
-        raise bad(f"it holds {counts} pairs, its settings line {settings['pairs']}: cut short?")
+    # (a file written before the counts were recorded has none: its pairs are still checked)
+    if len(pairs) != sum(counts.values()) or counts != settings.get("pairs", counts):
+        raise bad(f"it holds {counts} pairs, its settings line {settings.get('pairs')}: cut short?")
+    made = (settings.get("task"), settings.get("n_digits"))
+    if task is not None and made != (task.name, task.n_digits):
+        raise common.ConfigError(f"{path} holds pairs of task {made[0]} with {made[1]} digits, not "
+                                 f"{task.name} with {task.n_digits}")
     longest = (1 + task.max_lengths()[0], max_new_tokens or math.inf) if task else (math.inf,) * 2
     for n, p in enumerate(pairs, 2):
         for key, limit in (("prompt_ids", longest[0]), ("chosen_ids", longest[1]),
@@ -612,11 +617,8 @@ def load_pairs(path, task=None, max_new_tokens=None):
             if len(ids) > limit:
                 raise common.ConfigError(f"{path} line {n}: {key} has {len(ids)} tokens, more "
                                          f"than this run's {limit}")
-        if any(not (type(p[k]) in (int, float) and math.isfinite(p[k]))
-               for k in ("ref_chosen_logp", "ref_rejected_logp") if k in p):
-            raise bad(f"line {n}: a reference log-prob that is not a finite number")
-    made = (settings.get("task"), settings.get("n_digits"))
-    if task is not None and made != (task.name, task.n_digits):
-        raise common.ConfigError(f"{path} holds pairs of task {made[0]} with {made[1]} digits, not "
-                                 f"{task.name} with {task.n_digits}")
+        refs = [p.get(k, "absent") for k in ("ref_chosen_logp", "ref_rejected_logp")]
+        if refs != ["absent"] * 2 and not all(type(v) in (int, float) and math.isfinite(v)
+                                              for v in refs):
+            raise bad(f"line {n}: reference log-probs must be two finite numbers, or none")
     return pairs, settings

@@ -199,7 +199,7 @@ def main(argv=None):
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         run.begin(model=rm, optimizer=opt)  # restored by --resume; opens the run folder
         rm_ddp = run.wrap(rm)  # DDP and torch.compile, as configured
-        if run.start == 0:  # the pairs and AUC samples, by the init (rm.body now), on rank 0
+        if not run_cfg.resume:  # the pairs and AUC samples, by the init (rm.body now), on rank 0
             run.on_main(make_run_data, cfg, run_cfg, rm.body, tok, task,
                         task.eval_set(cfg.eval_size))
         pairs = rollout.load_pairs(run.input(os.path.join(run_cfg.out_dir, "pairs.jsonl")))[0]

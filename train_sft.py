@@ -94,7 +94,8 @@ def rft_data(model, tok, task, cfg, run):
     once by rank 0 into rft_data.jsonl, whatever the number of ranks, and tied to the run's
     checkpoints. Returns (the sequences, each optimiser step's indices into them)."""
     path, seed = os.path.join(run.rc.out_dir, "rft_data.jsonl"), run.rc.seed
-    if run.start == 0 and run.main:
+
+    def make():
         rng = random.Random(common.stream_seed(seed, "rft", 0))
         gen = torch.Generator(device=run.device).manual_seed(common.stream_seed(seed, "rft", 0,
                                                                                 "sampling"))
@@ -104,8 +105,8 @@ def rft_data(model, tok, task, cfg, run):
         if not run.rc.quiet:
             print(f"RFT data: {len(seqs)} correct of {cfg.rft_prompts * cfg.rft_samples} samples; "
                   f"{solved} of {cfg.rft_prompts} prompts solved at least once")
-    if run.world > 1:
-        torch.distributed.barrier()
+    if not run.rc.resume:  # a resume trains on the file its checkpoint names
+        run.on_main(make)
     run.input(path)
     data = [(d["ids"], d["start"]) for d in common.read_jsonl(path)]
     run.require(len(data) >= cfg.batch_size, f"RFT kept {len(data)} correct samples, fewer than "

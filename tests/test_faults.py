@@ -86,7 +86,7 @@ def test_a_kill_at_any_atomic_write_of_a_resume_loses_nothing(init, tmp_path):
         assert out.returncode == -signal.SIGKILL, out.stderr
         json.load(open(run / "config.json"))
         assert len(metrics(run)) >= before
-        assert common.load_checkpoint(str(run))["step"] in (4, 5)
+        assert common.load_checkpoint(str(run))["step"] == 4  # the first new one was killed
     assert script("train_sft.py", *flags, "--out_dir", str(run), "--resume").returncode == 0
     assert keys(run) == keys(full) and not [f for f in os.listdir(run) if ".tmp." in f]
     assert common.load_checkpoint(str(run))["step"] == 6
@@ -266,6 +266,7 @@ BAD_PAIRS = {
     "cut at a line boundary": (lambda ls: ls[:-3], "cut short"),
     "only its settings line": (lambda ls: ls[:1], "cut short"),
     "settings null": (lambda ls: [{"settings": None}] + ls[1:], "no settings line"),
+    "one reference log-prob": (with_pair(lambda p: p.pop("ref_rejected_logp")), "two finite"),
     "ids of the wrong type": (with_pair(lambda p: p.update(chosen_ids="135")), "chosen_ids"),
     "ids out of range": (with_pair(lambda p: p.update(prompt_ids=[999])), "prompt_ids"),
     "float ids": (with_pair(lambda p: p.update(rejected_ids=[1.0, 16])), "rejected_ids"),
@@ -273,7 +274,7 @@ BAD_PAIRS = {
     "a prompt too long": (with_pair(lambda p: p.update(prompt_ids=[15] + [4] * 40)), "tokens"),
     "a completion too long": (with_pair(lambda p: p.update(rejected_ids=[4] * 9)), "tokens"),
     "a NaN reference log-prob": (with_pair(lambda p: p.update(ref_chosen_logp=float("nan"))),
-                                 "finite"),
+                                 "two finite"),
 }
 
 
@@ -427,6 +428,47 @@ def test_a_signal_before_the_loop_is_one_line(init, tmp_path, monkeypatch, signu
     err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(init), "--out_dir",
                                                       str(tmp_path / "g")], capsys)
     assert f"stopped by {signal.Signals(signum).name} after step 0" in err
+
+
+def signals_at(monkeypatch, call, *signums):
+    """Send these signals to this process, in turn, at train_sft.make_batch's call-th call."""
+    real, calls = train_sft.make_batch, []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        for signum in signums if len(calls) == call else ():
+            os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+    monkeypatch.setattr(train_sft, "make_batch", wrapped)
+
+
+def test_a_repeated_sigterm_still_ends_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A scheduler signals every process and results.py passes its signal on: the run gets two."""
+    signals_at(monkeypatch, 3, signal.SIGTERM, signal.SIGTERM, signal.SIGHUP)
+    with pytest.raises(SystemExit) as e:
+        sft(tmp_path / "b", "--steps", "6", "--ckpt_every", "100")
+    assert e.value.code == 128 + signal.SIGTERM
+    assert common.load_checkpoint(str(tmp_path / "b"))["step"] == 3
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path, monkeypatch):
+    """nohup python train_sft.py: closing the terminal does not stop the run."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        signals_at(monkeypatch, 3, signal.SIGHUP)
+        sft(tmp_path / "b", "--steps", "6")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert common.load_checkpoint(str(tmp_path / "b"))["step"] == 6
+
+
+def test_an_old_pairs_file_without_counts_still_trains(dpo_run, init, tmp_path):
+    def no_counts(lines):
+        lines[0]["settings"].pop("pairs")
+        return lines
+    path = pairs_file(dpo_run, tmp_path, no_counts)
+    train_dpo.main(DPO_TINY + ["--init", str(init), "--pairs_file", str(path), "--out_dir",
+                               str(tmp_path / "run")])
 
 
 def test_a_run_finished_early_stays_finished_on_resume(tmp_path, monkeypatch):

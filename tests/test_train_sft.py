@@ -303,6 +303,12 @@ def test_rft_run_starts_from_its_init_and_resumes_exactly(tmp_path, monkeypatch,
         run(tmp_path / "b", *flags, "--resume")
     assert "is not the file this run's checkpoint was trained on" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "b" / "config.json")
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)  # the name inputs had
+    ckpt["inputs"] = {"rft_data": ckpt["inputs"].pop("rft_data.jsonl")}  # before their file's
+    torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "b", *flags, "--resume")
+    assert "is not the file this run's checkpoint was trained on" in capsys.readouterr().err
 
 
 def test_a_field_added_after_a_checkpoint_was_saved_counts_as_its_default():
