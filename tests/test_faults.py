@@ -526,6 +526,41 @@ def test_a_refusal_on_rank_0_ends_every_rank_with_one_line(init, tmp_path):
     assert ranks[1]["err"] == ""
 
 
+def _lose_a_peer(rank, world, port, folder, out):
+    """Rank 1 dies (os._exit, as by kill -9) at its third batch; rank 0 reports how it ended."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    if rank == 1:
+        real, calls = train_sft.make_batch, []
+
+        def dies(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(9)
+            return real(*a, **kw)
+        train_sft.make_batch = dies
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as e:
+        train_sft.main(SFT_RUN + ["--out_dir", folder, "--steps", "6", "--ckpt_every", "1"])
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        json.dump({"code": e.value.code, "err": err.getvalue()}, f)
+    os._exit(0)  # no teardown of a process group whose peer is gone
+
+
+def test_a_rank_that_loses_its_peer_stops_with_one_line(tmp_path):
+    from dist_helpers import free_port
+    ctx = torch.multiprocessing.spawn(_lose_a_peer, args=(2, free_port(), str(tmp_path / "run"),
+                                                          str(tmp_path)), nprocs=2, join=False)
+    for process in ctx.processes:  # (ctx.join would terminate rank 0 once rank 1 has died)
+        process.join(timeout=120)
+    assert [p.exitcode for p in ctx.processes] == [0, 9]
+    rank0 = json.load(open(tmp_path / "rank0"))
+    assert rank0["code"] == 1 and rank0["err"].count("\n") == 1, rank0
+    assert "lost its peers" in rank0["err"] and "step 2) was kept" in rank0["err"]
+
+
 # ----------------------------------------------------------------------------------------------
 # results.py: a saved experiment, and the runs it starts
 
