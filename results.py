@@ -231,12 +231,14 @@ def run_methods(name, methods, seeds, steps, fresh=False):
             elif steps:
                 argv += ["--steps", str(steps)]
             t, wall = time.perf_counter(), os.path.join(folder, "results_wall_s.json")
+            saved = checkpoint_time(folder)
             code = run_child([sys.executable, os.path.join(HERE, script), *argv])
             if code:
                 sys.exit(f"results: this run failed: python {script} {' '.join(argv)} (to start "
                          "it again: --fresh)")
             seconds = earlier_seconds(wall) if how == "--resume" else 0.0  # None: not known
-            seconds = None if seconds is None else seconds + time.perf_counter() - t
+            if seconds is not None and checkpoint_time(folder) != saved:  # it trained
+                seconds += time.perf_counter() - t
             common.atomic_write(wall, json.dumps(seconds))
             out.setdefault(method, []).append({"seed": seed, "wall_s": seconds,
                                                **read_run(folder)})
@@ -254,6 +256,11 @@ def earlier_seconds(path):
     except (OSError, ValueError):
         return None
     return seconds if isinstance(seconds, (int, float)) else None
+
+
+def checkpoint_time(folder):
+    path = os.path.join(folder, "ckpt.pt")
+    return os.path.getmtime(path) if os.path.exists(path) else None
 
 
 def seconds_text(seconds):

@@ -565,9 +565,20 @@ def test_a_rank_that_loses_its_peer_stops_with_one_line(tmp_path):
 # results.py: a saved experiment, and the runs it starts
 
 
-def test_results_keeps_a_finished_run_and_resumes_an_interrupted_one(init, tmp_path):
-    assert results.keep(str(init), fresh=False) == "--resume"
-    assert results.keep(str(init), fresh=True) == "--overwrite"
+def test_results_keeps_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    """Rerun, an experiment reads its finished run again (its checkpoint and wall time kept);
+    an interrupted one goes on from its checkpoint; --fresh starts again."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "out" / "results" / "t" / "tiny" / "seed0"
+    methods = [("tiny", "train_sft.py", SFT_RUN)]
+    sft(folder, "--stop_at", "2")  # interrupted
+    kept = metrics(folder)
+    first = results.run_methods("t", methods, [0], 0)["tiny"][0]
+    assert common.load_checkpoint(str(folder))["step"] == 4 and metrics(folder)[:len(kept)] == kept
+    before = snapshot(folder)
+    again = results.run_methods("t", methods, [0], 0)["tiny"][0]
+    assert again["wall_s"] == first["wall_s"] and snapshot(folder)["ckpt.pt"] == before["ckpt.pt"]
+    assert results.keep(str(folder), fresh=True) == "--overwrite"
     assert results.keep(str(tmp_path / "new"), fresh=False) == "--overwrite"
 
 
