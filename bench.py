@@ -258,10 +258,9 @@ def bench_spec(args):
     tokens per main-model forward at batch 1 and at GRPO's batch (256 rows), each the best of
     --repeats runs, both decoders timed alternately."""
     import tasks
-    tok = tasks.Tokenizer()
     ckpt = common.load_checkpoint(args.ckpt)
     m = common.model_of(ckpt, args.ckpt).eval()
-    task = tasks.get_task(ckpt["config"]["task"], ckpt["config"]["n_digits"])
+    tok, task = tasks.get(ckpt["config"]["task"], ckpt["config"]["n_digits"])
     problems = task.eval_set(256)
     prompts = [tasks.encode_problem(tok, p, False)[0] for p in problems]
     new = task.max_new_tokens()

@@ -484,7 +484,7 @@ def load_trained(path, what, kind, task):
     """The checkpoint at path (a run folder or its ckpt.pt) of a `kind` run of this task, with this
     project's tokenizer; CheckpointError otherwise. what: how to name it in an error."""
     ckpt = load_checkpoint(path)
-    check_checkpoint(ckpt, what, kind, tasks.Tokenizer())
+    check_checkpoint(ckpt, what, kind, task.tokenizer())
     trained = (ckpt["config"].get("task"), ckpt["config"].get("n_digits"))
     if trained != (task.name, task.n_digits):
         raise CheckpointError(f"{what} was trained on task {trained[0]} with {trained[1]} digits, "
@@ -540,6 +540,13 @@ def config_mismatches(ckpt, cfg, run_cfg):
     bad = mismatched_fields(saved, config_dict(cfg), RESUMABLE_FIELDS)
     seed = ckpt.get("run_config", ckpt["config"]).get("seed", 0)
     return bad + (["seed"] if seed != run_cfg.seed else [])
+
+
+def same_settings(ckpt, cfg, mcfg, run_cfg):
+    """Whether a checkpoint (or what a config.json records of one) was made with these settings:
+    the config but the fields that may change on resume, the seed, the whole model config."""
+    return ckpt is not None and not (config_mismatches(ckpt, cfg, run_cfg) or mismatched_fields(
+        saved_model_config(ckpt), config_dict(mcfg)))
 
 
 def write_jsonl(path, rows):
@@ -696,7 +703,7 @@ class Run:
         tokenizer, settings, seed and the model flags given), gives a new `cls` of its model
         config; begin() restores the weights."""
         self.ckpt = load_checkpoint(self.ckpt_path)
-        check_checkpoint(self.ckpt, f"checkpoint {self.ckpt_path}", self.kind, tasks.Tokenizer())
+        check_checkpoint(self.ckpt, f"checkpoint {self.ckpt_path}", self.kind, self.tokenizer())
         bad = config_mismatches(self.ckpt, self.cfg, self.rc)
         bad += model_mismatches(self.ckpt, self.model_flags, self.mcfg)
         if bad:
@@ -709,6 +716,9 @@ class Run:
         net = model_of(self.ckpt, f"checkpoint {self.ckpt_path}", cls, self.device, weights=False)
         self.mcfg = net.cfg
         return net
+
+    def tokenizer(self):
+        return tasks.get(self.cfg.task, self.cfg.n_digits)[0]
 
     def streams(self):
         """This rank's problem stream (a random.Random) and sampling generator (a torch.Generator on
@@ -935,7 +945,7 @@ class Run:
         payload.update(step=step, done=done, world_size=self.world, kind=self.kind,
                        config=config_dict(self.cfg), model_config=config_dict(self.mcfg),
                        run_config=config_dict(self.rc), inputs=self.inputs,
-                       tokenizer=tasks.Tokenizer().definition())
+                       tokenizer=self.tokenizer().definition())
         self.on_main(save_checkpoint, self.ckpt_path, payload)  # every rank learns if it failed
         self.saved_step = step
 

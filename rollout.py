@@ -596,7 +596,8 @@ def load_pairs(path, task=None, max_new_tokens=None):
     settings = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
     if not isinstance(settings, dict):
         raise bad("no settings line")
-    pairs, vocab = lines[1:], tasks.Tokenizer().vocab_size
+    vocab = (task.tokenizer() if task else tasks.Tokenizer(think=True)).vocab_size  # or the most
+    pairs = lines[1:]
     counts = {split: sum(isinstance(p, dict) and p.get("split") == split for p in pairs)
               for split in ("train", "heldout")}
     # (a file written before the counts were recorded has none: its pairs are still checked)

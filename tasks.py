@@ -25,34 +25,49 @@ import tiktoken
 ALPHABET = "0123456789+-*=,"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIALS = (BOS, EOS, PAD)
+THINK, END_THINK = "<think>", "</think>"  # tokens of the thinking task's tokenizer only
+_MARKER = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
 
 
-def build_tokenizer():
-    """A tiktoken Encoding over ALPHABET: each character is one token (ranks 0..14), no merges."""
+def build_tokenizer(think=False):
+    """A tiktoken Encoding over ALPHABET: each character is one token (ranks 0..14), no merges;
+    then the special tokens, and with think the two markers <think> and </think> (ids 18, 19), so
+    that every other task's tokenizer, and its models, stay as they were."""
     mergeable_ranks = {ch.encode(): i for i, ch in enumerate(ALPHABET)}
-    special_tokens = {s: len(ALPHABET) + i for i, s in enumerate(SPECIALS)}
-    return tiktoken.Encoding(name="arith", pat_str=r".", mergeable_ranks=mergeable_ranks,
-                             special_tokens=special_tokens)
+    specials = SPECIALS + ((THINK, END_THINK) if think else ())
+    special_tokens = {s: len(ALPHABET) + i for i, s in enumerate(specials)}
+    return tiktoken.Encoding(name="arith_think" if think else "arith", pat_str=r".",
+                             mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
 
 
 class Tokenizer:
-    """Thin wrapper over the tiktoken Encoding that validates input and exposes special ids."""
+    """Thin wrapper over the tiktoken Encoding that validates input and exposes special ids.
+    think: the thinking task's tokenizer, with <think> and </think> as one token each."""
 
-    def __init__(self):
-        self.enc = build_tokenizer()
+    def __init__(self, think=False):
+        self.think = think
+        self.enc = build_tokenizer(think)
         self.vocab_size = self.enc.n_vocab
         self.bos_id, self.eos_id, self.pad_id = (self.enc.encode_single_token(s) for s in SPECIALS)
+        self.markers = {m: self.enc.encode_single_token(m) for m in (THINK, END_THINK)} \
+            if think else {}
 
     def encode(self, text):
-        for ch in text:  # tiktoken would map an unknown character to bytes it has no rank for
-            if ch not in ALPHABET:
-                raise ValueError(f"character {ch!r} is not in the task alphabet {ALPHABET!r}")
-        return self.enc.encode_ordinary(text)
+        ids = []
+        for part in _MARKER.split(text) if self.think else [text]:
+            if part in self.markers:
+                ids.append(self.markers[part])
+                continue
+            for ch in part:  # tiktoken would map an unknown character to bytes it has no rank for
+                if ch not in ALPHABET:
+                    raise ValueError(f"character {ch!r} is not in the task alphabet {ALPHABET!r}")
+            ids += self.enc.encode_ordinary(part)
+        return ids
 
     def decode(self, ids, strict=False):
-        """Decode ids up to the first end token. Begin/pad tokens are skipped, or, with strict (how
-        completions are read for rewards), written as '?': a completion holding one is malformed,
-        and each character still sits at its token's index."""
+        """Decode ids up to the first end token (a marker as its text). Begin/pad tokens are
+        skipped, or, with strict (how completions are read for rewards), written as '?': a
+        completion holding one is malformed."""
         out = []
         for i in ids:
             i = int(i)
@@ -67,7 +82,8 @@ class Tokenizer:
 
     def definition(self):
         """What a checkpoint stores so that a loader can check it has the same tokenizer."""
-        return {"alphabet": ALPHABET, "specials": list(SPECIALS), "n_vocab": self.vocab_size}
+        specials = list(SPECIALS) + ([THINK, END_THINK] if self.think else [])
+        return {"alphabet": ALPHABET, "specials": specials, "n_vocab": self.vocab_size}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,8 +129,13 @@ class Task:
         raise NotImplementedError
 
     def max_lengths(self):
-        """(characters of the longest prompt, characters of the longest reference completion)."""
+        """(tokens of the longest prompt, tokens of the longest reference completion): one per
+        character, but the thinking task's markers."""
         raise NotImplementedError
+
+    def tokenizer(self):
+        """The tokenizer of this task's models (the thinking task's adds its two markers)."""
+        return Tokenizer()
 
     def max_new_tokens(self):
         """What sampling an answer needs: the longest reference completion, its end token, one more
@@ -333,8 +354,95 @@ class MultiStep(Task):
 
 _STEP = re.compile(r"-?[0-9]+\+-?[0-9]+=-?[0-9]+")
 
-TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "multistep": MultiStep}
-DEFAULT_DIGITS = {"add": 3, "sub": 3, "mul": 2, "multistep": 2}  # what --n_digits 0 means
+
+class ThinkSum(Task):
+    """A sum of min_terms..max_terms numbers that a model may answer directly (`180`) or after
+    thinking (`<think>12+34=46,46+56=102,102+78=180</think>180`): DeepSeek-R1's format. The
+    reference completion thinks; `direct` is the bare answer. The answer is read strictly from
+    what follows </think> (the whole completion when it does not think); the steps inside can be
+    checked one by one. Its tokenizer has <think> and </think> as one token each."""
+    name = "think"
+
+    def __init__(self, n_digits=2, min_terms=2, max_terms=4):
+        super().__init__(n_digits)
+        if not 2 <= min_terms <= max_terms:
+            raise ValueError(f"a sum needs 2 <= min_terms <= max_terms, got {min_terms}, "
+                             f"{max_terms}")
+        self.min_terms, self.max_terms = min_terms, max_terms
+
+    def tokenizer(self):
+        return Tokenizer(think=True)
+
+    def _make(self, rng):
+        terms = [rng.randrange(10 ** self.n_digits)
+                 for _ in range(rng.randint(self.min_terms, self.max_terms))]
+        steps = ",".join(MultiStep.reference_steps(terms))
+        return Problem("+".join(map(str, terms)) + "=", f"{THINK}{steps}{END_THINK}{sum(terms)}",
+                       sum(terms))
+
+    def direct(self, problem):
+        """The completion that answers without thinking."""
+        return str(problem.answer)
+
+    def render(self, problem, answer):
+        """The reference thinking, its last partial sum and the answer replaced by `answer`."""
+        head = problem.completion[len(THINK):].partition(END_THINK)[0].rsplit("=", 1)[0]
+        return f"{THINK}{head}={answer}{END_THINK}{answer}"
+
+    def near_miss(self, problem, rng):
+        """A well-formed wrong worked solution: the sum off by one, or by ten (a slipped carry)."""
+        a = problem.answer
+        return self.render(problem, rng.choice([x for x in (a - 10, a - 1, a + 1, a + 10)
+                                                if x >= 0]))
+
+    def max_lengths(self):  # in tokens: each marker is one
+        top = [10 ** self.n_digits - 1] * self.max_terms
+        steps = ",".join(MultiStep.reference_steps(top))
+        return self.max_terms * (self.n_digits + 1), 1 + len(steps) + 1 + len(str(sum(top)))
+
+    def canonical(self, prompt):
+        return sorted_operands(prompt, "+")  # the multiset of terms
+
+    @staticmethod
+    def thinks(completion):
+        return completion.startswith(THINK)
+
+    def parse_answer(self, completion):
+        """The integer after </think> of a completion that opens <think> first and closes it once,
+        or the whole completion as an integer when it does not think; None otherwise (an unclosed
+        <think>, a marker elsewhere, two answers, junk after the answer)."""
+        if not isinstance(completion, str):
+            return None
+        if self.thinks(completion):
+            body, closed, answer = completion[len(THINK):].partition(END_THINK)
+            return parse_int(answer) if closed and not _MARKER.search(body + answer) else None
+        return None if _MARKER.search(completion) else parse_int(completion)
+
+    def format_reward(self, completion):
+        """R1's format reward: 1.0 iff the completion is well formed (an opened <think> is closed
+        and an answer follows, or a bare answer), whether or not it thinks and whether or not the
+        answer is right."""
+        return 0.0 if self.parse_answer(completion) is None else 1.0
+
+    def step_correctness(self, completion, problem):
+        """One bool per step written inside <think>: step j is right iff it is the j-th reference
+        step (right operands, right partial sum). No steps when it does not think."""
+        if not self.thinks(completion):
+            return []
+        body = completion[len(THINK):].partition(END_THINK)[0]
+        ref = MultiStep.reference_steps([int(t) for t in problem.prompt[:-1].split("+")])
+        return [j < len(ref) and s == ref[j] for j, s in enumerate(body.split(",") if body else [])]
+
+
+TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "multistep": MultiStep,
+         "think": ThinkSum}
+DEFAULT_DIGITS = {"add": 3, "sub": 3, "mul": 2, "multistep": 2, "think": 2}  # --n_digits 0
+
+
+def get(name, n_digits=0):
+    """(the task's tokenizer, the task): what a train script starts from."""
+    task = get_task(name, n_digits)
+    return task.tokenizer(), task
 
 
 def get_task(name, n_digits=0, **kwargs):

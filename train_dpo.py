@@ -228,7 +228,7 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([DPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/dpo", eval_every=25, ckpt_every=50)
     with common.Run("dpo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        tok, task = tasks.get(cfg.task, cfg.n_digits)
         # ---- plumbing: the checks before anything is written, the held-out evaluation
         run.require(cfg.batch_size % (run.world * cfg.grad_accum) == 0, f"--batch_size "
                     f"{cfg.batch_size} does not divide into {run.world} ranks x {cfg.grad_accum} "

@@ -238,7 +238,7 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([GRPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/grpo", eval_every=25, ckpt_every=50)
     with common.Run("grpo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        tok, task = tasks.get(cfg.task, cfg.n_digits)
         # ---- plumbing: the checks before anything is written, the held-out evaluation
         rows = cfg.batch_size // run.world * cfg.num_generations  # completions per rank and step
         run.require(cfg.batch_size % run.world == 0, f"--batch_size {cfg.batch_size} prompts do "

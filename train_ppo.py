@@ -217,7 +217,7 @@ def main(argv=None):
     cfg, mcfg, run_cfg = common.parse_config([PPOConfig, ModelConfig], argv, __doc__,
                                              out_dir="out/ppo", eval_every=10, ckpt_every=50)
     with common.Run("ppo", cfg, mcfg, run_cfg) as run:  # torchrun, seeds, one-line errors
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        tok, task = tasks.get(cfg.task, cfg.n_digits)
         # ---- plumbing: the checks before anything is written, the held-out evaluation
         per_rank = cfg.batch_size // run.world
         run.require(cfg.batch_size % run.world == 0 and per_rank % (

@@ -187,7 +187,7 @@ def main(argv=None):
         run.require(cfg.batch_size % (run.world * cfg.grad_accum) == 0, f"--batch_size "
                     f"{cfg.batch_size} does not divide into {run.world} ranks x {cfg.grad_accum} "
                     "micro-batches")
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        tok, task = tasks.get(cfg.task, cfg.n_digits)
         if cfg.pairs_file and not run_cfg.resume:  # a bad file: one line, before anything
             rollout.load_pairs(cfg.pairs_file, task, cfg.max_new_tokens)
         if run_cfg.resume:

@@ -27,7 +27,7 @@ from model import ModelConfig, Transformer
 
 @dataclass
 class SFTConfig:
-    task: str = "add"  # add, sub, mul or multistep
+    task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     data: str = "task"  # task (reference solutions, from scratch) or rft (--init's correct samples)
     init: str = ""  # --data rft: the SFT run sampled and fine-tuned; "" = out/sft or out/sft_<task>
@@ -148,7 +148,7 @@ def default_init(task):  # the SFT run of a task, as a warm start makes it
 @dataclass
 class InitConfig:
     """The settings of a run that starts from an SFT run (GRPO, PPO, DPO, the reward model)."""
-    task: str = "add"  # add, sub, mul or multistep
+    task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
     warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
@@ -178,7 +178,7 @@ def load_or_make_init(cfg, run):
             "25", "--samples", "0", "--out_dir", folder, "--seed", str(run.rc.seed)]
     argv += [f"--{k}={getattr(run.mcfg, k)}" for k in sorted(run.model_flags)]
     argv += ["--quiet"] if run.rc.quiet else []
-    warm, warm_model, warm_run = common.parse_config([SFTConfig, ModelConfig], argv)
+    warm, warm_model, warm_run = parse(argv)
     hint = f"run the same command again: the SFT warm start in {folder} continues where it stopped"
     task = tasks.get_task(cfg.task, cfg.n_digits)
     if not os.path.exists(path):
@@ -190,7 +190,7 @@ def load_or_make_init(cfg, run):
             cfg, "max_new_tokens", task.max_new_tokens()))  # fit the warm start's model
         held = os.listdir(folder) if os.path.isdir(folder) else []
         recorded = common.recorded_checkpoint(folder)  # what config.json says made it
-        if held and not _same_settings(recorded, warm, warm_model, warm_run):
+        if held and not common.same_settings(recorded, warm, warm_model, warm_run):
             raise common.ConfigError(f"--init {folder} holds no checkpoint and is not a warm start "
                                      "of this run's: a warm start is made only in a new folder; "
                                      "pass an SFT run folder as --init")
@@ -199,7 +199,7 @@ def load_or_make_init(cfg, run):
         main(argv + (["--overwrite"] if held else []), resume_hint=hint)
     ckpt = common.load_trained(path, f"--init {path}", "sft", task)
     if not ckpt.get("done", True):
-        if not _same_settings(ckpt, warm, warm_model, warm_run):
+        if not common.same_settings(ckpt, warm, warm_model, warm_run):
             raise common.ConfigError(f"--init {folder} is an unfinished SFT run (step "
                                      f"{ckpt['step']}) with other settings than this run's warm "
                                      "start: finish it with train_sft.py --resume, or pass another")
@@ -214,26 +214,27 @@ def load_or_make_init(cfg, run):
     return common.model_of(ckpt, f"--init {path}", device=run.device)
 
 
-def _same_settings(ckpt, cfg, mcfg, run_cfg):
-    """Whether a checkpoint (a warm start's) was made with these SFT settings."""
-    return ckpt is not None and not (common.config_mismatches(ckpt, cfg, run_cfg) or
-                                     common.mismatched_fields(common.saved_model_config(ckpt),
-                                                              common.config_dict(mcfg)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
+
+
+def parse(argv):
+    """SFT's configs from its flags; the vocabulary is the task's tokenizer's unless typed."""
+    cfg, mcfg, run_cfg = common.parse_config([SFTConfig, ModelConfig], argv, __doc__,
+                                             out_dir="out/sft", eval_every=250, ckpt_every=250)
+    if "vocab_size" not in run_cfg.given:
+        mcfg.vocab_size = tasks.get(cfg.task, cfg.n_digits)[0].vocab_size
+    return cfg, mcfg, run_cfg
 
 
 def main(argv=None, resume_hint=None):
     """Run SFT. resume_hint: what to tell a user whose run was stopped by a signal (a caller that
     runs SFT as its warm start says how to go on with itself)."""
-    cfg, mcfg, run_cfg = common.parse_config([SFTConfig, ModelConfig], argv, __doc__,
-                                             out_dir="out/sft", eval_every=250, ckpt_every=250)
+    cfg, mcfg, run_cfg = parse(argv)
     rft = cfg.data == "rft"
     with common.Run("sft", cfg, mcfg, run_cfg, model_from_flags=not rft,
                     resume_hint=resume_hint) as run:  # torchrun, seeds, one-line errors
-        tok, task = tasks.Tokenizer(), tasks.get_task(cfg.task, cfg.n_digits)
+        tok, task = tasks.get(cfg.task, cfg.n_digits)
         # ---- plumbing: the checks before anything is written
         per_rank, rem = divmod(cfg.batch_size, run.world * cfg.grad_accum)
         run.require(rem == 0 and per_rank > 0, f"--batch_size {cfg.batch_size} does not divide "

@@ -12,7 +12,7 @@ def tok():
 
 
 ALL_TASKS = [tasks.Addition(3), tasks.Subtraction(3), tasks.Multiplication(2),
-             tasks.MultiStep(3, 2)]
+             tasks.MultiStep(3, 2), tasks.ThinkSum(2)]
 
 
 def test_tokenizer_is_tiktoken_and_offline(tok):
@@ -24,13 +24,15 @@ def test_tokenizer_is_tiktoken_and_offline(tok):
 
 
 @pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.name)
-def test_round_trip_every_task_string(tok, task):
-    rng = random.Random(0)
+def test_round_trip_every_task_string(task):
+    rng, tok = random.Random(0), task.tokenizer()
     for _ in range(200):
         p = task.sample(rng)
-        for s in (p.prompt, p.completion, p.prompt + p.completion):
-            ids = tok.encode(s)
-            assert len(ids) == len(s)  # one token per character
+        forms = [p.prompt, p.completion, p.prompt + p.completion]
+        forms += [task.direct(p), p.prompt + task.direct(p)] if task.name == "think" else []
+        for s in forms:
+            ids = tok.encode(s)  # one token per character, one per marker
+            assert len(ids) == len(s) - 6 * s.count(tasks.THINK) - 7 * s.count(tasks.END_THINK)
             assert tok.decode(ids) == s
         ids, start = tasks.encode_problem(tok, p)
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
@@ -211,13 +213,13 @@ def test_n_digits_is_checked_and_honoured():
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_max_lengths_bound_every_problem(name, n):
-    task = tasks.get_task(name, n)
-    prompt, completion = task.max_lengths()
+    tok, task = tasks.get(name, n)
+    prompt, completion = task.max_lengths()  # in tokens
     rng = random.Random(n)
     problems = [task.sample(rng) for _ in range(3000)] + task.eval_set(50)
-    assert max(len(p.prompt) for p in problems) <= prompt
-    assert max(len(p.completion) for p in problems) <= completion
-    assert max(len(p.completion) for p in problems) >= completion - 1  # and the bound is tight
+    assert max(len(tok.encode(p.prompt)) for p in problems) <= prompt
+    longest = max(len(tok.encode(p.completion)) for p in problems)
+    assert completion - 1 <= longest <= completion  # and the bound is tight
 
 
 def test_one_digit_tasks_do_not_hang():
@@ -227,3 +229,43 @@ def test_one_digit_tasks_do_not_hang():
         # fewer distinct held-out problems than asked: returned, not looped on
         assert 0 < len(held) < 256
         t.sample(random.Random(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The thinking task
+
+
+def test_the_markers_are_tokens_of_the_thinking_tokenizer_only(tok):
+    think = tasks.ThinkSum().tokenizer()
+    assert think.vocab_size == tok.vocab_size + 2 == 20
+    assert [think.decode([i]) for i in think.encode("<think></think>")] == ["<think>", "</think>"]
+    assert think.encode("12") == tok.encode("12") and think.eos_id == tok.eos_id
+    assert tok.definition()["specials"] == ["<|bos|>", "<|eos|>", "<|pad|>"]  # as checkpoints hold
+    with pytest.raises(ValueError, match="'<'"):
+        tok.encode("<think>1</think>1")
+
+
+THINK_ANSWERS = [  # completion of 12+34+56=, its parsed answer (None: malformed)
+    ("<think>12+34=46,46+56=102</think>102", 102), ("102", 102), ("<think></think>102", 102),
+    ("<think>12+34=46,46+56=101</think>101", 101), ("<think>nonsense+=</think>7", 7),
+    ("<think>12+34=46,46+56=102", None), ("<think>12+34=46</think>", None),
+    ("<think>1</think>102,102", None), ("<think>1</think>102+0", None), ("102<think>", None),
+    ("</think>102", None), ("<think><think>1</think>102", None),
+    ("<think>1</think></think>102", None), ("<think>1</think>102<think>", None), (" 102", None),
+    ("", None), ("0102", None)]
+
+
+@pytest.mark.parametrize("completion,answer", THINK_ANSWERS)
+def test_the_answer_is_read_only_after_the_thinking(completion, answer):
+    task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
+    assert task.parse_answer(completion) == answer
+    assert task.reward(completion, p) == (1.0 if answer == 102 else 0.0)
+    assert task.format_reward(completion) == (0.0 if answer is None else 1.0)  # form, not thought
+
+
+def test_thinking_steps_are_checked_one_by_one():
+    task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
+    assert task.step_correctness("<think>12+34=46,46+56=101</think>101", p) == [True, False]
+    assert task.step_correctness("<think>12+34=46,46+56=102,1+1=2</think>102", p) == [
+        True, True, False]
+    assert task.step_correctness("102", p) == [] and task.thinks("<think>1</think>1")

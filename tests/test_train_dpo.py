@@ -157,10 +157,10 @@ def test_policy_pairs_chosen_right_rejected_wrong(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
 def test_synthetic_pairs_chosen_right_rejected_a_well_formed_near_miss(name):
-    task = tasks.get_task(name)
+    tok, task = tasks.get(name)
     rng = random.Random(1)
     problems = [task.sample(rng) for _ in range(200)]
-    pairs = rollout.make_pairs(None, TOK, task, problems, "synthetic", rng=rng)
+    pairs = rollout.make_pairs(None, tok, task, problems, "synthetic", rng=rng)
     for prob, p in zip(problems, pairs):
         assert task.reward(p["chosen"], prob) == 1.0
         answer = task.parse_answer(p["rejected"])
