@@ -174,11 +174,12 @@ def config_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
-def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, ordered=()):
+def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, ordered=(),
+                 below_one=()):
     """Raise one ConfigError naming every bad field of a config dataclass (each a --flag): every
     float must be finite, `positive` fields > 0, `non_negative` >= 0, `fractions` in [0, 1],
-    `choices` maps a field to its allowed values, and each pair (a, b) of `ordered` needs a <= b.
-    Call it from __post_init__."""
+    `below_one` in [0, 1), `choices` maps a field to its allowed values, and each pair (a, b) of
+    `ordered` needs a <= b. Call it from __post_init__."""
     errors = []
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -190,6 +191,8 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, 
             errors.append(f"--{f.name} must be >= 0, got {v}")
         elif f.name in fractions and not 0 <= v <= 1:
             errors.append(f"--{f.name} must be in [0, 1], got {v}")
+        elif f.name in below_one and not 0 <= v < 1:
+            errors.append(f"--{f.name} must be in [0, 1), got {v}")
         elif f.name in (choices or {}) and v not in choices[f.name]:
             allowed = ", ".join(map(str, choices[f.name]))
             errors.append(f"--{f.name} must be one of {allowed}; got {v!r}")
@@ -197,6 +200,31 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, 
                for a, b in ordered if getattr(cfg, b) < getattr(cfg, a)]
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def default_init(task):  # the SFT run of a task, as a warm start makes it
+    return "out/sft" if task == "add" else f"out/sft_{task}"
+
+
+@dataclasses.dataclass
+class InitConfig:
+    """The settings of a run that starts from an SFT run (GRPO, PPO, DPO, the reward model):
+    train_sft.load_or_make_init finds or makes that run."""
+    task: str = "add"  # add, sub, mul, multistep or think
+    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
+    init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
+    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
+    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
+    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
+
+    def __post_init__(self):  # checks; n_digits, max_new_tokens (longest answer + 2), init
+        check_config(self, positive=("warmstart_steps",), non_negative=("max_new_tokens",),
+                            fractions=("warmstart_target_acc",),
+                            choices={"task": tuple(tasks.TASKS)})
+        task = tasks.get_task(self.task, self.n_digits)
+        self.n_digits = task.n_digits
+        self.max_new_tokens = self.max_new_tokens or task.max_new_tokens()
+        self.init = self.init or default_init(self.task)
 
 
 def check_out_dir(path, flag="--out_dir"):
@@ -625,6 +653,10 @@ def kept_metrics(path, step):
 # The run
 
 
+def _number(v):  # a metric as printed: None where there was nothing to measure
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def _parameters(net):
     return sum(p.numel() for p in net.parameters())
 
@@ -899,7 +931,8 @@ class Run:
         if metrics:
             self._write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}, "eval")
             if not self.rc.quiet:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {_number(v)}"
+                                                        for k, v in metrics.items()))
         self.last_eval = metrics
         self.first_eval = metrics if self.first_eval is None else self.first_eval
         return metrics
@@ -998,7 +1031,8 @@ class Run:
             first, last = self.first_eval or {}, self.last_eval or {}
             if self.start == 0 and last and set(last) <= set(first):
                 print(f"before -> after {self.kind}: "
-                      + ", ".join(f"{k} {first[k]:.3f} -> {v:.3f}" for k, v in last.items()))
+                      + ", ".join(f"{k} {_number(first[k])} -> {_number(v)}"
+                                  for k, v in last.items()))
         self._close(clean=exc is None)
         return False
 

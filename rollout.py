@@ -455,27 +455,29 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
              max_new_tokens=None, generator=None, mla_impl="absorbed"):
     """Greedy exact-match accuracy over `problems`; with k > 0 also pass@k (unbiased, from
     n_samples >= k samples per prompt) and maj@k (vote over the first k samples). k may be a list:
-    pass@k and maj@k for each k, from the same samples."""
-    if max_new_tokens is None:
-        max_new_tokens = max(len(p.completion) for p in problems) + 2  # room for the end token
+    pass@k and maj@k for each k, from the same samples. A task whose completions may think
+    (`task.thinks`) adds how often they do, and the accuracy of those that do and do not."""
+    if max_new_tokens is None:  # room for the end token, and one more
+        max_new_tokens = max(len(tok.encode(p.completion)) for p in problems) + 2
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
     kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens,
               mla_impl=mla_impl)
-    correct = 0.0
+    texts = []
     for i in range(0, len(prompts), batch_size):
         r = generate(model, prompts[i:i + batch_size], temperature=0.0, **kw)
-        texts = decode_completions(tok, r)
-        correct += sum(task.reward(c, p) for c, p in zip(texts, problems[i:i + batch_size]))
-    metrics = {"greedy_acc": correct / len(problems)}
+        texts += decode_completions(tok, r)
+    metrics = {"greedy_acc": sum(map(task.reward, texts, problems)) / len(problems),
+               **thinking(task, texts, problems, "greedy_")}
     ks = [k] if isinstance(k, int) else list(k)
     if ks and min(ks) > 0:
         n = max(n_samples, *ks)
         per_batch = max(1, batch_size // n)
-        pass_k, maj_k = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
+        pass_k, maj_k, sampled = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0), []
         for i in range(0, len(prompts), per_batch):
             r = generate(model, prompts[i:i + per_batch], num_generations=n,
                          temperature=temperature, generator=generator, **kw)
             comps = decode_completions(tok, r)
+            sampled += comps
             for j, p in enumerate(problems[i:i + per_batch]):
                 group = comps[j * n:(j + 1) * n]
                 c = sum(task.reward(x, p) for x in group)
@@ -486,7 +488,21 @@ def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, b
         for kk in ks:
             metrics[f"pass@{kk}"] = pass_k[kk] / len(problems)
             metrics[f"maj@{kk}"] = maj_k[kk] / len(problems)
+        metrics.update(thinking(task, sampled, [p for p in problems for _ in range(n)], ""))
     return metrics
+
+
+def thinking(task, completions, problems, prefix):
+    """For a task whose completions may think: the share that do (think_rate), and the accuracy of
+    those that do and of those that do not (None where there are none); {} for other tasks."""
+    if not hasattr(task, "thinks"):
+        return {}
+    split = {True: [], False: []}
+    for c, p in zip(completions, problems):
+        split[task.thinks(c)].append(task.reward(c, p))
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {f"{prefix}think_rate": len(split[True]) / max(len(completions), 1),
+            f"{prefix}acc_thinking": mean(split[True]), f"{prefix}acc_direct": mean(split[False])}
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ PAIRS = "pairs_round{}.jsonl"  # round k's pairs, in the run folder
 
 
 @dataclass
-class DPOConfig(train_sft.InitConfig):
+class DPOConfig(common.InitConfig):
     loss: str = "dpo"  # dpo (with --label_smoothing: cDPO), ipo or simpo
     beta: float = 0.0  # 0 = the loss's default: 1.0 for dpo and ipo, 2.0 for simpo (its paper's)
     label_smoothing: float = 0.0  # cDPO / robust DPO: the assumed fraction of flipped preferences

@@ -34,7 +34,7 @@ from model import ModelConfig
 
 
 @dataclass
-class GRPOConfig(train_sft.InitConfig):
+class GRPOConfig(common.InitConfig):
     steps: int = 300  # GRPO steps (one rollout batch each)
     batch_size: int = 64  # prompts per step, over all ranks
     num_generations: int = 8  # G: completions per prompt (a group)

@@ -32,7 +32,7 @@ from model import ModelConfig, ScalarModel
 
 
 @dataclass
-class PPOConfig(train_sft.InitConfig):
+class PPOConfig(common.InitConfig):
     reward: str = "rule"  # rule (the task's exact-answer reward) or model (--reward_model's score)
     reward_model: str = ""  # a train_rm.py run, for --reward model or --critic_init rm
     critic_init: str = "sft"  # sft (the init's weights, a zero value head) or rm (the RM's weights)

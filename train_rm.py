@@ -29,7 +29,7 @@ from model import ModelConfig, ScalarModel
 
 
 @dataclass
-class RMConfig(train_sft.InitConfig):
+class RMConfig(common.InitConfig):
     pairs_source: str = "policy"  # policy (the SFT init's samples) or synthetic (near misses)
     pairs_file: str = ""  # train on these pairs (a pairs file of DPO or of another RM run)
     num_prompts: int = 65536  # training prompts (policy pairs: a pair needs a wrong sample)

@@ -4,18 +4,21 @@
     torchrun --standalone --nproc_per_node=2 train_sft.py # DDP (gloo on CPU, nccl on CUDA)
     python train_sft.py --resume                          # continue exactly from out/sft/ckpt.pt
     python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 3e-4 --warmup 10  # RFT
+    python train_sft.py --task think --data pretrain --out_dir out/base  # a base model
     python train_sft.py --help                            # every flag with its default
 
 The loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t),
 the prompt masked; plus mtp_lambda * the MTP loss and the MoE balance loss, the router biases
 updated after every optimiser step. The data source is all that tells SFT from RFT: --data task
 trains from scratch on the task's reference solutions; --data rft (rejection-sampling
-fine-tuning) fine-tunes an SFT run (--init) on its own correct samples (GC = 1[correct]).
+fine-tuning) fine-tunes an SFT run (--init) on its own correct samples (GC = 1[correct]);
+--data pretrain is next-token prediction over documents `prompt completion`, the loss on every
+token, a --worked_fraction of them thinking (task think): a base model that can do both.
 """
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +32,8 @@ from model import ModelConfig, Transformer
 class SFTConfig:
     task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    data: str = "task"  # task (reference solutions, from scratch) or rft (--init's correct samples)
+    data: str = "task"  # task (reference solutions), rft (--init's correct samples) or pretrain
+    worked_fraction: float = 0.2  # --data pretrain: the documents that think (the rest answer)
     init: str = ""  # --data rft: the SFT run sampled and fine-tuned; "" = out/sft or out/sft_<task>
     warmstart_steps: int = 1500  # --data rft: steps of the SFT warm start made if --init is missing
     warmstart_target_acc: float = 0.8  # --data rft: the warm start stops at this held-out accuracy
@@ -53,13 +57,14 @@ class SFTConfig:
         common.check_config(self, positive=("batch_size", "grad_accum", "steps", "lr", "eval_size",
                                             "warmstart_steps", "rft_prompts", "rft_samples"),
                             non_negative=("warmup", "weight_decay", "grad_clip", "samples"),
-                            fractions=("min_lr_ratio", "target_acc", "warmstart_target_acc"),
-                            choices={"task": tuple(tasks.TASKS), "data": ("task", "rft")})
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+                            fractions=("min_lr_ratio", "target_acc", "warmstart_target_acc",
+                                       "worked_fraction"), below_one=("beta1", "beta2"),
+                            choices={"task": tuple(tasks.TASKS),
+                                     "data": ("task", "rft", "pretrain")})
+        if self.data == "pretrain" and self.task != "think":
+            raise ValueError("--data pretrain writes thinking and direct answers: use --task think")
         self.n_digits = tasks.get_task(self.task, self.n_digits).n_digits  # 0 -> the default
-        self.init = self.init or (default_init(self.task) if self.data == "rft" else "")
+        self.init = self.init or (common.default_init(self.task) if self.data == "rft" else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,10 +87,15 @@ def encode_batch(seqs, pad_id, device):
     return idx.to(device), targets.to(device), loss_mask.to(device), (idx != pad_id).to(device)
 
 
-def make_batch(task, tok, rng, n, device):
-    """n training problems from the stream rng, encoded by encode_batch."""
-    seqs = [tasks.encode_problem(tok, task.sample(rng)) for _ in range(n)]
-    return encode_batch(seqs, tok.pad_id, device)
+def make_batch(task, tok, rng, n, device, worked=None):
+    """n training problems from the stream rng, encoded by encode_batch. Pretraining (worked: a
+    fraction): each document thinks with that probability, else answers directly, and its loss
+    covers every token after <bos>, the prompt's too."""
+    problems = [task.sample(rng) for _ in range(n)]
+    if worked is not None:  # (start 1: the loss from the first prompt token on)
+        return encode_batch([(tasks.encode_problem(tok, p if rng.random() < worked else replace(
+            p, completion=task.direct(p)))[0], 1) for p in problems], tok.pad_id, device)
+    return encode_batch([tasks.encode_problem(tok, p) for p in problems], tok.pad_id, device)
 
 
 def rft_data(model, tok, task, cfg, run):
@@ -141,34 +151,11 @@ def train_step(model_ddp, model, opt, micro_batches, grad_clip):
 # The SFT init that the RL scripts, DPO, the reward model and RFT start from
 
 
-def default_init(task):  # the SFT run of a task, as a warm start makes it
-    return "out/sft" if task == "add" else f"out/sft_{task}"
-
-
-@dataclass
-class InitConfig:
-    """The settings of a run that starts from an SFT run (GRPO, PPO, DPO, the reward model)."""
-    task: str = "add"  # add, sub, mul, multistep or think
-    n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
-    warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
-    max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
-
-    def __post_init__(self):  # checks; n_digits, max_new_tokens (longest answer + 2), init
-        common.check_config(self, positive=("warmstart_steps",), non_negative=("max_new_tokens",),
-                            fractions=("warmstart_target_acc",),
-                            choices={"task": tuple(tasks.TASKS)})
-        task = tasks.get_task(self.task, self.n_digits)
-        self.n_digits = task.n_digits
-        self.max_new_tokens = self.max_new_tokens or task.max_new_tokens()
-        self.init = self.init or default_init(self.task)
-
-
 def load_or_make_init(cfg, run):
-    """The SFT model a run starts from (cfg: an InitConfig), on the run's device. A folder that does
-    not exist gets a short SFT warm start that stops at warmstart_target_acc held-out accuracy, so
-    that RL, not SFT, does most of the work; an interrupted warm start of these settings goes on.
+    """The SFT model a run starts from (cfg: a common.InitConfig), on the run's device. A folder
+    that does not exist gets a short SFT warm start that stops at warmstart_target_acc held-out
+    accuracy, so that RL, not SFT, does most of the work; an interrupted warm start of these
+    settings goes on.
     A one-line error for a checkpoint that is not an SFT run of this task and model flags, or a
     folder that holds something else."""
     path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
@@ -231,7 +218,7 @@ def main(argv=None, resume_hint=None):
     """Run SFT. resume_hint: what to tell a user whose run was stopped by a signal (a caller that
     runs SFT as its warm start says how to go on with itself)."""
     cfg, mcfg, run_cfg = parse(argv)
-    rft = cfg.data == "rft"
+    rft, worked = cfg.data == "rft", (cfg.worked_fraction if cfg.data == "pretrain" else None)
     with common.Run("sft", cfg, mcfg, run_cfg, model_from_flags=not rft,
                     resume_hint=resume_hint) as run:  # torchrun, seeds, one-line errors
         tok, task = tasks.get(cfg.task, cfg.n_digits)
@@ -258,7 +245,7 @@ def main(argv=None, resume_hint=None):
 
         def batches(step):  # this rank's micro-batches: new problems, or its share of RFT's
             if not rft:
-                return [make_batch(task, tok, data, per_rank, run.device)
+                return [make_batch(task, tok, data, per_rank, run.device, worked)
                         for _ in range(cfg.grad_accum)]
             n = per_rank * cfg.grad_accum
             mine = order[step][run.rank * n:(run.rank + 1) * n]

@@ -73,6 +73,34 @@ def test_prompt_targets_do_not_change_the_loss():
     assert not torch.equal(m(idx, t3, mask)[1], loss)
 
 
+def test_pretraining_learns_every_token_of_a_mix_of_thinking_and_direct_documents(tiny):
+    """--data pretrain: the loss covers every token after <bos> (a changed prompt target changes
+    it), and about worked_fraction of the documents think, the rest answer directly."""
+    tok, task = tasks.get("think")
+    idx, targets, mask, pad = train_sft.make_batch(task, tok, random.Random(0), 400,
+                                                   torch.device("cpu"), worked=0.2)
+    real = targets != tok.pad_id
+    assert torch.equal(mask.bool(), real)  # every real target, the prompt's included
+    docs = [tok.decode(row) for row in idx.tolist()]
+    thinking = [d for d in docs if tasks.THINK in d]
+    assert 0.14 < len(thinking) / len(docs) < 0.26
+    for d in docs:  # each a well-formed, right solution of its prompt
+        prompt, completion = d.split("=", 1)
+        p = tasks.Problem(prompt + "=", "", sum(map(int, prompt.split("+"))))
+        assert task.reward(completion, p) == 1.0
+    m = Transformer(tiny(vocab_size=20, max_seq_len=64))
+    _, loss = m(idx[:8], targets[:8], mask[:8])
+    changed = targets[:8].clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 10  # the first prompt token
+    assert not torch.equal(m(idx[:8], changed, mask[:8])[1], loss)
+
+
+def test_pretraining_is_for_the_thinking_task(tmp_path, capsys):
+    err = one_line_cli_error(train_sft.main, TINY_FLAGS + ["--data", "pretrain", "--out_dir",
+                                                           str(tmp_path)], capsys)
+    assert "--task think" in err
+
+
 def test_overfit_a_fixed_batch():
     m, opt = fresh(mtp_depth=0)
     batch = fixed_batch(8)
@@ -227,7 +255,7 @@ def test_cli_forms_and_help(capsys):
                          ["train_sft", "train_grpo", "train_dpo", "train_rm", "train_ppo"])
 def test_every_script_prints_its_help(script, capsys):
     """--help formats every flag's comment (a '%' in one once broke train_dpo.py --help), and every
-    flag has one, inherited fields (InitConfig's --task, --init, ...) too."""
+    flag has one, inherited fields (common.InitConfig's --task, --init, ...) too."""
     module = __import__(script)
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
