@@ -33,7 +33,7 @@ class SFTConfig:
     task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     data: str = "task"  # task (reference solutions), rft (--init's correct samples) or pretrain
-    worked_fraction: float = 0.2  # --data pretrain: the documents that think (the rest answer)
+    worked_fraction: float = 0.5  # --data pretrain: the documents that think (the rest answer)
     init: str = ""  # --data rft: the SFT run sampled and fine-tuned; "" = out/sft or out/sft_<task>
     warmstart_steps: int = 1500  # --data rft: steps of the SFT warm start made if --init is missing
     warmstart_target_acc: float = 0.8  # --data rft: the warm start stops at this held-out accuracy

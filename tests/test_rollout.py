@@ -390,3 +390,12 @@ def test_speculation_needs_an_mtp_module():
     m = build(mtp_depth=0)
     with pytest.raises(ValueError, match="mtp_depth = 0"):
         rollout.generate(m, random_prompts(0, [3]), eos_id=EOS, pad_id=PAD, speculative=True)
+
+
+def test_thinking_metrics_split_the_accuracy_by_whether_completions_think():
+    task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
+    comps = ["<think>12+34=46,46+56=102</think>102", "<think>1</think>7", "102", "101"]
+    assert rollout.thinking(task, comps, [p] * 4, "x_") == {
+        "x_think_rate": 0.5, "x_acc_thinking": 0.5, "x_acc_direct": 0.5}
+    assert rollout.thinking(task, ["102"], [p], "")["acc_thinking"] is None  # none thought
+    assert rollout.thinking(tasks.Addition(2), comps, [p] * 4, "") == {}  # a task that never thinks
