@@ -1,10 +1,12 @@
 """Tokenizer, arithmetic tasks and exact-answer rewards.
 
 - Tokenizer: a real `tiktoken.Encoding` built in code (no download): one token per character of the
-  task alphabet `0-9 + - * = ,` plus the special tokens <|bos|>, <|eos|>, <|pad|>.
+  task alphabet `0-9 + - * = ,` plus the special tokens <|bos|>, <|eos|>, <|pad|> (and, for the
+  thinking task only, <think> and </think>). `get(name)` gives a task and its tokenizer.
 - Tasks with exact answers: n-digit addition (the default), subtraction, multiplication of small
-  numbers, and a multi-step sum that writes every intermediate result (`12+34+56=` ->
-  `12+34=46,46+56=102`) so each step can be checked (process supervision, DeepSeekMath 4.1.3).
+  numbers, a multi-step sum that writes every intermediate result (`12+34+56=` ->
+  `12+34=46,46+56=102`) so each step can be checked (process supervision, DeepSeekMath 4.1.3), and
+  a sum that may be answered directly or after thinking (`<think>...</think>102`, DeepSeek-R1).
 - Each task: a seeded sampler, a fixed held-out evaluation set that never overlaps the training
   stream (a problem is held out iff a hash of its canonical form falls in a fixed bucket: `a+b` and
   `b+a` are one problem, so a held-out problem's commuted twin is never trained on), a strict answer
