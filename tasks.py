@@ -2,7 +2,7 @@
 
 - Tokenizer: a real `tiktoken.Encoding` built in code (no download): one token per character of the
   task alphabet `0-9 + - * = ,` plus the special tokens <|bos|>, <|eos|>, <|pad|> (and, for the
-  thinking task only, <think> and </think>). `get(name)` gives a task and its tokenizer.
+  thinking task only, <think> and </think>). `get(name)` gives (its tokenizer, the task).
 - Tasks with exact answers: n-digit addition (the default), subtraction, multiplication of small
   numbers, a multi-step sum that writes every intermediate result (`12+34+56=` ->
   `12+34=46,46+56=102`) so each step can be checked (process supervision, DeepSeekMath 4.1.3), and
