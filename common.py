@@ -228,11 +228,10 @@ class InitConfig:
 
 
 def check_out_dir(path, flag="--out_dir"):
-    """Raise ConfigError if `path` cannot hold a run: it is empty, a dangling symlink or a file, a
-    folder above it is a file or not writable, or its checkpoint path is taken by something that
-    is not a file. Creates nothing. flag: how to name the path in an error."""
-    if not path:
-        raise ConfigError(f"{flag} must name a folder, got an empty string")
+    """Raise ConfigError if `path` cannot hold a run: it is a dangling symlink or a file, a folder
+    above it is a file or not writable, or its checkpoint path is taken by something that is not a
+    file (RunConfig refuses an empty --out_dir). Creates nothing. flag: how to name the path in an
+    error."""
     if os.path.islink(path) and not os.path.exists(path):
         raise ConfigError(f"{flag} {path} is a symlink to {os.readlink(path)}, which does not "
                           "exist")
@@ -490,9 +489,9 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # unpickling junk: one clear message
         raise CheckpointError(f"{bad} ({type(e).__name__}); {advice}") from None
     required = {"model", "model_config", "config", "step", "tokenizer"}
-    if not isinstance(ckpt, dict) or not required <= set(ckpt) or not isinstance(
-            ckpt["step"], int) or not all(isinstance(ckpt[k], dict) for k in ("model_config",
-                                                                              "config")):
+    ours = isinstance(ckpt, dict) and required <= set(ckpt) and isinstance(ckpt["step"], int) \
+        and isinstance(ckpt["model_config"], dict) and isinstance(ckpt["config"], dict)
+    if not ours:
         raise CheckpointError(f"checkpoint {path} is not one of ours (needs keys "
                               f"{sorted(required)})")
     return ckpt

@@ -29,6 +29,13 @@ def fail(message):
     sys.exit(1)
 
 
+def save_png(fig, path):
+    """fig as a PNG at path, written atomically (a kill leaves the old plot or the new one)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    common.atomic_write(path, png.getvalue())
+
+
 def series(path):
     """{metric: (steps, values)} of one metrics.jsonl, each metric in step order."""
     out = {}
@@ -86,10 +93,8 @@ def main(argv=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
     try:
-        common.atomic_write(out, png.getvalue())  # a kill leaves the old plot or the new one
+        save_png(fig, out)
     except common.WriteError as e:
         fail(str(e))
     print(f"wrote {out}")

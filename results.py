@@ -28,7 +28,6 @@ resumes from its checkpoint; --fresh starts every run again. `--steps N` runs go
 their own (seed<k>_steps<N>).
 """
 import argparse
-import io
 import itertools
 import json
 import os
@@ -43,6 +42,7 @@ import types
 import torch
 
 import common
+import plot
 import rollout
 import tasks
 import train_grpo
@@ -364,7 +364,7 @@ def passk(args):
                                                                if args.steps else ""))
     train_grpo.main(["--out_dir", folder, "--quiet", keep(folder, args.fresh)]
                     + (["--steps", str(args.steps)] if args.steps else []))
-    tok, task = tasks.Tokenizer(), tasks.get_task("add", 0)
+    tok, task = tasks.get("add")
     problems, ks, out = task.eval_set(256), list(range(1, 17)), {}
     for label, path in (("SFT init", shared_init()),
                         ("after GRPO", os.path.join(folder, "ckpt.pt"))):
@@ -437,9 +437,7 @@ def plot(name, result, panels):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    common.atomic_write(os.path.join("results", f"{name}.png"), png.getvalue())
+    plot.save_png(fig, os.path.join("results", f"{name}.png"))
     print(f"wrote results/{name}.png")
 
 

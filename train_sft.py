@@ -92,10 +92,10 @@ def make_batch(task, tok, rng, n, device, worked=None):
     fraction): each document thinks with that probability, else answers directly, and its loss
     covers every token after <bos>, the prompt's too."""
     problems = [task.sample(rng) for _ in range(n)]
-    if worked is not None:  # (start 1: the loss from the first prompt token on)
-        return encode_batch([(tasks.encode_problem(tok, p if rng.random() < worked else replace(
-            p, completion=task.direct(p)))[0], 1) for p in problems], tok.pad_id, device)
-    return encode_batch([tasks.encode_problem(tok, p) for p in problems], tok.pad_id, device)
+    if worked is None:
+        return encode_batch([tasks.encode_problem(tok, p) for p in problems], tok.pad_id, device)
+    docs = [p if rng.random() < worked else replace(p, completion=task.direct(p)) for p in problems]
+    return encode_batch([(tasks.encode_problem(tok, d)[0], 1) for d in docs], tok.pad_id, device)
 
 
 def rft_data(model, tok, task, cfg, run):
