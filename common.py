@@ -202,18 +202,22 @@ def check_config(cfg, positive=(), non_negative=(), fractions=(), choices=None, 
         raise ConfigError("; ".join(errors))
 
 
-def default_init(task):  # the SFT run of a task, as a warm start makes it
-    return "out/sft" if task == "add" else f"out/sft_{task}"
+def default_init(task):  # a task's warm start: its SFT run, or for think its pretrained base
+    return {"add": "out/sft", "think": "out/base_think"}.get(task, f"out/sft_{task}")
+
+
+POLICY_KINDS = ("sft", "grpo", "dpo", "ppo")  # runs whose model is a policy: what --init takes
 
 
 @dataclasses.dataclass
 class InitConfig:
-    """The settings of a run that starts from an SFT run (GRPO, PPO, DPO, the reward model):
-    train_sft.load_or_make_init finds or makes that run."""
+    """The settings of a run that starts from a policy run (GRPO, PPO, DPO, the reward model):
+    load_or_make_init finds or makes that run."""
     task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    init: str = ""  # the SFT run it starts from: "" = out/sft (add), out/sft_<task>; made if new
-    warmstart_steps: int = 1500  # steps of the SFT warm start made when --init does not exist
+    init: str = ""  # the policy run it starts from: "" = out/sft (add), out/base_think (think),
+    # out/sft_<task>; a new folder gets a warm start: SFT, or for think a pretrained base
+    warmstart_steps: int = 1500  # steps of the warm start made when --init does not exist
     warmstart_target_acc: float = 0.8  # the warm start stops at this held-out accuracy
     max_new_tokens: int = 0  # completion length limit (0 = the task's longest answer + 2)
 
@@ -225,6 +229,87 @@ class InitConfig:
         self.n_digits = task.n_digits
         self.max_new_tokens = self.max_new_tokens or task.max_new_tokens()
         self.init = self.init or default_init(self.task)
+
+
+def check_lengths(task, max_seq_len, max_new_tokens=None):
+    """Raise ConfigError unless the task's longest sequence fits the model: `<bos> prompt
+    completion <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and
+    max_new_tokens leaves room for the longest reference answer and its end token."""
+    prompt, completion = task.max_lengths()
+    needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
+    if needed > max_seq_len:
+        raise ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} "
+                                 f"with {task.n_digits} digits: its longest sequence has {needed} "
+                                 "tokens")
+    if max_new_tokens is not None and max_new_tokens < completion + 1:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest "
+                                 f"answer of task {task.name} ({completion} tokens and an end "
+                                 "token): it could never be written")
+
+
+def load_or_make_init(cfg, run):
+    """The policy a run starts from (cfg: a InitConfig), on the run's device: any policy
+    run of this task and tokenizer (sft, grpo, dpo, ppo), whose stage is added to run.chain. A
+    folder that does not exist gets a warm start: a short SFT run that stops at
+    warmstart_target_acc held-out accuracy, so that RL, not SFT, does most of the work, or for the
+    thinking task a pretrained base (R1-Zero's); an interrupted warm start of these settings goes
+    on. A one-line error for a checkpoint that is not a policy run of this task and model flags
+    (a reward model), an unfinished run, or a folder that holds something else."""
+    path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
+    folder, base = os.path.dirname(path) or ".", cfg.task == "think"
+    argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps",
+            str(cfg.warmstart_steps), "--target_acc", str(0 if base else cfg.warmstart_target_acc),
+            "--eval_every", "25" if not base else "250", "--samples", "0", "--out_dir", folder,
+            "--seed", str(run.rc.seed)] + (["--data", "pretrain"] if base else [])
+    argv += [f"--{k}={getattr(run.mcfg, k)}" for k in sorted(run.model_flags)]
+    argv += ["--quiet"] if run.rc.quiet else []
+    import train_sft  # the warm start is an SFT run: made by train_sft.main
+    warm, warm_model, warm_run = train_sft.parse(argv)
+    hint = f"run the same command again: the warm start in {folder} continues where it stopped"
+    task = tasks.get_task(cfg.task, cfg.n_digits)
+    if not os.path.exists(path):
+        if path.endswith(".pt") and not path.endswith("ckpt.pt"):
+            raise CheckpointError(f"no checkpoint at {path} (a warm start is made only for "
+                                         "a run folder)")
+        check_out_dir(folder, "--init")
+        check_lengths(task, run.mcfg.max_seq_len, getattr(  # the run's sampling must
+            cfg, "max_new_tokens", task.max_new_tokens()))  # fit the warm start's model
+        held = os.listdir(folder) if os.path.isdir(folder) else []
+        recorded = recorded_checkpoint(folder)  # what config.json says made it
+        if held and not same_settings(recorded, warm, warm_model, warm_run):
+            raise ConfigError(f"--init {folder} holds no checkpoint and is not a warm start "
+                                     "of this run's: a warm start is made only in a new folder; "
+                                     "pass a policy run folder as --init")
+        if run.main:
+            print(f"no checkpoint at {path}: a warm start makes one ("
+                  + ("a base model, pretrained)" if base else "a short SFT run)"))
+        train_sft.main(argv + (["--overwrite"] if held else []), resume_hint=hint)
+    ckpt = load_trained(path, f"--init {path}", POLICY_KINDS, task)
+    if not ckpt.get("done", True):
+        if ckpt["kind"] != "sft" or not same_settings(ckpt, warm, warm_model, warm_run):
+            raise ConfigError(f"--init {folder} is an unfinished {ckpt['kind']} run (step "
+                                     f"{ckpt['step']}) with other settings than this run's warm "
+                                     "start: finish it with --resume, or pass another")
+        if run.main:
+            print(f"continuing the warm start in {folder} from step {ckpt['step']}")
+        train_sft.main(argv + ["--resume"], resume_hint=hint)
+        ckpt = load_checkpoint(path)  # finished now
+    bad = model_mismatches(ckpt, run.model_flags, run.mcfg)
+    if bad:
+        raise CheckpointError(f"--init {path} has another model config in: "
+                                     f"{', '.join(bad)}")
+    run.chain = ckpt.get("chain", []) + [stage(path, ckpt)]
+    return model_of(ckpt, f"--init {path}", device=run.device)
+
+
+def load_teacher(cfg, run, task):
+    """--teacher's policy (any policy run of the task: RL, SFT, another size), frozen; recorded."""
+    path = cfg.teacher if cfg.teacher.endswith(".pt") else os.path.join(cfg.teacher, "ckpt.pt")
+    ckpt = load_trained(path, f"--teacher {path}", POLICY_KINDS, task)
+    run.teacher = {**stage(path, ckpt), "chain": ckpt.get("chain", [])}
+    teacher = model_of(ckpt, f"--teacher {path}", device=run.device).eval()
+    check_lengths(task, teacher.cfg.max_seq_len, task.max_new_tokens())
+    return teacher
 
 
 def check_out_dir(path, flag="--out_dir"):
@@ -498,18 +583,23 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def check_checkpoint(ckpt, what, kind, tok):
-    """A checkpoint must come from the script that expects it (an SFT run for --init, a GRPO run
-    for train_grpo.py --resume, ...), with this tokenizer."""
+    """A checkpoint must come from the script that expects it (a policy run for --init, a GRPO run
+    for train_grpo.py --resume, ...), with this tokenizer. kind: a kind, or a tuple of kinds."""
     if ckpt["tokenizer"] != tok.definition():
         raise CheckpointError(f"{what} was trained with another tokenizer: {ckpt['tokenizer']}")
-    if ckpt.get("kind") != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if ckpt.get("kind") == "rm" and "rm" not in kinds:
+        raise CheckpointError(f"{what} is a reward model (train_rm.py), not a policy: pass an "
+                              f"{', '.join(kinds)} run")
+    if ckpt.get("kind") not in kinds:
         raise CheckpointError(f"{what} is a {ckpt.get('kind', 'unknown')} checkpoint, not a "
-                              f"{kind} run's")
+                              f"{' or '.join(kinds)} run's")
 
 
 def load_trained(path, what, kind, task):
-    """The checkpoint at path (a run folder or its ckpt.pt) of a `kind` run of this task, with this
-    project's tokenizer; CheckpointError otherwise. what: how to name it in an error."""
+    """The checkpoint at path (a run folder or its ckpt.pt) of a `kind` run (or one of a tuple of
+    kinds) of this task, with this project's tokenizer; CheckpointError otherwise. what: how to
+    name it in an error."""
     ckpt = load_checkpoint(path)
     check_checkpoint(ckpt, what, kind, task.tokenizer())
     trained = (ckpt["config"].get("task"), ckpt["config"].get("n_digits"))
@@ -598,6 +688,15 @@ def file_digest(path):
     """SHA-256 of a file's bytes: ties a data file to the checkpoints trained on it."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def stage(path, ckpt):
+    """How a run records a run it started from (--init) or learnt from (--teacher): its folder, its
+    kind, its step, its checkpoint's digest, and its own teacher if it had one. A checkpoint's
+    "chain" lists them back to the first stage: base -> cold start -> GRPO -> ..."""
+    return {"run": os.path.dirname(path) or ".", "kind": ckpt["kind"], "step": ckpt["step"],
+            "sha256": file_digest(path), **({"teacher": ckpt["teacher"]}
+                                            if ckpt.get("teacher") else {})}
 
 
 def recorded_checkpoint(folder):
@@ -692,6 +791,7 @@ class Run:
         self.lock = self.metrics = self.bar = self.signum = None
         self.stopped = self.opened = self.finished = self.at_end = False
         self.inputs, self.previous_handlers, self.params = {}, {}, {}
+        self.chain, self.teacher = [], None  # the stages before this run; what it learnt from
 
     # ---- setup: torchrun, seeds, the checks before anything is written
 
@@ -743,6 +843,7 @@ class Run:
         self.start = self.step = self.saved_step = self.ckpt["step"]
         legacy = {"rft_data": "rft_data.jsonl"}  # named before inputs were named by their file
         self.inputs = {legacy.get(k, k): v for k, v in self.ckpt.get("inputs", {}).items()}
+        self.chain, self.teacher = self.ckpt.get("chain", []), self.ckpt.get("teacher")
         self._check_inputs()
         net = model_of(self.ckpt, f"checkpoint {self.ckpt_path}", cls, self.device, weights=False)
         self.mcfg = net.cfg
@@ -976,7 +1077,8 @@ class Run:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
         payload.update(step=step, done=done, world_size=self.world, kind=self.kind,
                        config=config_dict(self.cfg), model_config=config_dict(self.mcfg),
-                       run_config=config_dict(self.rc), inputs=self.inputs,
+                       run_config=config_dict(self.rc), inputs=self.inputs, chain=self.chain,
+                       teacher=self.teacher,
                        tokenizer=self.tokenizer().definition())
         self.on_main(save_checkpoint, self.ckpt_path, payload)  # every rank learns if it failed
         self.saved_step = step

@@ -173,7 +173,7 @@ def shared_init(**settings):
     cfg = train_grpo.GRPOConfig(**settings)
     run = types.SimpleNamespace(model_flags=set(), mcfg=ModelConfig(), main=True,
                                 rc=common.RunConfig(quiet=True), device=torch.device("cpu"))
-    train_sft.load_or_make_init(cfg, run)
+    common.load_or_make_init(cfg, run)
     return cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
 
 

@@ -68,6 +68,8 @@ class Experience:
     returns: torch.Tensor = None  # (N, L) PPO: GAE returns
     batches: list = None  # GRPO: the update's minibatches, each a list of micro-batches of rows
     routes: object = None  # GRPO: the experts pi_old chose (a moe.RouteRecorder)
+    texts: list = None  # GRPO: the completions as text
+    parts: dict = None  # GRPO: each rule reward (N,), by name (tasks.REWARDS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,22 +171,6 @@ def score_completions(rm, prompts, completions, pad_id):
                               rm.value_head.weight.device)
     values = rm.forward_shared_prefix(*args)  # (B, L)
     return values.gather(1, args[4].sum(1)[:, None]).squeeze(1)
-
-
-def check_lengths(task, max_seq_len, max_new_tokens=None):
-    """Raise common.ConfigError unless the task's longest sequence fits the model: `<bos> prompt
-    completion <eos>` for SFT, or `<bos> prompt` + max_new_tokens when sampling, and
-    max_new_tokens leaves room for the longest reference answer and its end token."""
-    prompt, completion = task.max_lengths()
-    needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
-    if needed > max_seq_len:
-        raise common.ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} "
-                                 f"with {task.n_digits} digits: its longest sequence has {needed} "
-                                 "tokens")
-    if max_new_tokens is not None and max_new_tokens < completion + 1:
-        raise common.ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest "
-                                 f"answer of task {task.name} ({completion} tokens and an end "
-                                 "token): it could never be written")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,58 +437,72 @@ def decode_completions(tok, rollout):
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, problems, *, k=0, n_samples=0, temperature=1.0, batch_size=256,
-             max_new_tokens=None, generator=None, mla_impl="absorbed"):
+def evaluate(model, tok, task, problems, *, k=0, n_samples=0, mean_of=0, temperature=1.0,
+             batch_size=256, max_new_tokens=None, generator=None, mla_impl="absorbed"):
     """Greedy exact-match accuracy over `problems`; with k > 0 also pass@k (unbiased, from
     n_samples >= k samples per prompt) and maj@k (vote over the first k samples). k may be a list:
-    pass@k and maj@k for each k, from the same samples. A task whose completions may think
-    (`task.thinks`) adds how often they do, and the accuracy of those that do and do not."""
+    pass@k and maj@k for each k, from the same samples. mean_of > 0 draws at least that many
+    samples (even with k = 0). Whenever it samples: mean@n, the mean accuracy of the n samples
+    (DeepSeek-R1's metric). A task whose completions may think (`task.thinks`) adds their mean
+    length, how often they think, and the accuracy of those that do and do not."""
     if max_new_tokens is None:  # room for the end token, and one more
         max_new_tokens = max(len(tok.encode(p.completion)) for p in problems) + 2
     prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
     kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=max_new_tokens,
               mla_impl=mla_impl)
-    texts = []
+    thinks = hasattr(task, "thinks")
+    figures = lambda *a: completion_figures(task, *a) if thinks else {}  # noqa: E731
+    texts, lengths = [], []
     for i in range(0, len(prompts), batch_size):
         r = generate(model, prompts[i:i + batch_size], temperature=0.0, **kw)
         texts += decode_completions(tok, r)
-    metrics = {"greedy_acc": sum(map(task.reward, texts, problems)) / len(problems),
-               **thinking(task, texts, problems, "greedy_")}
-    ks = [k] if isinstance(k, int) else list(k)
-    if ks and min(ks) > 0:
-        n = max(n_samples, *ks)
+        lengths += r.completion_mask.sum(1).tolist() if thinks else []
+    right = list(map(task.reward, texts, problems))
+    metrics = {"greedy_acc": sum(right) / len(problems),
+               **figures(texts, right, lengths, "greedy_")}
+    ks = [kk for kk in ([k] if isinstance(k, int) else list(k)) if kk > 0]
+    n = max([n_samples] * bool(ks) + [mean_of] + ks)
+    if n > 0:
         per_batch = max(1, batch_size // n)
-        pass_k, maj_k, sampled = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0), []
+        pass_k, maj_k, sampled, right, lengths = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0), \
+            [], [], []
         for i in range(0, len(prompts), per_batch):
             r = generate(model, prompts[i:i + per_batch], num_generations=n,
                          temperature=temperature, generator=generator, **kw)
             comps = decode_completions(tok, r)
             sampled += comps
+            lengths += r.completion_mask.sum(1).tolist() if thinks else []
             for j, p in enumerate(problems[i:i + per_batch]):
                 group = comps[j * n:(j + 1) * n]
-                c = sum(task.reward(x, p) for x in group)
+                right += [task.reward(x, p) for x in group]
                 answers = [task.parse_answer(x) for x in group]
                 for kk in ks:
-                    pass_k[kk] += pass_at_k(n, int(c), kk)
+                    pass_k[kk] += pass_at_k(n, int(sum(right[-n:])), kk)
                     maj_k[kk] += majority_correct(answers[:kk], p.answer)
         for kk in ks:
             metrics[f"pass@{kk}"] = pass_k[kk] / len(problems)
             metrics[f"maj@{kk}"] = maj_k[kk] / len(problems)
-        metrics.update(thinking(task, sampled, [p for p in problems for _ in range(n)], ""))
+        metrics[f"mean@{n}"] = sum(right) / len(right)
+        metrics.update(figures(sampled, right, lengths, ""))
     return metrics
 
 
-def thinking(task, completions, problems, prefix):
-    """For a task whose completions may think: the share that do (think_rate), and the accuracy of
-    those that do and of those that do not (None where there are none); {} for other tasks."""
-    if not hasattr(task, "thinks"):
-        return {}
-    split = {True: [], False: []}
-    for c, p in zip(completions, problems):
-        split[task.thinks(c)].append(task.reward(c, p))
+def completion_figures(task, completions, correct, lengths, prefix=""):
+    """Of a batch of completions (their texts, whether each is right, their lengths in tokens, the
+    end token included): the mean length of all, of the correct and of the wrong ones; for a task
+    whose completions may think, the share that do (think_rate) and the accuracy of those that do
+    and do not. None where there is nothing to average."""
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {f"{prefix}think_rate": len(split[True]) / max(len(completions), 1),
-            f"{prefix}acc_thinking": mean(split[True]), f"{prefix}acc_direct": mean(split[False])}
+    pick = lambda xs, keep: [x for x, k in zip(xs, keep) if k]  # noqa: E731
+    wrong = [not c for c in correct]
+    out = {f"{prefix}len": mean(lengths), f"{prefix}len_correct": mean(pick(lengths, correct)),
+           f"{prefix}len_wrong": mean(pick(lengths, wrong))}
+    if hasattr(task, "thinks"):
+        thinks = [task.thinks(c) for c in completions]
+        out.update({f"{prefix}think_rate": mean(thinks),
+                    f"{prefix}acc_thinking": mean(pick(correct, thinks)),
+                    f"{prefix}acc_direct": mean(pick(correct, [not t for t in thinks]))})
+    return out
 
 
 @torch.no_grad()

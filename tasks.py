@@ -14,6 +14,7 @@
   parsed answer is right (so pass@k and maj@k agree with the reward on what is an answer) and, for
   the multi-step task, a per-step correctness list.
 """
+import math
 import random
 import re
 import zlib
@@ -105,6 +106,31 @@ def parse_int(text):
 
 
 # ----------------------------------------------------------------------------------------------
+# Rule rewards (DeepSeek-R1 2.2.2), weighed by --reward
+
+REWARDS = ("accuracy", "format")  # Task.rule_rewards: the exact answer; a well-formed completion
+
+
+def parse_reward(spec):
+    """--reward's weighted sum of rule rewards, e.g. "accuracy,format:0.1" -> {"accuracy": 1.0,
+    "format": 0.1} (a weight defaults to 1); ValueError, one line, for anything else."""
+    weights = {}
+    for part in spec.split(","):
+        name, colon, weight = part.strip().partition(":")
+        if name not in REWARDS or name in weights:
+            what = "twice" if name in weights else f"not one of {', '.join(REWARDS)}"
+            raise ValueError(f"--reward {spec!r}: component {name!r} is {what}")
+        try:
+            weights[name] = float(weight) if colon else 1.0
+        except ValueError:
+            weights[name] = float("nan")
+        if not math.isfinite(weights[name]):
+            raise ValueError(f"--reward {spec!r}: the weight of {name} must be a finite number, "
+                             f"not {weight!r}")
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------
 # Tasks
 
 @dataclass
@@ -185,6 +211,17 @@ class Task:
             return 1.0 if self.parse_answer(completion) == problem.answer else 0.0
         except Exception:  # a reward must never crash a training run on junk text
             return 0.0
+
+    def format_reward(self, completion):
+        """R1's format reward: 1.0 iff the completion is well formed (for the thinking task: an
+        opened <think> is closed and an answer follows, or a bare answer), whether or not it
+        thinks and whether or not the answer is right."""
+        return 0.0 if self.parse_answer(completion) is None else 1.0
+
+    def rule_rewards(self, completion, problem):
+        """Every rule reward of a completion, by name (REWARDS): --reward weighs them."""
+        return {"accuracy": self.reward(completion, problem),
+                "format": self.format_reward(completion)}
 
     def near_miss(self, problem, rng):
         """A wrong but well-formed completion close to the reference: the answer off by one, with
@@ -353,6 +390,15 @@ class MultiStep(Task):
             pos += 1  # the ',' separator belongs to the next step
         return ends
 
+    def step_rewards(self, completion, problem, last):
+        """Process supervision's rewards (DeepSeekMath 4.1.3): one per step (1 right, 0 wrong) and
+        the token index where each ends. last: the index of the completion's end token (or of its
+        last token, if cut). A step never written is wrong and ends there: stopping early dodges
+        no negative reward."""
+        ok = [float(x) for x in self.step_correctness(completion, problem)]
+        missing = max(0, problem.prompt.count("+") - len(ok))
+        return ok + [0.0] * missing, self.step_ends(completion)[:len(ok)] + [last] * missing
+
 
 _STEP = re.compile(r"-?[0-9]+\+-?[0-9]+=-?[0-9]+")
 
@@ -420,12 +466,6 @@ class ThinkSum(Task):
             return parse_int(answer) if closed and not _MARKER.search(body + answer) else None
         return None if _MARKER.search(completion) else parse_int(completion)
 
-    def format_reward(self, completion):
-        """R1's format reward: 1.0 iff the completion is well formed (an opened <think> is closed
-        and an answer follows, or a bare answer), whether or not it thinks and whether or not the
-        answer is right."""
-        return 0.0 if self.parse_answer(completion) is None else 1.0
-
     def step_correctness(self, completion, problem):
         """One bool per step written inside <think>: step j is right iff it is the j-th reference
         step (right operands, right partial sum). No steps when it does not think."""
@@ -434,6 +474,17 @@ class ThinkSum(Task):
         body = completion[len(THINK):].partition(END_THINK)[0]
         ref = MultiStep.reference_steps([int(t) for t in problem.prompt[:-1].split("+")])
         return [j < len(ref) and s == ref[j] for j, s in enumerate(body.split(",") if body else [])]
+
+    def step_ends(self, completion):
+        """Token index of the last character of each step inside <think> (<think> is one token)."""
+        body = completion[len(THINK):].partition(END_THINK)[0] if self.thinks(completion) else ""
+        return [1 + e for e in MultiStep.step_ends(body)]
+
+    def step_rewards(self, completion, problem, last):
+        """Process supervision: the steps inside <think> as MultiStep's (none written: all wrong),
+        then the answer, a last step that ends at `last`."""
+        steps, ends = MultiStep.step_rewards(self, completion, problem, last)
+        return steps + [self.reward(completion, problem)], ends + [last]
 
 
 TASKS = {"add": Addition, "sub": Subtraction, "mul": Multiplication, "multistep": MultiStep,

@@ -244,8 +244,8 @@ def main(argv=None):
                  **heldout_preference(policy, cfg, heldout, tok.pad_id)} if run.main else {}
             return run.eval(step, m)
 
-        policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
-        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        policy = run.resumed() if run_cfg.resume else common.load_or_make_init(cfg, run)
+        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass

@@ -6,13 +6,15 @@
     python train_grpo.py --loss_type dr_grpo --scale_rewards none    # Dr. GRPO
     python train_grpo.py --loss_type dapo --epsilon_high 0.28 --filter_zero_std   # DAPO's pieces
     python train_grpo.py --gradient_coef rft --beta 0       # online RFT: GC = 1[correct]
+    python train_grpo.py --task think --reward accuracy,format:0.1 --eval_samples 16  # R1-Zero
 
 DeepSeekMath's Algorithm 1, as main()'s loop numbers it (python train_grpo.py --help: the flags):
-    1     pi <- pi_init       train_sft.load_or_make_init: an SFT run (a warm start if missing)
+    1     pi <- pi_init       common.load_or_make_init: a policy run (a warm start if missing;
+                              for --task think a pretrained base: R1-Zero)
     3     pi_ref <- pi        a frozen copy; again every --ref_reset_every steps (iterative GRPO)
     5     a batch of prompts  from this rank's own stream (never the warm start's problems)
-    6-9   make_experience     G completions each from pi_old (the policy as it is), exact-answer
-                              rewards, group-relative advantages, log-probs under pi_old and pi_ref
+    6-9   make_experience     G completions each from pi_old (the policy as it is), rule rewards
+                              (--reward), group-relative advantages, log-probs under pi_old, pi_ref
     10-11 update_policy       num_iterations passes of num_minibatches AdamW steps on eq. 3
                               (losses.grpo_loss); then the router biases, once per step (V3 2.1.2)
 Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
@@ -51,6 +53,7 @@ class GRPOConfig(common.InitConfig):
     epsilon_high: float = 0.0  # upper clip (DAPO clip-higher, e.g. 0.28); 0 = epsilon
     loss_type: str = "grpo"  # grpo (per-sequence mean), dapo (token mean), dr_grpo (constant)
     scale_rewards: str = "group"  # advantages divided by the std of: group, batch or none
+    reward: str = "accuracy"  # rule rewards, weighed: accuracy, format, e.g. accuracy,format:0.1
     gradient_coef: str = "grpo"  # grpo (group-relative advantage) or rft (1 if correct, else 0)
     unbiased_std: bool = False  # sample std (TRL) instead of the population std
     supervision: str = "outcome"  # outcome or process (per-step rewards, multistep task)
@@ -61,6 +64,7 @@ class GRPOConfig(common.InitConfig):
     eval_size: int = 256  # held-out problems per evaluation
     pass_k: int = 4  # k of pass@k and maj@k, measured at the start and the end
     pass_n: int = 8  # samples per prompt for pass@k (n >= k)
+    eval_samples: int = 0  # samples per prompt at every evaluation: mean@n (R1: 16); 0 = greedy
     samples: int = 3  # sampled completions printed at each evaluation
     collapse_patience: int = 50  # stop after this many steps of reward 0 and gradient 0 (0 = never)
 
@@ -71,7 +75,7 @@ class GRPOConfig(common.InitConfig):
                             "num_iterations", "num_minibatches", "grad_accum", "lr", "epsilon",
                             "temperature", "eval_size", "pass_k"),
             non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high",
-                          "ref_reset_every", "samples", "collapse_patience"),
+                          "ref_reset_every", "samples", "collapse_patience", "eval_samples"),
             fractions=("min_lr_ratio",), ordered=(("pass_k", "pass_n"),),
             choices={"loss_type": ("grpo", "dapo", "dr_grpo"),
                      "scale_rewards": ("group", "batch", "none"), "gradient_coef": ("grpo", "rft"),
@@ -82,8 +86,10 @@ class GRPOConfig(common.InitConfig):
         if self.gradient_coef == "rft" and (self.supervision == "process" or self.filter_zero_std):
             raise ValueError("--gradient_coef rft keeps every correct completion whole: use "
                              "--supervision outcome, without --filter_zero_std")
-        if self.supervision == "process" and self.task != "multistep":
-            raise ValueError("--supervision process needs per-step rewards: use --task multistep")
+        if self.supervision == "process" and self.task not in ("multistep", "think"):
+            raise ValueError("--supervision process needs per-step rewards: use --task multistep "
+                             "or think")
+        self.weights = tasks.parse_reward(self.reward)  # {component: weight}
         self.epsilon_high = self.epsilon_high or self.epsilon
 
 
@@ -102,11 +108,13 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
             mla_impl=cfg.mla_impl)
     texts = rollout.decode_completions(tok, r)
-    rewards = torch.tensor([task.reward(c, problems[i // G]) for i, c in enumerate(texts)])
+    scores = [task.rule_rewards(c, problems[i // G]) for i, c in enumerate(texts)]
+    parts = {k: torch.tensor([s[k] for s in scores]) for k in tasks.REWARDS}  # each (N,)
+    rewards = sum(w * parts[k] for k, w in cfg.weights.items())  # R1 2.2.2: a weighted sum
     if cfg.supervision == "process":  # a reward per step (4.1.3)
         adv = process_advantages(task, texts, problems, r, cfg)  # (N, L)
     elif cfg.gradient_coef == "rft":  # online RFT (5.2.1)
-        adv = (rewards == 1).float()  # (N,)
+        adv = parts["accuracy"]  # (N,) 1 if correct, else 0
     else:  # outcome (4.1.2), all ranks' rewards
         everyone, mine = common.gather_rows(rewards)
         adv = losses.grpo_advantages(everyone, G, cfg.scale_rewards, 1e-4, cfg.unbiased_std)[mine]
@@ -114,7 +122,7 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
     if cfg.filter_zero_std:  # DAPO: drop groups of equal rewards
         mask[(adv.view(len(problems), -1) == 0).all(1).repeat_interleave(G)] = 0.0
     exp = rollout.Experience(r, rewards, adv.to(mask.device), mask,
-                             batches=micro_batches(mask, cfg))
+                             batches=micro_batches(mask, cfg), texts=texts, parts=parts)
     policy.eval()  # no router loads counted
     with common.autocast(), moe.RouteRecorder(policy) as exp.routes:  # pi_old's experts
         if cfg.num_iterations * cfg.num_minibatches > 1:  # else the update's own forward
@@ -160,33 +168,20 @@ def update_policy(policy_ddp, opt, exp, cfg):
 
 def process_advantages(task, texts, problems, r, cfg):
     """Process supervision's advantages (N, L): each step's reward, normalised over its group."""
-    G, L = cfg.num_generations, r.completion_ids.size(1)
-    steps, ends = step_rewards(task, texts, [problems[i // G] for i in range(len(texts))],
-                               r.ended.tolist(), L)
+    G, L, last = cfg.num_generations, r.completion_ids.size(1), r.completion_mask.sum(1) - 1
+    steps, ends = zip(*(task.step_rewards(c, problems[i // G], int(last[i]))
+                        for i, c in enumerate(texts)))  # last: the end token, or the last written
     return losses.process_advantages(steps, ends, G, L, unbiased_std=cfg.unbiased_std)
-
-
-def step_rewards(task, texts, problems, ended, L):
-    """Per-step rewards (1 correct / 0 wrong) and the token index where each step ends, for the
-    completion texts of `problems` (one per row). A step never written is wrong and ends at the
-    last token (the end token, or the last written): stopping early dodges no negative reward."""
-    steps, ends = [], []
-    for c, p, done in zip(texts, problems, ended):
-        ok = [float(x) for x in task.step_correctness(c, p)]
-        terms = [int(t) for t in p.prompt[:-1].split("+")]
-        missing = max(0, len(task.reference_steps(terms)) - len(ok))
-        steps.append(ok + [0.0] * missing)
-        ends.append(task.step_ends(c) + [min(len(c) if done else len(c) - 1, L - 1)] * missing)
-    return steps, ends
 
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: what is logged and printed, the collapse check (tests/test_runs.py guards them)
 
 
-def grpo_metrics(exp, stats, routes, cfg):
-    """The step's figures over every rank: rewards, zero-variance groups, lengths, truncation, the
-    update's mean statistics, routing flips and the largest sampler/trainer log-prob gap."""
+def grpo_metrics(exp, stats, routes, task, cfg):
+    """The step's figures over every rank: rewards (and each component), zero-variance groups,
+    lengths (of the correct and the wrong), truncation, the thinking rate and the accuracy with and
+    without, the update's mean statistics, routing flips, the largest log-prob gap."""
     r, n, G = exp.rollout, len(exp.rewards), cfg.num_generations
     by_group = (exp.advantages if cfg.supervision == "process" else exp.rewards).reshape(n // G, -1)
     mean = lambda k: sum(s[k] for s in stats if k in s) / max(1, sum(k in s for s in stats))  # noqa
@@ -197,10 +192,14 @@ def grpo_metrics(exp, stats, routes, cfg):
             "truncated_frac": (~r.ended).sum().item(),
             **{k: n * mean(k) for k in ("kl", "clip_low", "clip_high", "ratio", "entropy",
                                          "grad_norm")},  # a rank's mean weighted by its rows
-            "routing_flips": n * routes.flipped_fraction(exp.routes)}
+            "routing_flips": n * routes.flipped_fraction(exp.routes),
+            **{f"reward_{k}": exp.parts[k].sum().item() for k in cfg.weights}}
     total = common.all_reduce_sum({**rows, "n": n, "loss": mean("loss")}, exp.mask.device)
     out = {k: total[k] / total["n"] for k in rows}
     out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5
+    everyone = [sum(x, []) for x in zip(*common.gather_objects(  # lengths, thinking: all ranks'
+        (exp.texts, exp.parts["accuracy"].tolist(), r.completion_mask.sum(1).tolist())))]
+    out.update(rollout.completion_figures(task, *everyone))
     gap = torch.tensor([max([s["gap"] for s in stats if "gap" in s], default=0.0)])
     return {**out, "n": total["n"], "loss": total["loss"],  # each rank's loss is its share
             "updates": sum("grad_norm" in s for s in stats),
@@ -248,15 +247,16 @@ def main(argv=None):
                     f"--grad_accum {cfg.grad_accum}")
         held_out, collapsed = task.eval_set(cfg.eval_size), CollapseCheck(cfg.collapse_patience)
 
-        def evaluate(step, k=0):  # on rank 0: greedy accuracy, pass@k and maj@k
+        def evaluate(step, k=0):  # on rank 0: greedy accuracy, mean@n, pass@k and maj@k
             gen_eval = torch.Generator(device=run.device).manual_seed(step)
             return run.eval(step, rollout.evaluate(
-                policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, generator=gen_eval,
-                temperature=cfg.temperature, mla_impl=cfg.mla_impl) if run.main else {})
+                policy, tok, task, held_out, k=k, n_samples=cfg.pass_n, mean_of=cfg.eval_samples,
+                generator=gen_eval, temperature=cfg.temperature, mla_impl=cfg.mla_impl)
+                if run.main else {})
 
         # Alg. 1 line 1: the SFT init (made if missing), or --resume's checkpoint
-        policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
-        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        policy = run.resumed() if run_cfg.resume else common.load_or_make_init(cfg, run)
+        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
@@ -278,7 +278,7 @@ def main(argv=None):
             balance = policy.update_router_biases()  # V3 2.1.2, once a rollout
 
             # ---- plumbing: logging, evaluation, checkpoints (tests/test_runs.py guards it)
-            metrics = grpo_metrics(exp, stats, routes, cfg)
+            metrics = grpo_metrics(exp, stats, routes, task, cfg)
             speed = metrics.pop("n") / run.elapsed()  # completions sampled per second, all ranks
             run.log({"step": step + 1, "lr": lr, **metrics, **balance, "samples_per_s": speed},
                     show=("reward_mean", "zero_std_frac"))

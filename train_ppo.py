@@ -235,10 +235,10 @@ def main(argv=None):
         rm = None  # a trained reward model, frozen: the reward (--reward model), the critic's init
         if cfg.reward_model:
             rm = train_rm.load_reward_model(cfg.reward_model, task, run.device)
-        policy = run.resumed() if run_cfg.resume else train_sft.load_or_make_init(cfg, run)
+        policy = run.resumed() if run_cfg.resume else common.load_or_make_init(cfg, run)
         if cfg.reward_model:  # tied to the checkpoints: a resume on another one is refused
             run.input(cfg.reward_model, "--reward_model")
-        rollout.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
+        common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         run.require(rm is None or rm.cfg == policy.cfg, f"--reward_model {cfg.reward_model} has "
                     "another model config than the policy")
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the frozen init

@@ -193,8 +193,8 @@ def main(argv=None):
         if run_cfg.resume:
             rm = run.resumed(ScalarModel)
         else:  # the SFT init's weights, a zero head
-            rm = reward_model(train_sft.load_or_make_init(cfg, run))
-        rollout.check_lengths(task, rm.cfg.max_seq_len, cfg.max_new_tokens)
+            rm = reward_model(common.load_or_make_init(cfg, run))
+        common.check_lengths(task, rm.cfg.max_seq_len, cfg.max_new_tokens)
         opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         run.begin(model=rm, optimizer=opt)  # restored by --resume; opens the run folder

@@ -5,15 +5,19 @@
     python train_sft.py --resume                          # continue exactly from out/sft/ckpt.pt
     python train_sft.py --data rft --out_dir out/rft --steps 300 --lr 3e-4 --warmup 10  # RFT
     python train_sft.py --task think --data pretrain --out_dir out/base  # a base model
+    # R1's cold start (512 worked examples), then rejection sampling: an RL run's correct samples
+    python train_sft.py --task think --init out/base --train_size 512 --out_dir out/cold
+    python train_sft.py --task think --data rft --teacher out/r1 --init out/base --out_dir out/rs
     python train_sft.py --help                            # every flag with its default
 
 The loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t),
 the prompt masked; plus mtp_lambda * the MTP loss and the MoE balance loss, the router biases
 updated after every optimiser step. The data source is all that tells SFT from RFT: --data task
-trains from scratch on the task's reference solutions; --data rft (rejection-sampling
-fine-tuning) fine-tunes an SFT run (--init) on its own correct samples (GC = 1[correct]);
---data pretrain is next-token prediction over documents `prompt completion`, the loss on every
-token, a --worked_fraction of them thinking (task think): a base model that can do both.
+trains on the task's reference solutions (from scratch, or fine-tuning --init, a policy run); --data
+rft (rejection-sampling fine-tuning) fine-tunes a policy run (--init) on the correct samples of
+--teacher (by default of --init itself: GC = 1[correct]); --data pretrain is next-token prediction
+over documents `prompt completion`, the loss on every token, a --worked_fraction of them thinking
+(task think): a base model that can do both. The checkpoint records the chain of runs it came from.
 """
 import os
 import random
@@ -34,10 +38,12 @@ class SFTConfig:
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
     data: str = "task"  # task (reference solutions), rft (--init's correct samples) or pretrain
     worked_fraction: float = 0.5  # --data pretrain: the documents that think (the rest answer)
-    init: str = ""  # --data rft: the SFT run sampled and fine-tuned; "" = out/sft or out/sft_<task>
-    warmstart_steps: int = 1500  # --data rft: steps of the SFT warm start made if --init is missing
-    warmstart_target_acc: float = 0.8  # --data rft: the warm start stops at this held-out accuracy
-    rft_prompts: int = 2048  # --data rft: new prompts sampled once from --init
+    init: str = ""  # the policy run fine-tuned ("" = from scratch; for rft the task's warm start)
+    train_size: int = 0  # --data task: a fixed set of this many problems, in epochs; 0 = new ones
+    teacher: str = ""  # --data rft: the policy run whose correct samples are kept ("" = --init)
+    warmstart_steps: int = 1500  # steps of the warm start made if --init does not exist
+    warmstart_target_acc: float = 0.8  # the SFT warm start stops at this held-out accuracy
+    rft_prompts: int = 2048  # --data rft: new prompts sampled once from --teacher
     rft_samples: int = 8  # --data rft: completions per prompt (T = 1); the correct ones kept
     batch_size: int = 64  # sequences per optimiser step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimiser step (per rank)
@@ -56,13 +62,19 @@ class SFTConfig:
     def __post_init__(self):
         common.check_config(self, positive=("batch_size", "grad_accum", "steps", "lr", "eval_size",
                                             "warmstart_steps", "rft_prompts", "rft_samples"),
-                            non_negative=("warmup", "weight_decay", "grad_clip", "samples"),
+                            non_negative=("warmup", "weight_decay", "grad_clip", "samples",
+                                          "train_size"),
                             fractions=("min_lr_ratio", "target_acc", "warmstart_target_acc",
                                        "worked_fraction"), below_one=("beta1", "beta2"),
                             choices={"task": tuple(tasks.TASKS),
                                      "data": ("task", "rft", "pretrain")})
         if self.data == "pretrain" and self.task != "think":
             raise ValueError("--data pretrain writes thinking and direct answers: use --task think")
+        if (self.train_size and self.data != "task") or (self.teacher and self.data != "rft"):
+            raise ValueError("--train_size is for --data task, --teacher for --data rft")
+        if 0 < self.train_size < self.batch_size:
+            raise ValueError(f"--train_size {self.train_size} is smaller than one batch "
+                             f"(--batch_size {self.batch_size})")
         self.n_digits = tasks.get_task(self.task, self.n_digits).n_digits  # 0 -> the default
         self.init = self.init or (common.default_init(self.task) if self.data == "rft" else "")
 
@@ -121,8 +133,22 @@ def rft_data(model, tok, task, cfg, run):
     data = [(d["ids"], d["start"]) for d in common.read_jsonl(path)]
     run.require(len(data) >= cfg.batch_size, f"RFT kept {len(data)} correct samples, fewer than "
                 f"--batch_size {cfg.batch_size}: raise --rft_prompts or --rft_samples")
-    epochs = -(-cfg.steps // (len(data) // cfg.batch_size))  # enough passes for cfg.steps
-    return data, common.epoch_batches(len(data), cfg.batch_size, epochs, seed, "rft")
+    return data, in_epochs(len(data), cfg, seed, "rft")
+
+
+def fixed_set(task, tok, cfg, seed):
+    """--train_size problems drawn once (never a held-out one) with their reference solutions
+    (R1's cold start: a small set of ideal examples). Returns (the sequences, each step's
+    indices)."""
+    rng = random.Random(common.stream_seed(seed, "sft", 0, "fixed set"))
+    data = [tasks.encode_problem(tok, task.sample(rng)) for _ in range(cfg.train_size)]
+    return data, in_epochs(len(data), cfg, seed, "sft")
+
+
+def in_epochs(n, cfg, seed, stage):
+    """Each optimiser step's indices into n items: enough shuffled passes for cfg.steps."""
+    epochs = -(-cfg.steps // (n // cfg.batch_size))
+    return common.epoch_batches(n, cfg.batch_size, epochs, seed, stage)
 
 
 def train_step(model_ddp, model, opt, micro_batches, grad_clip):
@@ -148,60 +174,6 @@ def train_step(model_ddp, model, opt, micro_batches, grad_clip):
 
 
 # ----------------------------------------------------------------------------------------------
-# The SFT init that the RL scripts, DPO, the reward model and RFT start from
-
-
-def load_or_make_init(cfg, run):
-    """The SFT model a run starts from (cfg: a common.InitConfig), on the run's device. A folder
-    that does not exist gets a short SFT warm start that stops at warmstart_target_acc held-out
-    accuracy, so that RL, not SFT, does most of the work; an interrupted warm start of these
-    settings goes on.
-    A one-line error for a checkpoint that is not an SFT run of this task and model flags, or a
-    folder that holds something else."""
-    path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
-    folder = os.path.dirname(path) or "."
-    argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps",
-            str(cfg.warmstart_steps), "--target_acc", str(cfg.warmstart_target_acc), "--eval_every",
-            "25", "--samples", "0", "--out_dir", folder, "--seed", str(run.rc.seed)]
-    argv += [f"--{k}={getattr(run.mcfg, k)}" for k in sorted(run.model_flags)]
-    argv += ["--quiet"] if run.rc.quiet else []
-    warm, warm_model, warm_run = parse(argv)
-    hint = f"run the same command again: the SFT warm start in {folder} continues where it stopped"
-    task = tasks.get_task(cfg.task, cfg.n_digits)
-    if not os.path.exists(path):
-        if path.endswith(".pt") and not path.endswith("ckpt.pt"):
-            raise common.CheckpointError(f"no checkpoint at {path} (a warm start is made only for "
-                                         "a run folder)")
-        common.check_out_dir(folder, "--init")
-        rollout.check_lengths(task, run.mcfg.max_seq_len, getattr(  # the run's sampling must
-            cfg, "max_new_tokens", task.max_new_tokens()))  # fit the warm start's model
-        held = os.listdir(folder) if os.path.isdir(folder) else []
-        recorded = common.recorded_checkpoint(folder)  # what config.json says made it
-        if held and not common.same_settings(recorded, warm, warm_model, warm_run):
-            raise common.ConfigError(f"--init {folder} holds no checkpoint and is not a warm start "
-                                     "of this run's: a warm start is made only in a new folder; "
-                                     "pass an SFT run folder as --init")
-        if run.main:
-            print(f"no SFT checkpoint at {path}: a short SFT warm start makes one")
-        main(argv + (["--overwrite"] if held else []), resume_hint=hint)
-    ckpt = common.load_trained(path, f"--init {path}", "sft", task)
-    if not ckpt.get("done", True):
-        if not common.same_settings(ckpt, warm, warm_model, warm_run):
-            raise common.ConfigError(f"--init {folder} is an unfinished SFT run (step "
-                                     f"{ckpt['step']}) with other settings than this run's warm "
-                                     "start: finish it with train_sft.py --resume, or pass another")
-        if run.main:
-            print(f"continuing the SFT warm start in {folder} from step {ckpt['step']}")
-        main(argv + ["--resume"], resume_hint=hint)
-        ckpt = common.load_checkpoint(path)  # finished now
-    bad = common.model_mismatches(ckpt, run.model_flags, run.mcfg)
-    if bad:
-        raise common.CheckpointError(f"--init {path} has another model config in: "
-                                     f"{', '.join(bad)}")
-    return common.model_of(ckpt, f"--init {path}", device=run.device)
-
-
-# ----------------------------------------------------------------------------------------------
 # Main
 
 
@@ -219,7 +191,8 @@ def main(argv=None, resume_hint=None):
     runs SFT as its warm start says how to go on with itself)."""
     cfg, mcfg, run_cfg = parse(argv)
     rft, worked = cfg.data == "rft", (cfg.worked_fraction if cfg.data == "pretrain" else None)
-    with common.Run("sft", cfg, mcfg, run_cfg, model_from_flags=not rft,
+    tuned = rft or bool(cfg.init)  # fine-tunes a policy run, else trains the flags' model
+    with common.Run("sft", cfg, mcfg, run_cfg, model_from_flags=not tuned,
                     resume_hint=resume_hint) as run:  # torchrun, seeds, one-line errors
         tok, task = tasks.get(cfg.task, cfg.n_digits)
         # ---- plumbing: the checks before anything is written
@@ -230,21 +203,25 @@ def main(argv=None, resume_hint=None):
                     f"not match the tokenizer's {tok.vocab_size}")
         if run_cfg.resume:
             model = run.resumed()  # the checkpoint's model config; begin() restores its weights
-        elif rft:
-            model = load_or_make_init(cfg, run)  # the SFT run RFT samples and fine-tunes
+        elif tuned:
+            model = common.load_or_make_init(cfg, run)  # the policy run it fine-tunes
         else:
             model = Transformer(mcfg).to(run.device)  # from the flags, seeded by --seed
-        rollout.check_lengths(task, model.cfg.max_seq_len, task.max_new_tokens())  # evaluations
+        common.check_lengths(task, model.cfg.max_seq_len, task.max_new_tokens())  # evaluations
+        teacher = None if run_cfg.resume or not cfg.teacher else common.load_teacher(cfg, run, task)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         data, gen = run.streams()  # this rank's problem stream, SFT's own
         run.begin(model=model, optimizer=opt, streams=(data, gen))  # + --resume; opens out_dir
         model_ddp = run.wrap(model)  # DDP and torch.compile, as configured
-        if rft:  # the data source: the init's correct samples, made once
-            samples, order = rft_data(model, tok, task, cfg, run)
+        samples = None  # the data source: new problems every step, or a fixed set in epochs:
+        if rft:  # the correct samples of --teacher (or the init), made once
+            samples, order = rft_data(teacher or model, tok, task, cfg, run)
+        elif cfg.train_size:  # --train_size problems (a cold start)
+            samples, order = fixed_set(task, tok, cfg, run_cfg.seed)
 
-        def batches(step):  # this rank's micro-batches: new problems, or its share of RFT's
-            if not rft:
+        def batches(step):  # this rank's micro-batches: new problems, or its share of the set
+            if samples is None:
                 return [make_batch(task, tok, data, per_rank, run.device, worked)
                         for _ in range(cfg.grad_accum)]
             n = per_rank * cfg.grad_accum

@@ -418,12 +418,12 @@ def test_bad_folders_are_one_line_naming_their_flag(init, tmp_path, how, capsys)
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_before_the_loop_is_one_line(init, tmp_path, monkeypatch, signum, capsys):
-    real = train_sft.load_or_make_init
+    real = common.load_or_make_init
 
     def signalled(*a):
         os.kill(os.getpid(), signum)  # while the init loads
         return real(*a)
-    monkeypatch.setattr(train_sft, "load_or_make_init", signalled)
+    monkeypatch.setattr(common, "load_or_make_init", signalled)
     err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(init), "--out_dir",
                                                       str(tmp_path / "g")], capsys)
     assert f"stopped by {signal.Signals(signum).name} after step 0" in err

@@ -184,7 +184,7 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
     problems = task.eval_set(12)
     m = build()
     metrics = rollout.evaluate(m, tok, task, problems, k=2, n_samples=4, generator=gen(0))
-    assert set(metrics) == {"greedy_acc", "pass@2", "maj@2"}
+    assert set(metrics) == {"greedy_acc", "pass@2", "maj@2", "mean@4"}
     assert 0.0 <= metrics["greedy_acc"] <= metrics["pass@2"] + 1.0
     # an oracle that writes each true answer: everything is 1
     answers = {tuple(tasks.encode_problem(tok, p, False)[0]):
@@ -197,7 +197,7 @@ def test_evaluate_on_a_perfect_and_a_random_model(monkeypatch):
         return rollout.Rollout(None, None, ids, None, None, None)
 
     monkeypatch.setattr(rollout, "generate", oracle)
-    perfect = {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+    perfect = {"greedy_acc": 1.0, "pass@2": 1.0, "maj@2": 1.0, "mean@3": 1.0}
     assert rollout.evaluate(m, tok, task, problems, k=2, n_samples=3) == perfect
 
 
@@ -210,9 +210,11 @@ def test_evaluate_at_several_k_equals_one_k_at_a_time(monkeypatch):
     problems, m = task.eval_set(12), build()
     together = rollout.evaluate(m, tok, task, problems, k=[1, 2, 4], n_samples=4, generator=gen(0))
     assert 0 < together["pass@1"] < together["pass@2"]  # reward ~ one sample in two: k matters
+    assert together["mean@4"] == pytest.approx(together["pass@1"])  # pass@1 is the mean accuracy
     for k in (1, 2, 4):
         alone = rollout.evaluate(m, tok, task, problems, k=k, n_samples=4, generator=gen(0))
-        assert alone == {key: together[key] for key in ("greedy_acc", f"pass@{k}", f"maj@{k}")}
+        assert alone == {key: together[key]
+                         for key in ("greedy_acc", f"pass@{k}", f"maj@{k}", "mean@4")}
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
@@ -392,10 +394,32 @@ def test_speculation_needs_an_mtp_module():
         rollout.generate(m, random_prompts(0, [3]), eos_id=EOS, pad_id=PAD, speculative=True)
 
 
-def test_thinking_metrics_split_the_accuracy_by_whether_completions_think():
+def test_completion_figures_split_lengths_and_accuracy_by_correctness_and_thinking():
     task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
     comps = ["<think>12+34=46,46+56=102</think>102", "<think>1</think>7", "102", "101"]
-    assert rollout.thinking(task, comps, [p] * 4, "x_") == {
+    right = [task.reward(c, p) for c in comps]
+    lengths = [len(tasks.Tokenizer(think=True).encode(c)) + 1 for c in comps]  # + the end token
+    assert lengths == [24, 5, 4, 4] and right == [1.0, 0.0, 1.0, 0.0]
+    assert rollout.completion_figures(task, comps, right, lengths, "x_") == {
+        "x_len": 9.25, "x_len_correct": 14.0, "x_len_wrong": 4.5,
         "x_think_rate": 0.5, "x_acc_thinking": 0.5, "x_acc_direct": 0.5}
-    assert rollout.thinking(task, ["102"], [p], "")["acc_thinking"] is None  # none thought
-    assert rollout.thinking(tasks.Addition(2), comps, [p] * 4, "") == {}  # a task that never thinks
+    one = rollout.completion_figures(task, ["102"], [1.0], [4])
+    assert one["acc_thinking"] is None and one["len_wrong"] is None  # none thought, none wrong
+    assert set(rollout.completion_figures(tasks.Addition(2), comps, right, lengths)) == {
+        "len", "len_correct", "len_wrong"}  # a task that never thinks
+
+
+def test_mean_at_n_is_the_mean_accuracy_of_the_samples_drawn():
+    tok, task = tasks.get("think")
+    problems = task.eval_set(6)
+    m = build(vocab_size=tok.vocab_size, max_seq_len=64)
+    got = rollout.evaluate(m, tok, task, problems, mean_of=3, generator=gen(0),
+                           max_new_tokens=task.max_new_tokens())
+    prompts = [tasks.encode_problem(tok, p, with_completion=False)[0] for p in problems]
+    r = rollout.generate(m, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=3,
+                         max_new_tokens=task.max_new_tokens(), generator=gen(0))
+    texts = rollout.decode_completions(tok, r)
+    right = [task.reward(c, problems[i // 3]) for i, c in enumerate(texts)]
+    assert got["mean@3"] == sum(right) / 18 and "pass@3" not in got
+    assert got["len"] == r.completion_mask.sum().item() / 18
+    assert "mean@3" not in rollout.evaluate(m, tok, task, problems)  # greedy only

@@ -146,10 +146,56 @@ def test_a_folder_named_ckpt_pt(tmp_path, capsys):
     assert "is not a file" in err and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
-def test_init_must_be_an_sft_checkpoint(runs, tmp_path, capsys):
-    err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(runs / "grpo"),
-                                                      "--out_dir", str(tmp_path / "g")], capsys)
-    assert "is a grpo checkpoint, not a sft run's" in err and not os.path.exists(tmp_path / "g")
+@pytest.fixture(scope="module")
+def policy_runs(runs, tmp_path_factory):
+    """A tiny run of every policy kind from the SFT run of `runs` (its GRPO run, and a DPO and a
+    PPO run made here), and a reward model: what --init may and may not take."""
+    import train_dpo
+    import train_ppo
+    import train_rm
+    from test_train_dpo import DPO_TINY
+    from test_train_ppo import PPO_TINY
+    from test_train_rm import RM_TINY
+    root, init = tmp_path_factory.mktemp("kinds"), ["--init", str(runs / "sft")]
+    train_dpo.main(DPO_TINY + init + ["--out_dir", str(root / "dpo")])
+    train_ppo.main(PPO_TINY + init + ["--steps", "1", "--out_dir", str(root / "ppo")])
+    train_rm.main(RM_TINY + init + ["--out_dir", str(root / "rm")])
+    return {"sft": runs / "sft", "grpo": runs / "grpo", "dpo": root / "dpo",
+            "ppo": root / "ppo", "rm": root / "rm"}
+
+
+@pytest.mark.parametrize("kind", ["sft", "grpo", "dpo", "ppo"])
+def test_init_takes_every_policy_kind_resumes_bitwise_and_records_the_chain(
+        policy_runs, kind, tmp_path):
+    init = policy_runs[kind]
+    full = grpo(init, tmp_path / "a")[0]
+    grpo(init, tmp_path / "b", "--stop_at", "1")
+    resumed = grpo(init, tmp_path / "b", "--resume")[0]
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    start = common.load_checkpoint(str(init))
+    assert all(torch.equal(a, start["model"][n]) for n, a in  # the init's policy, not another net
+               common.load_checkpoint(str(tmp_path / "a"))["ref"].items())
+    chain = common.load_checkpoint(str(tmp_path / "b"))["chain"]
+    assert [(s["run"], s["kind"]) for s in chain] == (
+        [(str(policy_runs["sft"]), "sft")] * (kind != "sft") + [(str(init), kind)])
+    assert chain[-1]["sha256"] == common.file_digest(os.path.join(init, "ckpt.pt"))
+
+
+@pytest.mark.parametrize("main", ["grpo", "sft", "sft rft", "dpo"])
+def test_a_reward_model_is_no_init_and_nothing_is_written(policy_runs, main, tmp_path, capsys):
+    import train_dpo
+    from test_train_dpo import DPO_TINY
+    rm, out = str(policy_runs["rm"]), str(tmp_path / "out")
+    argv = {"grpo": (train_grpo.main, GRPO_2), "sft": (train_sft.main, TINY_FLAGS),
+            "sft rft": (train_sft.main, TINY_FLAGS + ["--data", "rft"]),
+            "dpo": (train_dpo.main, DPO_TINY)}[main]
+    err = one_line_failure(argv[0], argv[1] + ["--init", rm, "--out_dir", out], capsys)
+    assert "is a reward model (train_rm.py), not a policy" in err and not os.path.exists(out)
+    err = one_line_failure(train_sft.main, TINY_FLAGS + [
+        "--data", "rft", "--init", str(policy_runs["sft"]), "--teacher", rm, "--out_dir", out],
+        capsys)
+    assert "--teacher" in err and "not a policy" in err and not os.path.exists(out)
 
 
 def test_grpo_resume_names_model_flags_that_differ(runs, capsys):
@@ -402,7 +448,7 @@ def test_an_unfinished_sft_run_of_other_settings_is_no_init(tmp_path, capsys):
     sft(tmp_path / "sft", "--steps", "4", "--stop_at", "2", "--seed", "5")
     err = one_line_failure(train_grpo.main, GRPO_2 + ["--init", str(tmp_path / "sft"),
                                                       "--out_dir", str(tmp_path / "g")], capsys)
-    assert "unfinished SFT run (step 2)" in err and not os.path.exists(tmp_path / "g")
+    assert "unfinished sft run (step 2)" in err and not os.path.exists(tmp_path / "g")
 
 
 # ----------------------------------------------------------------------------------------------

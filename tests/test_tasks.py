@@ -148,7 +148,7 @@ def test_strict_decode_keeps_specials_visible(tok):
 
 
 @pytest.mark.parametrize("task", [tasks.Addition(3), tasks.Addition(2, fixed_width=False),
-                                  tasks.Multiplication(2), tasks.MultiStep(3, 2)],
+                                  tasks.Multiplication(2), tasks.MultiStep(3, 2), tasks.ThinkSum()],
                          ids=lambda t: t.name)
 def test_commuted_twins_fall_on_the_same_side_of_the_split(task):
     """Held out means unseen: a + b is held out iff b + a is (for multistep, any order of the
@@ -269,3 +269,42 @@ def test_thinking_steps_are_checked_one_by_one():
     assert task.step_correctness("<think>12+34=46,46+56=102,1+1=2</think>102", p) == [
         True, True, False]
     assert task.step_correctness("102", p) == [] and task.thinks("<think>1</think>1")
+
+
+REWARD_TABLE = [  # completion of 12+34+56=: (accuracy, format), built by hand
+    ("<think>12+34=46,46+56=102</think>102", 1.0, 1.0), ("102", 1.0, 1.0),
+    ("<think>12+34=46,46+56=101</think>101", 0.0, 1.0), ("101", 0.0, 1.0),
+    ("<think>12+34=46,46+56=102", 0.0, 0.0), ("<think>1</think>102,102", 0.0, 0.0),
+    ("102 ", 0.0, 0.0), ("", 0.0, 0.0), ("<think></think>7", 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("completion,accuracy,form", REWARD_TABLE)
+def test_rule_rewards_against_a_table_built_by_hand(completion, accuracy, form):
+    task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
+    assert task.rule_rewards(completion, p) == {"accuracy": accuracy, "format": form}
+
+
+def test_the_format_reward_checks_form_not_thinking():
+    """A well-formed direct answer and a well-formed worked one get the same format reward: a
+    longer completion must earn its reward through accuracy."""
+    task = tasks.ThinkSum()
+    p = task.sample(random.Random(0))
+    assert task.format_reward(task.direct(p)) == task.format_reward(p.completion) == 1.0
+    assert tasks.Addition(2).rule_rewards("057", tasks.Problem("12+45=", "057", 57)) == {
+        "accuracy": 1.0, "format": 1.0}  # every task has both
+
+
+@pytest.mark.parametrize("spec,weights", [
+    ("accuracy", {"accuracy": 1.0}), ("accuracy,format:0.1", {"accuracy": 1.0, "format": 0.1}),
+    ("format:0.5, accuracy:2", {"format": 0.5, "accuracy": 2.0}), ("format:-1", {"format": -1.0})])
+def test_reward_specs_parse_into_weights(spec, weights):
+    assert tasks.parse_reward(spec) == weights
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("length", "not one of accuracy, format"), ("accuracy,accuracy:2", "is twice"),
+    ("accuracy:x", "must be a finite number"), ("accuracy:nan", "must be a finite number"),
+    ("", "not one of"), ("accuracy,", "not one of")])
+def test_bad_reward_specs_are_refused(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        tasks.parse_reward(spec)

@@ -223,7 +223,7 @@ def test_end_to_end_outcome_run_and_resume(sft_ckpt, tmp_path, monkeypatch):
                          "--ckpt_every", "2", "--num_iterations", "2", "--num_minibatches", "2",
                          "--ref_reset_every", "2"]
     full, first, last = train_grpo.main(flags + ["--out_dir", str(tmp_path / "a")])
-    assert set(first) == {"greedy_acc", "pass@2", "maj@2"} and set(last) == set(first)
+    assert set(first) == {"greedy_acc", "pass@2", "maj@2", "mean@2"} and set(last) == set(first)
     recs = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     steps = [x for x in recs if "reward_mean" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
@@ -292,32 +292,54 @@ def test_process_step_rewards_penalise_missing_steps():
     task = tasks.MultiStep(3, 2)
     p = tasks.Problem("12+34+56=", "12+34=46,46+56=102", 102)
     texts = ["12+34=46,46+56=102", "12+34=46", "12+34=47,47+56=103"]
-    steps, ends = train_grpo.step_rewards(task, texts, [p] * 3, [True, True, True], L=30)
-    assert steps == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
-    assert ends == [[7, 17], [7, 8], [7, 17]]  # the missing step ends at the end token (index 8)
-    steps, ends = train_grpo.step_rewards(task, ["12+34=46,4"], [p], [False], L=10)  # truncated
-    assert steps == [[1.0, 0.0]] and ends == [[7, 9]]
+    got = [task.step_rewards(c, p, last=len(c)) for c in texts]  # ended: the end token's index
+    assert [s for s, _ in got] == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    assert [e for _, e in got] == [[7, 17], [7, 8], [7, 17]]  # a missing step ends at the end token
+    assert task.step_rewards("12+34=46,4", p, last=9) == ([1.0, 0.0], [7, 9])  # cut at 10 tokens
 
 
-def test_one_update_shortcut_equals_the_explicit_old_forward():
-    """With one update per rollout, pi_old taken from the update's own forward (detached) gives the
-    same step as a separate pi_old forward: the ratio is exactly 1 either way."""
-    policy, ref = tiny_policy(seed=1), tiny_policy(seed=2)
-    cfg = config(num_generations=4)
-    exp = rollout_batch(policy, n_prompts=2, seed=5, cfg=cfg, ref=ref)
-    exp = replace(exp, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]))
-    assert exp.old_logp is None and exp.ref_logp is not None  # no forward spent on pi_old
-    explicit = replace(exp, old_logp=logps(policy, exp.rollout))
-    a, b = tiny_policy(seed=1), tiny_policy(seed=1)
-    stats_a = _split_step(a, exp, cfg)
-    stats_b = _split_step(b, explicit, cfg)
-    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=n)
-    assert stats_a["ratio"] == 1.0 and stats_a["clip_low"] == stats_a["clip_high"] == 0.0
-    assert stats_a["gap"] < 1e-4  # the sampler's log-probs against the update's own forward
-    assert stats_b["updates"] == 1
-    no_ref = config(num_generations=4, beta=0.0)
-    exp = rollout_batch(policy, n_prompts=2, seed=5, cfg=no_ref, ref=ref)
-    assert exp.ref_logp is None  # beta = 0: no reference forward either
-    stats_c = _split_step(tiny_policy(seed=1), exp, no_ref)
-    assert stats_c["kl"] == 0.0
+def test_process_step_rewards_of_the_thinking_task_end_with_the_answer():
+    """The steps inside <think> (in tokens: <think> is one) as MultiStep's, then the answer."""
+    task, p = tasks.ThinkSum(), tasks.Problem("12+34+56=", "", 102)
+    assert task.step_rewards("<think>12+34=46,46+56=102</think>102", p, last=23) == (
+        [1.0, 1.0, 1.0], [8, 18, 23])  # the end token is at 23
+    assert task.step_rewards("<think>12+34=46,46+56=103</think>103", p, 23) == (
+        [1.0, 0.0, 0.0], [8, 18, 23])
+    assert task.step_rewards("102", p, 3) == ([0.0, 0.0, 1.0], [3, 3, 3])  # no steps shown
+    assert task.step_rewards("<think>12+34=46", p, 8) == ([1.0, 0.0, 0.0], [8, 8, 8])  # cut
+
+
+def test_r1_zero_from_a_pretrained_base_logs_each_reward_and_the_thinking(tmp_path, monkeypatch):
+    """--task think: a missing --init is made a pretrained base (R1-Zero's start, recorded in the
+    chain); --reward weighs the rule rewards, each logged, their weighted sum the reward; the
+    thinking rate, lengths and the accuracy with and without thinking are logged every step,
+    mean@n at every evaluation."""
+    monkeypatch.setattr(tasks.ThinkSum, "reward", text_reward)
+    monkeypatch.setattr(tasks.ThinkSum, "format_reward",
+                        lambda self, c: float(zlib.crc32(c.encode()) % 3 == 0))
+    assert TINY_MODEL[-2:] == ["--max_seq_len", "32"]
+    train_grpo.main(GRPO_TINY + TINY_MODEL[:-1] + ["64"] + [
+        "--task", "think", "--init", str(tmp_path / "base"), "--warmstart_steps", "2",
+        "--reward", "accuracy,format:0.5", "--steps", "2", "--eval_every", "1",
+        "--eval_samples", "3", "--out_dir", str(tmp_path / "r1")])
+    base = common.load_checkpoint(str(tmp_path / "base"))
+    assert base["config"]["data"] == "pretrain" and base["step"] == 2
+    assert [s["run"] for s in common.load_checkpoint(str(tmp_path / "r1"))["chain"]] == [
+        str(tmp_path / "base")]
+    recs = [json.loads(x) for x in open(tmp_path / "r1" / "metrics.jsonl")]
+    steps = [r for r in recs if r["kind"] == "train"]
+    for r in steps:
+        assert r["reward_mean"] == pytest.approx(
+            r["reward_accuracy"] + 0.5 * r["reward_format"], abs=1e-5)
+        assert 0 <= r["think_rate"] <= 1 and r["len"] == pytest.approx(r["completion_len"])
+        for key in ("len_correct", "len_wrong", "acc_thinking", "acc_direct"):
+            assert key in r
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all("eval_mean@3" in r and "eval_think_rate" in r and "eval_len" in r for r in evals)
+
+
+@pytest.mark.parametrize("flag,msg", [("length", "not one of accuracy, format"),
+                                      ("accuracy:x", "must be a finite number")])
+def test_a_bad_reward_is_a_one_line_error(flag, msg, capsys):
+    assert msg in one_line_cli_error(train_grpo.main, ["--reward", flag], capsys)

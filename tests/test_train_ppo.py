@@ -175,7 +175,7 @@ def test_end_to_end_with_adaptive_kl_and_exact_resume(sft_ckpt, tmp_path):
     flags = ["--steps", "4", "--ckpt_every", "100", "--eval_every", "2", "--adaptive_kl",
              "--kl_target", "0.01", "--kl_horizon", "20"]
     full, first, last = ppo(sft_ckpt, tmp_path / "a", *flags)
-    assert set(first) == {"greedy_acc", "pass@2", "maj@2"} == set(last)
+    assert set(first) == {"greedy_acc", "pass@2", "maj@2", "mean@2"} == set(last)
     ppo(sft_ckpt, tmp_path / "b", *flags, "--stop_at", "2")
     resumed, _, _ = ppo(sft_ckpt, tmp_path / "b", *flags, "--resume")
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):

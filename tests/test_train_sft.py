@@ -348,3 +348,57 @@ def test_a_field_added_after_a_checkpoint_was_saved_counts_as_its_default():
     assert common.config_mismatches(saved, rft, run_cfg) == ["data"]  # init may change
     saved["config"]["gone"] = 1  # a field that no longer exists is not compared
     assert common.config_mismatches(saved, cfg, common.RunConfig(seed=1)) == ["seed"]
+
+
+def test_rejection_sampling_from_a_teacher_fine_tunes_the_init(tmp_path, monkeypatch):
+    """--teacher: its samples are the data (R1's rejection sampling from the RL model), --init is
+    the model fine-tuned; the checkpoint records both."""
+    monkeypatch.setattr(tasks.Addition, "reward", text_reward)
+    run(tmp_path / "init", "--steps", "2", "--eval_every", "100")
+    run(tmp_path / "teacher", "--steps", "3", "--eval_every", "100", "--seed", "7")
+    sampled, real = [], rollout.correct_samples
+    monkeypatch.setattr(rollout, "correct_samples",
+                        lambda m, *a, **k: sampled.append(m.state_dict()) or real(m, *a, **k))
+    model, _ = run(tmp_path / "rs", "--data", "rft", "--init", str(tmp_path / "init"), "--teacher",
+                   str(tmp_path / "teacher"), "--rft_prompts", "16", "--steps", "1",
+                   "--eval_every", "100", "--lr", "1e-30")
+    teacher = common.load_checkpoint(str(tmp_path / "teacher"))
+    init = common.load_checkpoint(str(tmp_path / "init"))
+    assert all(torch.equal(sampled[0][k], v) for k, v in teacher["model"].items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in init["model"].items()
+               if not k.endswith("gate.bias"))  # the init, fine-tuned (a step of 1e-30)
+    ckpt = common.load_checkpoint(str(tmp_path / "rs"))
+    assert ckpt["teacher"]["run"] == str(tmp_path / "teacher") and ckpt["teacher"]["step"] == 3
+    assert [s["run"] for s in ckpt["chain"]] == [str(tmp_path / "init")]
+
+
+def test_a_fixed_training_set_is_drawn_once_outside_the_held_out_split(tmp_path):
+    """--train_size (a cold start): every batch comes from the same few problems, none held out
+    (nor a reordered twin of one), in shuffled epochs; a resume goes on exactly."""
+    tok, task = tasks.get("think")
+    cfg = train_sft.SFTConfig(task="think", train_size=24, batch_size=8, steps=7)
+    data, order = train_sft.fixed_set(task, tok, cfg, seed=0)
+    assert len(data) == 24 and len(order) >= 7 and all(len(o) == 8 for o in order)
+    assert sorted(order[0] + order[1] + order[2]) == list(range(24))  # an epoch: each once
+    held = {task.canonical(p.prompt) for p in task.eval_set(256)}
+    for ids, start in data:
+        prompt = tok.decode(ids[1:start])
+        assert not task.is_held_out(prompt) and task.canonical(prompt) not in held
+        assert tok.decode(ids[start:]).startswith(tasks.THINK)  # worked examples
+    assert train_sft.fixed_set(task, tok, cfg, seed=0) == (data, order)
+    flags = ["--train_size", "16", "--steps", "4", "--ckpt_every", "2", "--eval_every", "100"]
+    full, _ = run(tmp_path / "a", *flags)
+    run(tmp_path / "b", *flags, "--stop_at", "2")
+    resumed, _ = run(tmp_path / "b", *flags, "--resume")
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--train_size", "4"], "smaller than one batch"),
+    (["--train_size", "16", "--data", "rft"], "--train_size is for --data task"),
+    (["--teacher", "x"], "--teacher for --data rft")])
+def test_bad_data_settings_are_one_line_errors(argv, msg, tmp_path, capsys):
+    assert msg in one_line_cli_error(train_sft.main, TINY_FLAGS + argv + [
+        "--out_dir", str(tmp_path / "x")], capsys)
+    assert not os.path.exists(tmp_path / "x")
