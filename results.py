@@ -14,6 +14,14 @@
     python results.py mtp         # MTP on against off: SFT sample efficiency
     python results.py mla_mha     # MLA against MHA at equal parameters: SFT accuracy, KV-cache
                                   # bytes per token
+    python results.py r1_zero     # GRPO from a pretrained base: accuracy, length, thinking rate
+                                  # against the step (DeepSeek-R1 Figures 2 and 3)
+    python results.py format_reward   # accuracy alone against accuracy + format (R1 2.2.2)
+    python results.py cold_start  # R1-Zero against cold start + GRPO (R1 2.3.1)
+    python results.py r1_pipeline # base -> cold start -> GRPO -> rejection sampling -> GRPO
+    python results.py length_bias # grpo, dr_grpo, dapo on the thinking task: correct and wrong
+                                  # completions' lengths (Dr. GRPO)
+    python results.py process_think, rft_think   # process and rft again, on the thinking task
     python results.py rft --seeds 0 1 2 --steps 100   # fewer steps for a quick look
 
 Every run is a train script's own command, into out/results/<experiment>/<method>/seed<k>. The RL
@@ -59,6 +67,17 @@ SFT_FLAGS = ["--steps", "1000", "--eval_every", "50", "--samples", "0"]
 PROCESS_INIT = {"task": "multistep", "init": "out/sft_multistep_40", "warmstart_target_acc": 0.4}
 # a hand-typed run makes the same init
 PROCESS_FLAGS = [f"--{k}={v}" for k, v in PROCESS_INIT.items()] + ["--steps", "150"]
+# R1-Zero: GRPO from the thinking task's pretrained base (out/base_think), R1's rule rewards,
+# mean@16 at every evaluation (DeepSeek-R1 Figure 2's metric)
+THINK = {"task": "think"}
+R1_FLAGS = ["--task", "think", "--reward", "accuracy,format:0.1", "--eval_samples", "16",
+            "--eval_size", "128", "--eval_every", "10", "--steps", "100"]
+# R1's cold start: SFT of the base on 512 worked examples, made once before the runs
+COLD = "out/cold_think"
+COLD_START = ["--task", "think", "--init", "out/base_think", "--train_size", "512",
+              "--steps", "100", "--lr", "3e-4", "--warmup", "10", "--eval_every", "25",
+              "--samples", "0", "--out_dir", COLD]
+RUN = "out/results/r1_pipeline/{}/seed{seed}"  # a stage of the pipeline, the seed's own
 
 # experiment -> (the claim, [(method, train script, its flags)])
 EXPERIMENTS = {
@@ -109,11 +128,50 @@ EXPERIMENTS = {
         ("MLA", "train_sft.py", SFT_FLAGS),
         # head dims chosen so that MHA's main model has MLA's parameters (974k against 966k)
         ("MHA", "train_sft.py", SFT_FLAGS + ["--attention", "mha", "--qk_nope_head_dim", "8"])]),
+    "r1_zero": ("GRPO with rule rewards straight from a base model (R1-Zero) raises accuracy, and "
+                "the thinking grows: more completions think, and they grow longer (DeepSeek-R1 "
+                "Figures 2 and 3)", [("R1-Zero", "train_grpo.py", R1_FLAGS)]),
+    "format_reward": ("the format reward keeps completions well formed; accuracy comes from the "
+                      "accuracy reward (DeepSeek-R1 2.2.2)", [
+        ("accuracy", "train_grpo.py", R1_FLAGS + ["--reward", "accuracy"]),
+        ("accuracy + format (0.1)", "train_grpo.py", R1_FLAGS)]),
+    "cold_start": ("a cold start (SFT on a few ideal worked examples) makes RL faster and its "
+                   "outputs well formed (DeepSeek-R1 2.3.1)", [
+        ("R1-Zero", "train_grpo.py", R1_FLAGS),
+        ("cold start + GRPO", "train_grpo.py", R1_FLAGS + ["--init", COLD])]),
+    "r1_pipeline": ("each stage of R1 helps: cold start -> GRPO -> rejection sampling SFT -> "
+                    "GRPO (DeepSeek-R1 2.3)", [
+        ("GRPO 1", "train_grpo.py", R1_FLAGS + ["--init", COLD]),
+        ("rejection sampling SFT", "train_sft.py", [
+            "--task", "think", "--data", "rft", "--init", "out/base_think", "--teacher",
+            RUN.format("GRPO_1", seed="{seed}"), "--steps", "200", "--lr", "1e-3",
+            "--warmup", "10", "--eval_every", "50", "--samples", "0"]),
+        ("GRPO 2", "train_grpo.py", R1_FLAGS + [
+            "--init", RUN.format("rejection_sampling_SFT", seed="{seed}")])]),
+    "length_bias": ("GRPO's 1/|o| lets wrong completions grow long; Dr. GRPO's constant divisor "
+                    "and DAPO's token mean do not (arXiv 2503.20783)", [
+        ("grpo", "train_grpo.py", R1_FLAGS),
+        ("dr_grpo", "train_grpo.py", R1_FLAGS + ["--loss_type", "dr_grpo", "--scale_rewards",
+                                                 "none"]),
+        ("dapo", "train_grpo.py", R1_FLAGS + ["--loss_type", "dapo", "--epsilon_high", "0.28"])]),
+    "process_think": ("process supervision beats outcome supervision, on the thinking task "
+                      "(DeepSeekMath 4.1.3)", [
+        ("outcome", "train_grpo.py", R1_FLAGS),
+        ("process", "train_grpo.py", R1_FLAGS + ["--supervision", "process"])]),
+    "rft_think": ("online RFT beats RFT, and GRPO beats both, on the thinking task (DeepSeekMath "
+                  "Figure 5)", [
+        ("RFT", "train_sft.py", ["--task", "think", "--data", "rft", "--steps", "100", "--lr",
+                                 "3e-4", "--warmup", "10", "--eval_every", "10"]),
+        ("online RFT", "train_grpo.py", R1_FLAGS + ["--gradient_coef", "rft", "--beta", "0"]),
+        ("GRPO", "train_grpo.py", R1_FLAGS)]),
 }
 # the SFT warm start an experiment's runs share, made before them (the settings of the RL configs
 # that name it; out/sft otherwise); None: the runs train from scratch
 INIT = {"variants": {"task": "multistep"}, "process": PROCESS_INIT, "balance": None, "mtp": None,
-        "mla_mha": None}
+        "mla_mha": None, **dict.fromkeys(["r1_zero", "format_reward", "cold_start", "r1_pipeline",
+                                          "length_bias", "process_think", "rft_think"], THINK)}
+# runs made once before an experiment's (train_sft.py's flags): the cold start
+BEFORE = {"cold_start": [COLD_START], "r1_pipeline": [COLD_START]}
 
 
 def mean_of(get, fmt):
@@ -128,6 +186,23 @@ def first_at(key, acc, fmt="{:.0f}"):
                                 for r in rs)
 
 
+def change(key, fmt="{:.1%}"):
+    """A table column: per seed, a curve's first value -> its last."""
+    return lambda rs: ", ".join(f"{fmt.format(r[key][0][1])} -> {fmt.format(r[key][-1][1])}"
+                                if r[key] else "n/a" for r in rs)
+
+
+def first_mean16_at(acc):
+    return lambda rs: ", ".join(next((f"{x}" for x, a in r["mean16"] if a >= acc), "never")
+                                for r in rs)
+
+
+R1_COLUMNS = [("mean@16 (T = 1): start -> end, per seed", change("mean16")),
+              ("thinking rate (T = 1): start -> end", change("think")),
+              ("mean length, tokens (T = 1): start -> end", change("eval_len", "{:.1f}"))]
+FORMAT = ("well-formed share of the last step's samples",
+          mean_of(lambda r: r["reward_format"][-1][1] if r["reward_format"] else float("nan"),
+                  "{:.1%}"))
 REACH_90 = ("first step at >= 90%, per seed", first_at("curve", 0.9))
 # experiment -> extra table columns: (header, the runs of one method -> text)
 COLUMNS = {
@@ -143,12 +218,25 @@ COLUMNS = {
                 ("MaxVio, mean over training",
                  mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
     "mtp": [REACH_90],
+    "r1_zero": R1_COLUMNS, "format_reward": R1_COLUMNS + [FORMAT],
+    "cold_start": [("first step at mean@16 >= 80%, per seed", first_mean16_at(0.8))] + R1_COLUMNS
+    + [FORMAT], "r1_pipeline": R1_COLUMNS, "process_think": R1_COLUMNS,
+    "length_bias": [("length of wrong completions, last step",
+                     mean_of(lambda r: r["len_wrong"][-1][1], "{:.1f}")),
+                    ("length of correct completions, last step",
+                     mean_of(lambda r: r["len_correct"][-1][1], "{:.1f}"))],
     "mla_mha": [REACH_90, ("main model parameters", mean_of(lambda r: r["params_main"], "{:,.0f}")),
                 ("KV cache bytes per token (float32)",
                  mean_of(lambda r: r["kv_bytes_per_token"], "{:,.0f}"))],
 }
 
 ACCURACY = ("curve", "held-out greedy accuracy", "step", "accuracy (%)", 100)
+R1_PANELS = [("mean16", "held-out mean@16 (T = 1)", "step", "accuracy (%)", 100),
+             ("eval_len", "mean completion length (T = 1)", "step", "tokens, end token included",
+              1),
+             ("think", "thinking rate (T = 1)", "step", "completions that think (%)", 100)]
+LENGTHS = [("len_correct", "length of correct completions", "step", "tokens", 1),
+           ("len_wrong", "length of wrong completions", "step", "tokens", 1)]
 # experiment -> plot panels: (summary key, title, x label, y label, y scale), each a curve of
 # (x, y) per run
 PANELS = {
@@ -160,6 +248,8 @@ PANELS = {
                      "training time (s, evaluations excluded; mean x)", "accuracy (%)", 100)],
     "online_offline": [("curve", "held-out greedy accuracy",
                         "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
+    **dict.fromkeys(["r1_zero", "format_reward", "cold_start", "process_think"], R1_PANELS),
+    "length_bias": [R1_PANELS[0]] + LENGTHS, "rft_think": [ACCURACY],
     "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n"
                                      "(mean over MoE layers; 20-step means)", "step",
                            "MaxVio = (max load - mean) / mean", 1)],
@@ -187,7 +277,12 @@ def read_run(out_dir):
     out = {"curve": [(r["step"], r["eval_greedy_acc"]) for r in evals],
            "final": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")},
            "length": [(r["step"], r["completion_len"]) for r in train if "completion_len" in r],
-           "maxvio": [(r["step"], r["maxvio_mean"]) for r in train if "maxvio_mean" in r]}
+           "maxvio": [(r["step"], r["maxvio_mean"]) for r in train if "maxvio_mean" in r],
+           **{key: [(r["step"], r[f"eval_{k}"]) for r in evals if r.get(f"eval_{k}") is not None]
+              for key, k in (("mean16", "mean@16"), ("eval_len", "len"),
+                             ("think", "think_rate"))},  # the thinking task's, at T = 1
+           **{key: [(r["step"], r[key]) for r in train if r.get(key) is not None]
+              for key in ("len_correct", "len_wrong", "reward_format")}}
     config_path = os.path.join(out_dir, "config.json")
     config = {}
     if os.path.exists(config_path):
@@ -225,7 +320,8 @@ def run_methods(name, methods, seeds, steps, fresh=False):
             folder = os.path.join("out", "results", name, slug,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
             how = keep(folder, fresh)
-            argv = flags + ["--seed", str(seed), "--out_dir", folder, "--quiet", how]
+            argv = [f.format(seed=seed) for f in flags]  # a stage's --init: the seed's own run
+            argv += ["--seed", str(seed), "--out_dir", folder, "--quiet", how]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
             elif steps:
@@ -475,6 +571,9 @@ def main(argv=None):
         init = INIT.get(args.experiment, {})
         if init is not None:
             shared_init(**init)
+        for argv in BEFORE.get(args.experiment, []):  # made once, kept: no run's time has it
+            done = os.path.isfile(os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt"))
+            train_sft.main(argv + ["--quiet", "--resume" if done else "--overwrite"])
         t = time.perf_counter()
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t
