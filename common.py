@@ -238,17 +238,16 @@ def check_lengths(task, max_seq_len, max_new_tokens=None):
     prompt, completion = task.max_lengths()
     needed = 1 + prompt + (completion + 1 if max_new_tokens is None else max_new_tokens)
     if needed > max_seq_len:
-        raise ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} "
-                                 f"with {task.n_digits} digits: its longest sequence has {needed} "
-                                 "tokens")
+        raise ConfigError(f"--max_seq_len {max_seq_len} is too short for task {task.name} with "
+                          f"{task.n_digits} digits: its longest sequence has {needed} tokens")
     if max_new_tokens is not None and max_new_tokens < completion + 1:
         raise ConfigError(f"--max_new_tokens {max_new_tokens} is shorter than the longest "
-                                 f"answer of task {task.name} ({completion} tokens and an end "
-                                 "token): it could never be written")
+                          f"answer of task {task.name} ({completion} tokens and an end token): "
+                          "it could never be written")
 
 
 def load_or_make_init(cfg, run):
-    """The policy a run starts from (cfg: a InitConfig), on the run's device: any policy
+    """The policy a run starts from (cfg: an InitConfig), on the run's device: any policy
     run of this task and tokenizer (sft, grpo, dpo, ppo), whose stage is added to run.chain. A
     folder that does not exist gets a warm start: a short SFT run that stops at
     warmstart_target_acc held-out accuracy, so that RL, not SFT, does most of the work, or for the
@@ -269,17 +268,17 @@ def load_or_make_init(cfg, run):
     task = tasks.get_task(cfg.task, cfg.n_digits)
     if not os.path.exists(path):
         if path.endswith(".pt") and not path.endswith("ckpt.pt"):
-            raise CheckpointError(f"no checkpoint at {path} (a warm start is made only for "
-                                         "a run folder)")
+            raise CheckpointError(f"no checkpoint at {path} (a warm start is made only for a "
+                                  "run folder)")
         check_out_dir(folder, "--init")
         check_lengths(task, run.mcfg.max_seq_len, getattr(  # the run's sampling must
             cfg, "max_new_tokens", task.max_new_tokens()))  # fit the warm start's model
         held = os.listdir(folder) if os.path.isdir(folder) else []
         recorded = recorded_checkpoint(folder)  # what config.json says made it
         if held and not same_settings(recorded, warm, warm_model, warm_run):
-            raise ConfigError(f"--init {folder} holds no checkpoint and is not a warm start "
-                                     "of this run's: a warm start is made only in a new folder; "
-                                     "pass a policy run folder as --init")
+            raise ConfigError(f"--init {folder} holds no checkpoint and is not a warm start of "
+                              "this run's: a warm start is made only in a new folder; pass a "
+                              "policy run folder as --init")
         if run.main:
             print(f"no checkpoint at {path}: a warm start makes one ("
                   + ("a base model, pretrained)" if base else "a short SFT run)"))
@@ -288,16 +287,15 @@ def load_or_make_init(cfg, run):
     if not ckpt.get("done", True):
         if ckpt["kind"] != "sft" or not same_settings(ckpt, warm, warm_model, warm_run):
             raise ConfigError(f"--init {folder} is an unfinished {ckpt['kind']} run (step "
-                                     f"{ckpt['step']}) with other settings than this run's warm "
-                                     "start: finish it with --resume, or pass another")
+                              f"{ckpt['step']}) with other settings than this run's warm start: "
+                              "finish it with --resume, or pass another")
         if run.main:
             print(f"continuing the warm start in {folder} from step {ckpt['step']}")
         train_sft.main(argv + ["--resume"], resume_hint=hint)
         ckpt = load_checkpoint(path)  # finished now
     bad = model_mismatches(ckpt, run.model_flags, run.mcfg)
     if bad:
-        raise CheckpointError(f"--init {path} has another model config in: "
-                                     f"{', '.join(bad)}")
+        raise CheckpointError(f"--init {path} has another model config in: {', '.join(bad)}")
     run.chain = ckpt.get("chain", []) + [stage(path, ckpt)]
     return model_of(ckpt, f"--init {path}", device=run.device)
 

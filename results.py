@@ -71,7 +71,7 @@ PROCESS_FLAGS = [f"--{k}={v}" for k, v in PROCESS_INIT.items()] + ["--steps", "1
 # mean@16 at every evaluation (DeepSeek-R1 Figure 2's metric)
 THINK = {"task": "think"}
 R1_FLAGS = ["--task", "think", "--reward", "accuracy,format:0.1", "--eval_samples", "16",
-            "--eval_size", "128", "--eval_every", "10", "--steps", "100"]
+            "--eval_size", "128", "--eval_every", "10", "--steps", "80"]
 # R1's cold start: SFT of the base on 512 worked examples, made once before the runs
 COLD = "out/cold_think"
 COLD_START = ["--task", "think", "--init", "out/base_think", "--train_size", "512",
@@ -79,7 +79,8 @@ COLD_START = ["--task", "think", "--init", "out/base_think", "--train_size", "51
               "--samples", "0", "--out_dir", COLD]
 RUN = "out/results/r1_pipeline/{}/seed{seed}"  # a stage of the pipeline, the seed's own
 
-# experiment -> (the claim, [(method, train script, its flags)])
+# experiment -> (the claim, [(method, train script, its flags[, "experiment/method" whose runs
+# these are: the same command, run once])])
 EXPERIMENTS = {
     "rft": ("online RFT beats RFT, and GRPO beats both (DeepSeekMath Figure 5)", [
         ("RFT", "train_sft.py", RFT_FLAGS),
@@ -134,36 +135,36 @@ EXPERIMENTS = {
     "format_reward": ("the format reward keeps completions well formed; accuracy comes from the "
                       "accuracy reward (DeepSeek-R1 2.2.2)", [
         ("accuracy", "train_grpo.py", R1_FLAGS + ["--reward", "accuracy"]),
-        ("accuracy + format (0.1)", "train_grpo.py", R1_FLAGS)]),
+        ("accuracy + format (0.1)", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero")]),
     "cold_start": ("a cold start (SFT on a few ideal worked examples) makes RL faster and its "
                    "outputs well formed (DeepSeek-R1 2.3.1)", [
-        ("R1-Zero", "train_grpo.py", R1_FLAGS),
+        ("R1-Zero", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero"),
         ("cold start + GRPO", "train_grpo.py", R1_FLAGS + ["--init", COLD])]),
     "r1_pipeline": ("each stage of R1 helps: cold start -> GRPO -> rejection sampling SFT -> "
                     "GRPO (DeepSeek-R1 2.3)", [
-        ("GRPO 1", "train_grpo.py", R1_FLAGS + ["--init", COLD]),
+        ("GRPO 1", "train_grpo.py", R1_FLAGS + ["--init", COLD], "cold_start/cold_start_GRPO"),
         ("rejection sampling SFT", "train_sft.py", [
             "--task", "think", "--data", "rft", "--init", "out/base_think", "--teacher",
-            RUN.format("GRPO_1", seed="{seed}"), "--steps", "200", "--lr", "1e-3",
+            "out/results/cold_start/cold_start_GRPO/seed{seed}", "--steps", "200", "--lr", "1e-3",
             "--warmup", "10", "--eval_every", "50", "--samples", "0"]),
         ("GRPO 2", "train_grpo.py", R1_FLAGS + [
             "--init", RUN.format("rejection_sampling_SFT", seed="{seed}")])]),
     "length_bias": ("GRPO's 1/|o| lets wrong completions grow long; Dr. GRPO's constant divisor "
                     "and DAPO's token mean do not (arXiv 2503.20783)", [
-        ("grpo", "train_grpo.py", R1_FLAGS),
+        ("grpo", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero"),
         ("dr_grpo", "train_grpo.py", R1_FLAGS + ["--loss_type", "dr_grpo", "--scale_rewards",
                                                  "none"]),
         ("dapo", "train_grpo.py", R1_FLAGS + ["--loss_type", "dapo", "--epsilon_high", "0.28"])]),
     "process_think": ("process supervision beats outcome supervision, on the thinking task "
                       "(DeepSeekMath 4.1.3)", [
-        ("outcome", "train_grpo.py", R1_FLAGS),
+        ("outcome", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero"),
         ("process", "train_grpo.py", R1_FLAGS + ["--supervision", "process"])]),
     "rft_think": ("online RFT beats RFT, and GRPO beats both, on the thinking task (DeepSeekMath "
                   "Figure 5)", [
         ("RFT", "train_sft.py", ["--task", "think", "--data", "rft", "--steps", "100", "--lr",
                                  "3e-4", "--warmup", "10", "--eval_every", "10"]),
         ("online RFT", "train_grpo.py", R1_FLAGS + ["--gradient_coef", "rft", "--beta", "0"]),
-        ("GRPO", "train_grpo.py", R1_FLAGS)]),
+        ("GRPO", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero")]),
 }
 # the SFT warm start an experiment's runs share, made before them (the settings of the RL configs
 # that name it; out/sft otherwise); None: the runs train from scratch
@@ -219,7 +220,7 @@ COLUMNS = {
                  mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
     "mtp": [REACH_90],
     "r1_zero": R1_COLUMNS, "format_reward": R1_COLUMNS + [FORMAT],
-    "cold_start": [("first step at mean@16 >= 80%, per seed", first_mean16_at(0.8))] + R1_COLUMNS
+    "cold_start": [("first step at mean@16 >= 50%, per seed", first_mean16_at(0.5))] + R1_COLUMNS
     + [FORMAT], "r1_pipeline": R1_COLUMNS, "process_think": R1_COLUMNS,
     "length_bias": [("length of wrong completions, last step",
                      mean_of(lambda r: r["len_wrong"][-1][1], "{:.1f}")),
@@ -313,11 +314,13 @@ def run_methods(name, methods, seeds, steps, fresh=False):
     type it; returns {method: [run summary per seed]} with wall times. A run folder that holds a
     checkpoint is resumed (a finished run then does nothing), unless fresh."""
     out = {}
-    for method, script, flags in methods:
+    for method, script, flags, *same in methods:
         for seed in seeds:
             slug = re.sub(r"[^A-Za-z0-9-]+", "_",
                           method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
-            folder = os.path.join("out", "results", name, slug,
+            if same:  # the very run of another experiment: kept there, read here
+                name_of, slug = same[0].split("/")
+            folder = os.path.join("out", "results", name_of if same else name, slug,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
             how = keep(folder, fresh)
             argv = [f.format(seed=seed) for f in flags]  # a stage's --init: the seed's own run
@@ -491,7 +494,7 @@ def smooth(curve, window):
             for i in range(0, len(curve), window)]
 
 
-def plot(name, result, panels):
+def draw(name, result, panels):
     try:
         import matplotlib
         import matplotlib.ticker
@@ -582,7 +585,7 @@ def main(argv=None):
     print(result["claim"])
     passk_table(result) if args.experiment == "passk" else table(args.experiment, result)
     print(f"{args.experiment}: {result['wall_s'] / 60:.1f} min in all; results in {path}")
-    plot(args.experiment, result,
+    draw(args.experiment, result,
          [] if args.experiment == "passk" else PANELS.get(args.experiment, [ACCURACY]))
 
 

@@ -56,7 +56,7 @@ class GRPOConfig(common.InitConfig):
     reward: str = "accuracy"  # rule rewards, weighed: accuracy, format, e.g. accuracy,format:0.1
     gradient_coef: str = "grpo"  # grpo (group-relative advantage) or rft (1 if correct, else 0)
     unbiased_std: bool = False  # sample std (TRL) instead of the population std
-    supervision: str = "outcome"  # outcome or process (per-step rewards, multistep task)
+    supervision: str = "outcome"  # outcome or process (per-step rewards: multistep, think)
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO)
     ref_reset_every: int = 0  # iterative GRPO: pi_ref <- pi every M steps (0 = never)
     temperature: float = 1.0  # sampling temperature of the rollouts
@@ -193,7 +193,7 @@ def grpo_metrics(exp, stats, routes, task, cfg):
             **{k: n * mean(k) for k in ("kl", "clip_low", "clip_high", "ratio", "entropy",
                                          "grad_norm")},  # a rank's mean weighted by its rows
             "routing_flips": n * routes.flipped_fraction(exp.routes),
-            **{f"reward_{k}": exp.parts[k].sum().item() for k in cfg.weights}}
+            **{f"reward_{k}": exp.parts[k].sum().item() for k in tasks.REWARDS}}  # weighed or not
     total = common.all_reduce_sum({**rows, "n": n, "loss": mean("loss")}, exp.mask.device)
     out = {k: total[k] / total["n"] for k in rows}
     out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5

@@ -36,7 +36,7 @@ from model import ModelConfig, Transformer
 class SFTConfig:
     task: str = "add"  # add, sub, mul, multistep or think
     n_digits: int = 0  # digits per operand; 0 = the task's default (add, sub 3; mul, multistep 2)
-    data: str = "task"  # task (reference solutions), rft (--init's correct samples) or pretrain
+    data: str = "task"  # task (reference solutions), rft (correct samples) or pretrain
     worked_fraction: float = 0.5  # --data pretrain: the documents that think (the rest answer)
     init: str = ""  # the policy run fine-tuned ("" = from scratch; for rft the task's warm start)
     train_size: int = 0  # --data task: a fixed set of this many problems, in epochs; 0 = new ones

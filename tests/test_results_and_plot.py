@@ -1,8 +1,14 @@
 import json
+import re
 
 import pytest
 
+import common
 import plot
+import results
+import train_grpo
+import train_sft
+from model import ModelConfig
 from conftest import one_line_failure
 
 
@@ -131,3 +137,33 @@ def test_results_table_reprints_a_saved_experiment(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as e:
         results.main(["balance", "--table"])
     assert "no results/balance.json" in str(e.value.code)
+
+
+@pytest.mark.parametrize("name", sorted(results.EXPERIMENTS))
+def test_every_experiment_command_is_a_valid_run(name):
+    """Each method's command parses into its script's configs (a typo in a flag would only show
+    after the runs before it), a shared run names a method of another experiment with the same
+    command, and a stage's {seed} is filled in."""
+    import train_dpo
+    import train_ppo
+    mains = {"train_sft.py": train_sft.parse, "train_grpo.py": None, "train_dpo.py": None,
+             "train_ppo.py": None}
+    classes = {"train_grpo.py": [train_grpo.GRPOConfig], "train_dpo.py": [train_dpo.DPOConfig],
+               "train_ppo.py": [train_ppo.PPOConfig]}
+    for method, script, flags, *same in results.EXPERIMENTS[name][1]:
+        argv = [f.format(seed=0) for f in flags] + ["--out_dir", "out/x"]
+        if mains[script] is not None:
+            mains[script](argv)
+        else:
+            common.parse_config(classes[script] + [ModelConfig], argv)
+        if same:
+            other, slug = same[0].split("/")
+            shared = [m for m in results.EXPERIMENTS[other][1]
+                      if re.sub(r"[^A-Za-z0-9-]+", "_", m[0].split(" (")[0]).strip("_") == slug]
+            assert shared and shared[0][1:3] == (script, flags), (method, same)
+
+
+def test_results_draws_through_the_plot_module():
+    """results.py saves its figures with plot.save_png: no name of its own hides the module (a
+    function named plot did, and every PNG failed where matplotlib is installed)."""
+    assert results.plot is plot and callable(plot.save_png) and callable(results.draw)
