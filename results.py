@@ -232,7 +232,7 @@ COLUMNS = {
 }
 
 ACCURACY = ("curve", "held-out greedy accuracy", "step", "accuracy (%)", 100)
-R1_PANELS = [("mean16", "held-out mean@16 (T = 1)", "step", "accuracy (%)", 100),
+R1_PANELS = [ACCURACY, ("mean16", "held-out mean@16 (T = 1)", "step", "accuracy (%)", 100),
              ("eval_len", "mean completion length (T = 1)", "step", "tokens, end token included",
               1),
              ("think", "thinking rate (T = 1)", "step", "completions that think (%)", 100)]
@@ -250,7 +250,7 @@ PANELS = {
     "online_offline": [("curve", "held-out greedy accuracy",
                         "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
     **dict.fromkeys(["r1_zero", "format_reward", "cold_start", "process_think"], R1_PANELS),
-    "length_bias": [R1_PANELS[0]] + LENGTHS, "rft_think": [ACCURACY],
+    "length_bias": [R1_PANELS[1]] + LENGTHS, "rft_think": [ACCURACY],
     "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n"
                                      "(mean over MoE layers; 20-step means)", "step",
                            "MaxVio = (max load - mean) / mean", 1)],
