@@ -11,6 +11,8 @@
 - `dpo_loss` (DPO, arXiv 2305.18290, eq. 7; label smoothing = cDPO / robust DPO), `ipo_loss`
   (IPO, arXiv 2310.12036, eq. 17), `simpo_loss` (SimPO, arXiv 2405.14734, eq. 6),
   `bradley_terry_loss` (the reward model's pairwise loss, InstructGPT arXiv 2203.02155 eq. 1).
+- `distill_loss`: soft-target distillation (Hinton et al., arXiv 1503.02531), forward or reverse
+  KL (the mode-seeking direction, arXiv 2306.08543).
 - PPO for language models (InstructGPT; Ziegler et al. arXiv 1909.08593): `token_rewards` (a k1 KL
   penalty on every token, the score on the last one), `gae` (arXiv 1506.02438 eq. 16),
   `ppo_policy_loss` (the clipped surrogate, arXiv 1707.06347 eq. 7), `value_loss` (clipped),
@@ -250,6 +252,36 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
 
 # ----------------------------------------------------------------------------------------------
 # PPO: per-token rewards, GAE, the clipped policy and value losses, the KL controllers
+
+
+def distill_loss(student_logits, teacher_logits, targets, mask, alpha=0.5, tau=1.0,
+                 kl="forward"):
+    """Soft-target distillation (Hinton et al. 2015, arXiv 1503.02531), per token t of the
+    completion, p = softmax(z_teacher / tau), q = softmax(z_student / tau):
+
+        l_t = alpha * CE(softmax(z_student), y_t) + (1 - alpha) * tau^2 * KL_t
+        KL_t = KL(p || q) = sum_v p_v (log p_v - log q_v)       kl="forward" (Hinton's)
+             = KL(q || p) = sum_v q_v (log q_v - log p_v)       kl="reverse" (mode-seeking,
+                                                                  MiniLLM, arXiv 2306.08543)
+        L = sum_t mask_t l_t / sum_t mask_t                     (the token mean, over the batch)
+
+    tau^2 keeps the soft term's gradient the size of the hard one's as tau changes. logits (B, T,
+    V), the teacher's detached here; targets (B, T) the hard next tokens; mask (B, T). Returns
+    (L, {"ce", "kl"}: their token means)."""
+    teacher_logits = teacher_logits.detach()
+    ce = -token_logprobs(student_logits, targets)  # (B, T), at tau = 1
+    log_q = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    if kl == "forward":
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+    elif kl == "reverse":
+        per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        raise ValueError(f"kl must be forward or reverse, not {kl!r}")
+    n = mask.sum().clamp(min=1)
+    ce_mean, kl_mean = (ce * mask).sum() / n, (per_token * mask).sum() / n
+    loss = alpha * ce_mean + (1 - alpha) * tau ** 2 * kl_mean
+    return loss, {"ce": ce_mean.item(), "kl": kl_mean.item()}
 
 
 def masked_mean(x, mask, normalizer=None):

@@ -409,3 +409,53 @@ def test_adaptive_kl_controller():
     fixed = losses.FixedKLController(0.05)
     fixed.update(100.0, 1000)
     assert fixed.value == 0.05
+
+
+def distill_by_hand(zs, zt, y, mask, alpha, tau, kl):
+    """The distillation loss token by token with math on Python floats: an independent formula."""
+    total, n = 0.0, 0
+    for b in range(zs.size(0)):
+        for t in range(zs.size(1)):
+            if not mask[b, t]:
+                continue
+            s, u = zs[b, t].tolist(), zt[b, t].tolist()
+            lse = math.log(sum(math.exp(v) for v in s))
+            ce = lse - s[int(y[b, t])]
+            q = [math.exp(v / tau) for v in s]
+            p = [math.exp(v / tau) for v in u]
+            q, p = [v / sum(q) for v in q], [v / sum(p) for v in p]
+            a, c = (p, q) if kl == "forward" else (q, p)
+            div = sum(ai * math.log(ai / ci) for ai, ci in zip(a, c))
+            total, n = total + alpha * ce + (1 - alpha) * tau ** 2 * div, n + 1
+    return total / n
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("alpha,tau", [(0.5, 1.0), (0.3, 2.0), (0.0, 0.5), (1.0, 3.0)])
+def test_distill_loss_against_the_formula_on_a_masked_ragged_batch(kl, alpha, tau):
+    torch.manual_seed(0)
+    zs, zt = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.float64)
+    loss, parts = losses.distill_loss(zs, zt, y, mask, alpha, tau, kl)
+    assert loss.item() == pytest.approx(distill_by_hand(zs, zt, y, mask, alpha, tau, kl), abs=1e-5)
+    assert loss.item() == pytest.approx(alpha * parts["ce"] + (1 - alpha) * tau ** 2 * parts["kl"])
+    changed = zs.clone()
+    changed[1, 3] += 5.0  # a masked position changes nothing
+    assert losses.distill_loss(changed, zt, y, mask, alpha, tau, kl)[0] == loss
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_distill_loss_of_a_student_equal_to_its_teacher_has_no_kl_and_no_kl_gradient(kl):
+    torch.manual_seed(1)
+    z = torch.randn(2, 4, 9)
+    student = z.clone().requires_grad_(True)
+    teacher = z.clone().requires_grad_(True)
+    loss, parts = losses.distill_loss(student, teacher, torch.zeros(2, 4, dtype=torch.long),
+                                      torch.ones(2, 4), alpha=0.0, tau=2.0, kl=kl)
+    assert parts["kl"] == 0.0 and loss.item() == 0.0
+    loss.backward()
+    assert student.grad.abs().max() < 1e-7  # p - q = 0 up to the rounding of a softmax's sum
+    assert teacher.grad is None  # the teacher gets no gradient
+    with pytest.raises(ValueError, match="forward or reverse"):
+        losses.distill_loss(z, z, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4), kl="js")
