@@ -246,6 +246,11 @@ def check_lengths(task, max_seq_len, max_new_tokens=None):
                           "it could never be written")
 
 
+def checkpoint_file(run):
+    """A run given as its folder or as a .pt file -> the checkpoint file's path."""
+    return run if run.endswith(".pt") else os.path.join(run, "ckpt.pt")
+
+
 def load_or_make_init(cfg, run):
     """The policy a run starts from (cfg: an InitConfig), on the run's device: any policy
     run of this task and tokenizer (sft, grpo, dpo, ppo), whose stage is added to run.chain. A
@@ -254,7 +259,7 @@ def load_or_make_init(cfg, run):
     thinking task a pretrained base (R1-Zero's); an interrupted warm start of these settings goes
     on. A one-line error for a checkpoint that is not a policy run of this task and model flags
     (a reward model), an unfinished run, or a folder that holds something else."""
-    path = cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
+    path = checkpoint_file(cfg.init)
     folder, base = os.path.dirname(path) or ".", cfg.task == "think"
     argv = ["--task", cfg.task, "--n_digits", str(cfg.n_digits), "--steps",
             str(cfg.warmstart_steps), "--target_acc", str(0 if base else cfg.warmstart_target_acc),
@@ -302,7 +307,7 @@ def load_or_make_init(cfg, run):
 
 def load_teacher(cfg, run, task):
     """--teacher's policy (any policy run of the task: RL, SFT, another size), frozen; recorded."""
-    path = cfg.teacher if cfg.teacher.endswith(".pt") else os.path.join(cfg.teacher, "ckpt.pt")
+    path = checkpoint_file(cfg.teacher)
     ckpt = load_trained(path, f"--teacher {path}", POLICY_KINDS, task)
     run.teacher = {**stage(path, ckpt), "chain": ckpt.get("chain", [])}
     teacher = model_of(ckpt, f"--teacher {path}", device=run.device).eval()

@@ -193,11 +193,6 @@ def change(key, fmt="{:.1%}"):
                                 if r[key] else "n/a" for r in rs)
 
 
-def first_mean16_at(acc):
-    return lambda rs: ", ".join(next((f"{x}" for x, a in r["mean16"] if a >= acc), "never")
-                                for r in rs)
-
-
 R1_COLUMNS = [("mean@16 (T = 1): start -> end, per seed", change("mean16")),
               ("thinking rate (T = 1): start -> end", change("think")),
               ("mean length, tokens (T = 1): start -> end", change("eval_len", "{:.1f}"))]
@@ -220,7 +215,7 @@ COLUMNS = {
                  mean_of(lambda r: statistics.mean(v for _, v in r["maxvio"]), "{:.3f}"))],
     "mtp": [REACH_90],
     "r1_zero": R1_COLUMNS, "format_reward": R1_COLUMNS + [FORMAT],
-    "cold_start": [("first step at mean@16 >= 50%, per seed", first_mean16_at(0.5))] + R1_COLUMNS
+    "cold_start": [("first step at mean@16 >= 50%, per seed", first_at("mean16", 0.5))] + R1_COLUMNS
     + [FORMAT], "r1_pipeline": R1_COLUMNS, "process_think": R1_COLUMNS,
     "length_bias": [("length of wrong completions, last step",
                      mean_of(lambda r: r["len_wrong"][-1][1], "{:.1f}")),
@@ -265,7 +260,7 @@ def shared_init(**settings):
     run = types.SimpleNamespace(model_flags=set(), mcfg=ModelConfig(), main=True,
                                 rc=common.RunConfig(quiet=True), device=torch.device("cpu"))
     common.load_or_make_init(cfg, run)
-    return cfg.init if cfg.init.endswith(".pt") else os.path.join(cfg.init, "ckpt.pt")
+    return common.checkpoint_file(cfg.init)
 
 
 def read_run(out_dir):
@@ -575,8 +570,7 @@ def main(argv=None):
         if init is not None:
             shared_init(**init)
         for argv in BEFORE.get(args.experiment, []):  # made once, kept: no run's time has it
-            done = os.path.isfile(os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt"))
-            train_sft.main(argv + ["--quiet", "--resume" if done else "--overwrite"])
+            train_sft.main(argv + ["--quiet", keep(argv[argv.index("--out_dir") + 1], False)])
         t = time.perf_counter()
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t
