@@ -66,6 +66,22 @@ class Collapse(RunError):
         self.since = since  # the first step of the collapse
 
 
+class CollapseCheck:
+    """Reward 0 and a gradient of exactly 0 for `patience` steps in a row: the policy can never
+    change again, so the run stops with an error rather than running on."""
+
+    def __init__(self, patience, what):
+        self.patience, self.dead, self.what = patience, 0, what
+
+    def __call__(self, step, metrics):
+        self.dead = self.dead + 1 if metrics["reward_mean"] == metrics["grad_norm"] == 0 else 0
+        if self.patience and self.dead >= self.patience:
+            raise Collapse(f"{self.what} collapsed: reward 0 and a gradient of exactly 0 for the "
+                           f"last {self.dead} steps (since step {step - self.dead + 1}): "
+                           "the policy can no longer change (too large an --lr?)",
+                           since=step - self.dead + 1)
+
+
 class RunFolderBusy(RunError):
     """Another process holds the run folder's lock."""
 
@@ -306,12 +322,15 @@ def load_or_make_init(cfg, run):
 
 
 def load_teacher(cfg, run, task):
-    """--teacher's policy (any policy run of the task: RL, SFT, another size), frozen; recorded."""
+    """--teacher's policy (any policy run of the task: RL, SFT, another size), frozen; recorded,
+    and tied to the run's checkpoints (a resume with another teacher is refused)."""
     path = checkpoint_file(cfg.teacher)
     ckpt = load_trained(path, f"--teacher {path}", POLICY_KINDS, task)
+    run.input(path, "--teacher")
     run.teacher = {**stage(path, ckpt), "chain": ckpt.get("chain", [])}
-    teacher = model_of(ckpt, f"--teacher {path}", device=run.device).eval()
-    check_lengths(task, teacher.cfg.max_seq_len, task.max_new_tokens())
+    teacher = model_of(ckpt, f"--teacher {path}", device=run.device).eval().requires_grad_(False)
+    check_lengths(task, teacher.cfg.max_seq_len, getattr(cfg, "max_new_tokens", None)
+                  or task.max_new_tokens())
     return teacher
 
 

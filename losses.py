@@ -255,7 +255,7 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0):
 
 
 def distill_loss(student_logits, teacher_logits, targets, mask, alpha=0.5, tau=1.0,
-                 kl="forward"):
+                 kl="forward", num_tokens=None):
     """Soft-target distillation (Hinton et al. 2015, arXiv 1503.02531), per token t of the
     completion, p = softmax(z_teacher / tau), q = softmax(z_student / tau):
 
@@ -266,7 +266,8 @@ def distill_loss(student_logits, teacher_logits, targets, mask, alpha=0.5, tau=1
         L = sum_t mask_t l_t / sum_t mask_t                     (the token mean, over the batch)
 
     tau^2 keeps the soft term's gradient the size of the hard one's as tau changes. logits (B, T,
-    V), the teacher's detached here; targets (B, T) the hard next tokens; mask (B, T). Returns
+    V), the teacher's detached here; targets (B, T) the hard next tokens; mask (B, T). num_tokens:
+    the divisor in place of sum_t mask_t (a micro-batch's share of a whole step's mean). Returns
     (L, {"ce", "kl"}: their token means)."""
     teacher_logits = teacher_logits.detach()
     ce = -token_logprobs(student_logits, targets)  # (B, T), at tau = 1
@@ -278,7 +279,7 @@ def distill_loss(student_logits, teacher_logits, targets, mask, alpha=0.5, tau=1
         per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
     else:
         raise ValueError(f"kl must be forward or reverse, not {kl!r}")
-    n = mask.sum().clamp(min=1)
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     ce_mean, kl_mean = (ce * mask).sum() / n, (per_token * mask).sum() / n
     loss = alpha * ce_mean + (1 - alpha) * tau ** 2 * kl_mean
     return loss, {"ce": ce_mean.item(), "kl": kl_mean.item()}

@@ -54,6 +54,7 @@ import plot
 import rollout
 import tasks
 import train_grpo
+import train_rm
 import train_sft
 from model import ModelConfig, Transformer, param_counts
 
@@ -77,7 +78,19 @@ COLD = "out/cold_think"
 COLD_START = ["--task", "think", "--init", "out/base_think", "--train_size", "512",
               "--steps", "100", "--lr", "3e-4", "--warmup", "10", "--eval_every", "25",
               "--samples", "0", "--out_dir", COLD]
-RUN = "out/results/r1_pipeline/{}/seed{seed}"  # a stage of the pipeline, the seed's own
+RUN = "out/results/r1_pipeline/{}/{run}"  # a stage of the pipeline, the seed's own
+# distillation: the teacher is the seed's R1-Zero run (4 layers); the student a base of 2 layers
+# and width 64 (28% of the teacher's parameters), pretrained once as out/base_think is
+SMALL_BASE = ["--task", "think", "--data", "pretrain", "--n_layers", "2", "--n_dense_layers", "1",
+              "--dim", "64", "--inter_dim", "192", "--steps", "1500", "--eval_every", "250",
+              "--samples", "0", "--out_dir", "out/base_think_small"]
+STUDENT = ["--init", "out/base_think_small"]
+TEACHER = ["--teacher", "out/results/r1_zero/R1-Zero/{run}"]  # {run}: seed<k>[_steps<N>]
+# the teacher writes the data: 4 samples of each of 2048 new prompts, the correct ones kept
+TEACHER_DATA = ["--task", "think", "--data", "rft", "--rft_prompts", "2048", "--rft_samples", "4",
+                "--steps", "300", "--lr", "1e-3", "--warmup", "10", "--min_lr_ratio", "0.1",
+                "--weight_decay", "0", "--eval_every", "25", "--eval_size", "128",
+                "--eval_samples", "16", "--samples", "0"] + STUDENT + TEACHER
 
 # experiment -> (the claim, [(method, train script, its flags[, "experiment/method" whose runs
 # these are: the same command, run once])])
@@ -145,10 +158,10 @@ EXPERIMENTS = {
         ("GRPO 1", "train_grpo.py", R1_FLAGS + ["--init", COLD], "cold_start/cold_start_GRPO"),
         ("rejection sampling SFT", "train_sft.py", [
             "--task", "think", "--data", "rft", "--init", "out/base_think", "--teacher",
-            "out/results/cold_start/cold_start_GRPO/seed{seed}", "--steps", "200", "--lr", "1e-3",
+            "out/results/cold_start/cold_start_GRPO/{run}", "--steps", "200", "--lr", "1e-3",
             "--warmup", "10", "--eval_every", "50", "--samples", "0"]),
         ("GRPO 2", "train_grpo.py", R1_FLAGS + [
-            "--init", RUN.format("rejection_sampling_SFT", seed="{seed}")])]),
+            "--init", RUN.format("rejection_sampling_SFT", run="{run}")])]),
     "length_bias": ("GRPO's 1/|o| lets wrong completions grow long; Dr. GRPO's constant divisor "
                     "and DAPO's token mean do not (arXiv 2503.20783)", [
         ("grpo", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero"),
@@ -165,14 +178,34 @@ EXPERIMENTS = {
                                  "3e-4", "--warmup", "10", "--eval_every", "10"]),
         ("online RFT", "train_grpo.py", R1_FLAGS + ["--gradient_coef", "rft", "--beta", "0"]),
         ("GRPO", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero")]),
+    "distill_vs_rl": ("distilling a stronger model into a small one beats RL on the small one "
+                      "(DeepSeek-R1 4.1): teacher-written data against GRPO from the small base", [
+        ("teacher (R1-Zero, 4 layers)", "train_grpo.py", R1_FLAGS, "r1_zero/R1-Zero"),
+        ("(a) GRPO", "train_grpo.py", R1_FLAGS + STUDENT),
+        ("(b) teacher-written data", "train_sft.py", TEACHER_DATA),
+        ("(c) soft targets on them (alpha 0.5)", "train_sft.py", TEACHER_DATA + [
+            "--alpha", "0.5"]),
+        ("(d) on-policy (GKD)", "train_grpo.py", R1_FLAGS + STUDENT + TEACHER + [
+            "--gradient_coef", "distill", "--beta", "0", "--loss_type", "dapo"])]),
+    "grpo_model_reward": ("GRPO on a learned reward is hacked as PPO is, unless the KL holds it "
+                          "(InstructGPT; DeepSeekMath's model reward)", [
+        ("rule reward", "train_grpo.py", ["--steps", "100"]),
+        ("learned reward", "train_grpo.py", ["--steps", "100", "--reward", "model",
+                                             "--reward_model", "out/rm"]),
+        ("learned reward, 10x KL (beta 0.4)", "train_grpo.py", [
+            "--steps", "100", "--reward", "model", "--reward_model", "out/rm", "--beta", "0.4"])]),
 }
 # the SFT warm start an experiment's runs share, made before them (the settings of the RL configs
 # that name it; out/sft otherwise); None: the runs train from scratch
 INIT = {"variants": {"task": "multistep"}, "process": PROCESS_INIT, "balance": None, "mtp": None,
         "mla_mha": None, **dict.fromkeys(["r1_zero", "format_reward", "cold_start", "r1_pipeline",
-                                          "length_bias", "process_think", "rft_think"], THINK)}
-# runs made once before an experiment's (train_sft.py's flags): the cold start
-BEFORE = {"cold_start": [COLD_START], "r1_pipeline": [COLD_START]}
+                                          "length_bias", "process_think", "rft_think",
+                                          "distill_vs_rl"], THINK)}
+# runs made once before an experiment's, (script, its flags): the cold start, the small base, the
+# reward model (train_rm.py's defaults)
+BEFORE = {"cold_start": [(train_sft, COLD_START)], "r1_pipeline": [(train_sft, COLD_START)],
+          "distill_vs_rl": [(train_sft, SMALL_BASE)],
+          "grpo_model_reward": [(train_rm, ["--out_dir", "out/rm"])]}
 
 
 def mean_of(get, fmt):
@@ -200,8 +233,33 @@ FORMAT = ("well-formed share of the last step's samples",
           mean_of(lambda r: r["reward_format"][-1][1] if r["reward_format"] else float("nan"),
                   "{:.1%}"))
 REACH_90 = ("first step at >= 90%, per seed", first_at("curve", 0.9))
+
+
+def budget(r):
+    """What a distillation run cost beyond its own sampling: the teacher's completions (sampled
+    for the data, or the student's scored by it) and the student's optimiser steps."""
+    c = r["config"]
+    if "sft" in c:
+        rft = c["sft"]["data"] == "rft" and c["sft"]["teacher"]  # else its own, or none
+        sampled = c["sft"]["rft_prompts"] * c["sft"]["rft_samples"] if rft else 0
+        return f"{sampled:,} sampled; {c['sft']['steps']} steps"
+    g = c["grpo"]
+    scored = g["steps"] * g["batch_size"] * g["num_generations"] if g.get("teacher") else 0
+    return (f"{scored:,} scored; " if scored else "") + (
+        f"{g['steps'] * g['num_iterations'] * g['num_minibatches']} steps")
+
+
+DISTILL = [("mean@16 (T = 1) at the end", mean_of(lambda r: r["mean16"][-1][1], "{:.1%}")),
+           ("mean@16 per seed", lambda rs: ", ".join(f"{r['mean16'][-1][1]:.1%}" for r in rs)),
+           ("parameters", mean_of(lambda r: r["params"], "{:,.0f}")),
+           ("teacher's completions; student's optimiser steps", lambda rs: budget(rs[0]))]
+REWARD_MODEL = [("learned reward of the samples: first -> last step",
+                 change("reward_model", "{:.2f}")),
+                ("accuracy of the samples: first -> last step", change("reward_accuracy")),
+                ("KL to pi_ref, last step", mean_of(lambda r: r["kl"][-1][1], "{:.3f}"))]
 # experiment -> extra table columns: (header, the runs of one method -> text)
 COLUMNS = {
+    "distill_vs_rl": DISTILL, "grpo_model_reward": REWARD_MODEL,
     "variants": [("final completion length", mean_of(lambda r: r["length"][-1][1], "{:.2f}"))],
     "grpo_vs_ppo": [("parameters held", mean_of(lambda r: r["params_held"], "{:,.0f}")),
                     ("peak RSS (MB)", mean_of(lambda r: r["peak_rss_mb"], "{:.0f}")),
@@ -246,6 +304,13 @@ PANELS = {
                         "optimiser step (DPO: over its rounds)", "accuracy (%)", 100)],
     **dict.fromkeys(["r1_zero", "format_reward", "cold_start", "process_think"], R1_PANELS),
     "length_bias": [R1_PANELS[1]] + LENGTHS, "rft_think": [ACCURACY],
+    "distill_vs_rl": [("curve", "held-out greedy accuracy", "optimiser step", "accuracy (%)", 100),
+                      ("mean16", "held-out mean@16 (T = 1)", "optimiser step", "accuracy (%)",
+                       100)],
+    "grpo_model_reward": [ACCURACY, ("reward_model", "the learned reward of the step's samples",
+                                     "step", "reward model score", 1),
+                          ("reward_accuracy", "accuracy of the step's samples (T = 1)", "step",
+                           "accuracy (%)", 100)],
     "balance": [ACCURACY, ("maxvio", "MaxVio of each step's expert loads\n"
                                      "(mean over MoE layers; 20-step means)", "step",
                            "MaxVio = (max load - mean) / mean", 1)],
@@ -278,12 +343,16 @@ def read_run(out_dir):
               for key, k in (("mean16", "mean@16"), ("eval_len", "len"),
                              ("think", "think_rate"))},  # the thinking task's, at T = 1
            **{key: [(r["step"], r[key]) for r in train if r.get(key) is not None]
-              for key in ("len_correct", "len_wrong", "reward_format")}}
+              for key in ("len_correct", "len_wrong", "reward_format", "reward_model",
+                          "reward_accuracy", "kl")}, "config": {}}
     config_path = os.path.join(out_dir, "config.json")
-    config = {}
+    config = out["config"]  # and the checkpoint's model: its parameters
     if os.path.exists(config_path):
         with open(config_path) as f:
-            config = json.load(f)
+            config.update(json.load(f))
+    if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        ckpt = common.load_checkpoint(out_dir)
+        out["params"] = param_counts(common.model_of(ckpt, out_dir, weights=False))["total"]
     rl = config.get("grpo") or config.get("ppo")
     if rl and train and all("samples_per_s" in r for r in train):
         n = rl["batch_size"] * rl.get("num_generations", 1)  # completions per step
@@ -318,7 +387,8 @@ def run_methods(name, methods, seeds, steps, fresh=False):
             folder = os.path.join("out", "results", name_of if same else name, slug,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
             how = keep(folder, fresh)
-            argv = [f.format(seed=seed) for f in flags]  # a stage's --init: the seed's own run
+            # a stage's --init, a teacher: the run of this seed (and --steps) in its experiment
+            argv = [f.format(seed=seed, run=os.path.basename(folder)) for f in flags]
             argv += ["--seed", str(seed), "--out_dir", folder, "--quiet", how]
             if steps and script == "train_dpo.py":
                 print(f"  note: --steps does not apply to {method}: DPO runs its epochs")
@@ -569,8 +639,8 @@ def main(argv=None):
         init = INIT.get(args.experiment, {})
         if init is not None:
             shared_init(**init)
-        for argv in BEFORE.get(args.experiment, []):  # made once, kept: no run's time has it
-            train_sft.main(argv + ["--quiet", keep(argv[argv.index("--out_dir") + 1], False)])
+        for script, argv in BEFORE.get(args.experiment, []):  # made once, kept: in no run's time
+            script.main(argv + ["--quiet", keep(argv[argv.index("--out_dir") + 1], False)])
         t = time.perf_counter()
         result = passk(args) if args.experiment == "passk" else compare(args.experiment, args)
         result["wall_s"] = time.perf_counter() - t

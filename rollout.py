@@ -173,6 +173,15 @@ def score_completions(rm, prompts, completions, pad_id):
     return values.gather(1, args[4].sum(1)[:, None]).squeeze(1)
 
 
+def score_rollout(rm, prompts, r, pad_id):
+    """score_completions of rollout r's completions (their real tokens, the end token included),
+    completion i following prompts[i // G], G = N / len(prompts): (N,)."""
+    G, lengths = r.completion_ids.size(0) // len(prompts), r.completion_mask.sum(1).long().tolist()
+    completions = [row[:n] for row, n in zip(r.completion_ids.tolist(), lengths)]
+    return score_completions(rm, [prompts[i // G] for i in range(len(completions))], completions,
+                             pad_id)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 

@@ -112,13 +112,14 @@ REWARDS = ("accuracy", "format")  # Task.rule_rewards: the exact answer; a well-
 
 
 def parse_reward(spec):
-    """--reward's weighted sum of rule rewards, e.g. "accuracy,format:0.1" -> {"accuracy": 1.0,
-    "format": 0.1} (a weight defaults to 1); ValueError, one line, for anything else."""
-    weights = {}
+    """--reward's weighted sum of rule rewards (REWARDS) and "model" (a reward model's score), e.g.
+    "accuracy,format:0.1" -> {"accuracy": 1.0, "format": 0.1} (a weight defaults to 1);
+    ValueError, one line, for anything else."""
+    weights, names = {}, REWARDS + ("model",)
     for part in spec.split(","):
         name, colon, weight = part.strip().partition(":")
-        if name not in REWARDS or name in weights:
-            what = "twice" if name in weights else f"not one of {', '.join(REWARDS)}"
+        if name not in names or name in weights:
+            what = "twice" if name in weights else f"not one of {', '.join(names)}"
             raise ValueError(f"--reward {spec!r}: component {name!r} is {what}")
         try:
             weights[name] = float(weight) if colon else 1.0

@@ -7,14 +7,15 @@
     python train_grpo.py --loss_type dapo --epsilon_high 0.28 --filter_zero_std   # DAPO's pieces
     python train_grpo.py --gradient_coef rft --beta 0       # online RFT: GC = 1[correct]
     python train_grpo.py --task think --reward accuracy,format:0.1 --eval_samples 16  # R1-Zero
+    python train_grpo.py --gradient_coef distill --teacher out/r1 --beta 0  # on-policy distillation
 
 DeepSeekMath's Algorithm 1, as main()'s loop numbers it (python train_grpo.py --help: the flags):
-    1     pi <- pi_init       common.load_or_make_init: a policy run (a warm start if missing;
-                              for --task think a pretrained base: R1-Zero)
+    1     pi <- pi_init       common.load_or_make_init: a policy run, or a warm start (a base)
     3     pi_ref <- pi        a frozen copy; again every --ref_reset_every steps (iterative GRPO)
     5     a batch of prompts  from this rank's own stream (never the warm start's problems)
-    6-9   make_experience     G completions each from pi_old (the policy as it is), rule rewards
-                              (--reward), group-relative advantages, log-probs under pi_old, pi_ref
+    6-9   make_experience     G completions each from pi_old (the policy as it is), rewards
+                              (--reward: rules, a reward model), group-relative advantages (or
+                              log pi_teacher - log pi_old per token), log-probs: pi_old, pi_ref
     10-11 update_policy       num_iterations passes of num_minibatches AdamW steps on eq. 3
                               (losses.grpo_loss); then the router biases, once per step (V3 2.1.2)
 Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and says how to resume.
@@ -31,7 +32,7 @@ import losses
 import moe
 import rollout
 import tasks
-import train_sft
+import train_rm
 from model import ModelConfig
 
 
@@ -53,8 +54,10 @@ class GRPOConfig(common.InitConfig):
     epsilon_high: float = 0.0  # upper clip (DAPO clip-higher, e.g. 0.28); 0 = epsilon
     loss_type: str = "grpo"  # grpo (per-sequence mean), dapo (token mean), dr_grpo (constant)
     scale_rewards: str = "group"  # advantages divided by the std of: group, batch or none
-    reward: str = "accuracy"  # rule rewards, weighed: accuracy, format, e.g. accuracy,format:0.1
-    gradient_coef: str = "grpo"  # grpo (group-relative advantage) or rft (1 if correct, else 0)
+    reward: str = "accuracy"  # weighed rewards: accuracy, format (rules), model (--reward_model)
+    reward_model: str = ""  # a train_rm.py run: --reward's model component, e.g. model,format:0.1
+    gradient_coef: str = "grpo"  # grpo (group-relative advantage), rft (1[correct]) or distill
+    teacher: str = ""  # distill: GC = log pi_teacher - log pi per token (a policy run, any size)
     unbiased_std: bool = False  # sample std (TRL) instead of the population std
     supervision: str = "outcome"  # outcome or process (per-step rewards: multistep, think)
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO)
@@ -77,19 +80,24 @@ class GRPOConfig(common.InitConfig):
             non_negative=("warmup", "weight_decay", "grad_clip", "beta", "epsilon_high",
                           "ref_reset_every", "samples", "collapse_patience", "eval_samples"),
             fractions=("min_lr_ratio",), ordered=(("pass_k", "pass_n"),),
-            choices={"loss_type": ("grpo", "dapo", "dr_grpo"),
-                     "scale_rewards": ("group", "batch", "none"), "gradient_coef": ("grpo", "rft"),
-                     "supervision": ("outcome", "process"), "mla_impl": ("absorbed", "naive")})
+            choices={"loss_type": ("grpo", "dapo", "dr_grpo"), "mla_impl": ("absorbed", "naive"),
+                     "scale_rewards": ("group", "batch", "none"), "supervision": ("outcome",
+                     "process"), "gradient_coef": ("grpo", "rft", "distill")})
+        if (self.gradient_coef == "distill") != bool(self.teacher):
+            raise ValueError("--gradient_coef distill needs --teacher, and --teacher is for it")
         if self.num_generations < 2 and self.gradient_coef == "grpo":
             raise ValueError(f"--num_generations must be >= 2: with G={self.num_generations} every "
                              "advantage is r - mean(r) = 0 and GRPO learns nothing")
-        if self.gradient_coef == "rft" and (self.supervision == "process" or self.filter_zero_std):
-            raise ValueError("--gradient_coef rft keeps every correct completion whole: use "
+        if self.gradient_coef != "grpo" and (self.supervision == "process" or self.filter_zero_std):
+            raise ValueError(f"--gradient_coef {self.gradient_coef} is not a group's reward: use "
                              "--supervision outcome, without --filter_zero_std")
         if self.supervision == "process" and self.task not in ("multistep", "think"):
-            raise ValueError("--supervision process needs per-step rewards: use --task multistep "
-                             "or think")
+            raise ValueError("--supervision process needs a task with steps: multistep or think")
         self.weights = tasks.parse_reward(self.reward)  # {component: weight}
+        if ("model" in self.weights) != bool(self.reward_model) or "model" in self.weights and (
+                self.gradient_coef != "grpo" or self.supervision == "process"):
+            raise ValueError("--reward model needs --reward_model (a train_rm.py run) and GRPO's "
+                             "outcome advantages; --reward_model needs model in --reward")
         self.epsilon_high = self.epsilon_high or self.epsilon
 
 
@@ -98,9 +106,10 @@ class GRPOConfig(common.InitConfig):
 
 
 @torch.no_grad()
-def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
-    """Alg. 1 lines 6-9: G completions per problem from pi_old, rewards, advantages, and log-probs
-    under pi_old and pi_ref (on the update's micro-batches: the first ratio is exactly 1)."""
+def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm=None, teacher=None):
+    """Alg. 1 lines 6-9: G completions per problem from pi_old, rewards (the rules', rm's score),
+    advantages (or the teacher's per-token coefficient), and log-probs under pi_old and pi_ref (on
+    the update's micro-batches: the first ratio is exactly 1)."""
     G, prompts = cfg.num_generations, [tasks.encode_problem(tok, p, False)[0] for p in problems]
     with common.autocast():
         r = rollout.generate(
@@ -110,6 +119,8 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
     texts = rollout.decode_completions(tok, r)
     scores = [task.rule_rewards(c, problems[i // G]) for i, c in enumerate(texts)]
     parts = {k: torch.tensor([s[k] for s in scores]) for k in tasks.REWARDS}  # each (N,)
+    if rm is not None:  # the learned reward: rm's score at each completion's last token
+        parts["model"] = rollout.score_rollout(rm, prompts, r, tok.pad_id).float().cpu()
     rewards = sum(w * parts[k] for k, w in cfg.weights.items())  # R1 2.2.2: a weighted sum
     if cfg.supervision == "process":  # a reward per step (4.1.3)
         adv = process_advantages(task, texts, problems, r, cfg)  # (N, L)
@@ -125,10 +136,14 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen):
                              batches=micro_batches(mask, cfg), texts=texts, parts=parts)
     policy.eval()  # no router loads counted
     with common.autocast(), moe.RouteRecorder(policy) as exp.routes:  # pi_old's experts
-        if cfg.num_iterations * cfg.num_minibatches > 1:  # else the update's own forward
+        if teacher is not None or cfg.num_iterations * cfg.num_minibatches > 1:  # else in update
             exp.old_logp = rollout.batched_logprobs(policy_ddp, exp, cfg.temperature)
         if cfg.beta > 0:
             exp.ref_logp = rollout.batched_logprobs(ref.forward_shared_prefix, exp, cfg.temperature)
+        if teacher is not None:  # on-policy distillation (GKD): log pi_teacher - log pi_old (N, L)
+            t_logp = rollout.batched_logprobs(teacher.forward_shared_prefix, exp, cfg.temperature)
+            exp.advantages = (t_logp - exp.old_logp) * mask  # on the student's own samples
+            exp.parts["teacher"] = exp.advantages.sum(1).cpu()  # log pi_T(o) - log pi(o): -KL
     policy.train()
     return exp
 
@@ -175,7 +190,7 @@ def process_advantages(task, texts, problems, r, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: what is logged and printed, the collapse check (tests/test_runs.py guards them)
+# Plumbing: what is logged and printed (tests/test_runs.py guards it)
 
 
 def grpo_metrics(exp, stats, routes, task, cfg):
@@ -185,7 +200,6 @@ def grpo_metrics(exp, stats, routes, task, cfg):
     r, n, G = exp.rollout, len(exp.rewards), cfg.num_generations
     by_group = (exp.advantages if cfg.supervision == "process" else exp.rewards).reshape(n // G, -1)
     mean = lambda k: sum(s[k] for s in stats if k in s) / max(1, sum(k in s for s in stats))  # noqa
-
     rows = {"reward_mean": exp.rewards.sum().item(), "reward_sq": (exp.rewards ** 2).sum().item(),
             "zero_std_frac": G * (by_group.amax(1) == by_group.amin(1)).sum().item(),
             "completion_len": r.completion_mask.sum().item(),
@@ -193,7 +207,7 @@ def grpo_metrics(exp, stats, routes, task, cfg):
             **{k: n * mean(k) for k in ("kl", "clip_low", "clip_high", "ratio", "entropy",
                                          "grad_norm")},  # a rank's mean weighted by its rows
             "routing_flips": n * routes.flipped_fraction(exp.routes),
-            **{f"reward_{k}": exp.parts[k].sum().item() for k in tasks.REWARDS}}  # weighed or not
+            **{f"reward_{k}": exp.parts[k].sum().item() for k in exp.parts}}  # weighed or not
     total = common.all_reduce_sum({**rows, "n": n, "loss": mean("loss")}, exp.mask.device)
     out = {k: total[k] / total["n"] for k in rows}
     out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5
@@ -210,23 +224,7 @@ def print_samples(problems, exp, tok, cfg):
     """A few sampled completions of the step, each with its reward."""
     texts, G = rollout.decode_completions(tok, exp.rollout), cfg.num_generations
     for i in range(0, min(cfg.samples * G, len(texts)), G):
-        tqdm.write(f"  sample: {problems[i // G].prompt}{texts[i]}  reward {exp.rewards[i]:.0f}")
-
-
-class CollapseCheck:
-    """Reward 0 and a gradient of exactly 0 for `patience` steps in a row: the policy can never
-    change again, so the run stops with an error rather than running on."""
-
-    def __init__(self, patience):
-        self.patience, self.dead = patience, 0
-
-    def __call__(self, step, metrics):
-        self.dead = self.dead + 1 if metrics["reward_mean"] == metrics["grad_norm"] == 0 else 0
-        if self.patience and self.dead >= self.patience:
-            raise common.Collapse(f"GRPO collapsed: reward 0 and a gradient of exactly 0 for the "
-                                  f"last {self.dead} steps (since step {step - self.dead + 1}): "
-                                  "the policy can no longer change (too large an --lr?)",
-                                  since=step - self.dead + 1)
+        tqdm.write(f"  sample: {problems[i // G].prompt}{texts[i]}  reward {exp.rewards[i]:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +243,8 @@ def main(argv=None):
         run.require(rows % (cfg.num_minibatches * cfg.grad_accum) == 0, f"{rows} completions per "
                     f"rank do not split into --num_minibatches {cfg.num_minibatches} x "
                     f"--grad_accum {cfg.grad_accum}")
-        held_out, collapsed = task.eval_set(cfg.eval_size), CollapseCheck(cfg.collapse_patience)
+        held_out, collapsed = task.eval_set(cfg.eval_size), common.CollapseCheck(
+            cfg.collapse_patience, "GRPO")
 
         def evaluate(step, k=0):  # on rank 0: greedy accuracy, mean@n, pass@k and maj@k
             gen_eval = torch.Generator(device=run.device).manual_seed(step)
@@ -254,8 +253,13 @@ def main(argv=None):
                 generator=gen_eval, temperature=cfg.temperature, mla_impl=cfg.mla_impl)
                 if run.main else {})
 
+        rm = (train_rm.load_reward_model(cfg.reward_model, task, run.device, cfg.max_new_tokens)
+              if cfg.reward_model else None)  # the learned reward (--reward model), frozen
         # Alg. 1 line 1: the SFT init (made if missing), or --resume's checkpoint
         policy = run.resumed() if run_cfg.resume else common.load_or_make_init(cfg, run)
+        teacher = common.load_teacher(cfg, run, task) if cfg.teacher else None  # frozen, tied
+        if cfg.reward_model:  # tied to the checkpoints: a resume with another one is refused
+            run.input(cfg.reward_model, "--reward_model")
         common.check_lengths(task, policy.cfg.max_seq_len, cfg.max_new_tokens)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)  # line 3: pi_ref, frozen
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
@@ -272,7 +276,8 @@ def main(argv=None):
             if cfg.ref_reset_every and step and step % cfg.ref_reset_every == 0:
                 ref.load_state_dict(policy.state_dict())  # line 3: iterative GRPO
             problems = [task.sample(data) for _ in range(cfg.batch_size // run.world)]  # line 5
-            exp = make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen)  # 6-9
+            exp = make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm,
+                                  teacher)  # 6-9
             with moe.RouteRecorder(policy) as routes:  # for the routing flips
                 stats = update_policy(policy_ddp, opt, exp, cfg)  # lines 10-11
             balance = policy.update_router_biases()  # V3 2.1.2, once a rollout

@@ -159,9 +159,7 @@ def score(rm, task, tok, problems, prompts, r, cfg):
                            device=r.completion_mask.device)
     scores = correct.clone()
     if rm is not None:
-        lengths = r.completion_mask.sum(1).long().tolist()
-        completions = [row[:n] for row, n in zip(r.completion_ids.tolist(), lengths)]
-        scores = rollout.score_completions(rm, prompts, completions, tok.pad_id).float()
+        scores = rollout.score_rollout(rm, prompts, r, tok.pad_id).float()
     mask = r.completion_mask.clone()
     if cfg.truncation == "penalty":
         scores = torch.where(~r.ended, torch.full_like(scores, cfg.truncation_penalty), scores)

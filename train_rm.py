@@ -57,11 +57,13 @@ class RMConfig(common.InitConfig):
             choices={"pairs_source": ("policy", "synthetic")})
 
 
-def load_reward_model(path, task, device):
-    """A reward model trained by this script (a run folder or its ckpt.pt) for this task; frozen,
-    in eval mode. Score with rollout.score_completions."""
+def load_reward_model(path, task, device, max_new_tokens=None):
+    """A reward model trained by this script (a run folder or its ckpt.pt) for this task, long
+    enough for its prompts and max_new_tokens; frozen, in eval mode. Score with
+    rollout.score_completions."""
     ckpt = common.load_trained(path, f"reward model {path}", "rm", task)
     rm = common.model_of(ckpt, f"reward model {path}", ScalarModel, device)
+    common.check_lengths(task, rm.cfg.max_seq_len, max_new_tokens or task.max_new_tokens())
     return rm.eval().requires_grad_(False)
 
 

@@ -8,6 +8,8 @@
     # R1's cold start (512 worked examples), then rejection sampling: an RL run's correct samples
     python train_sft.py --task think --init out/base --train_size 512 --out_dir out/cold
     python train_sft.py --task think --data rft --teacher out/r1 --init out/base --out_dir out/rs
+    # distillation (R1 4.1): a small student on the teacher's correct samples, + soft targets
+    python train_sft.py --task think --data rft --teacher out/r1 --init out/small_base --alpha 0.5
     python train_sft.py --help                            # every flag with its default
 
 The loss (SFT, DeepSeekMath 5.2.1): L = -mean over completion tokens of log pi(y_t | x, y_<t),
@@ -17,7 +19,9 @@ trains on the task's reference solutions (from scratch, or fine-tuning --init, a
 rft (rejection-sampling fine-tuning) fine-tunes a policy run (--init) on the correct samples of
 --teacher (by default of --init itself: GC = 1[correct]); --data pretrain is next-token prediction
 over documents `prompt completion`, the loss on every token, a --worked_fraction of them thinking
-(task think): a base model that can do both. The checkpoint records the chain of runs it came from.
+(task think): a base model that can do both. With --alpha < 1 (soft targets, Hinton et al. 2015)
+the CE becomes alpha * CE + (1 - alpha) * tau^2 * KL to --teacher's logits on the same tokens
+(losses.distill_loss). The checkpoint records the chain of runs it came from, and its teacher.
 """
 import os
 import random
@@ -27,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import common
+import losses
 import rollout
 import tasks
 from model import ModelConfig, Transformer
@@ -40,7 +45,11 @@ class SFTConfig:
     worked_fraction: float = 0.5  # --data pretrain: the documents that think (the rest answer)
     init: str = ""  # the policy run fine-tuned ("" = from scratch; for rft the task's warm start)
     train_size: int = 0  # --data task: a fixed set of this many problems, in epochs; 0 = new ones
-    teacher: str = ""  # --data rft: the policy run whose correct samples are kept ("" = --init)
+    teacher: str = ""  # a policy run: --data rft keeps its correct samples ("" = --init);
+    # with --alpha < 1 its logits are the soft targets (distillation: any model flags)
+    alpha: float = 1.0  # soft targets: alpha * CE + (1 - alpha) * tau^2 * KL (1 = CE alone)
+    tau: float = 1.0  # soft targets' temperature
+    kl: str = "forward"  # soft targets' KL: forward KL(teacher || student) or reverse
     warmstart_steps: int = 1500  # steps of the warm start made if --init does not exist
     warmstart_target_acc: float = 0.8  # the SFT warm start stops at this held-out accuracy
     rft_prompts: int = 2048  # --data rft: new prompts sampled once from --teacher
@@ -56,22 +65,29 @@ class SFTConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     eval_size: int = 256  # held-out problems per evaluation
+    eval_samples: int = 0  # samples per prompt at every evaluation: mean@n (R1: 16); 0 = greedy
     samples: int = 3  # sampled completions printed at each evaluation
     target_acc: float = 0.0  # stop early (with a checkpoint) at this held-out accuracy; 0 = never
 
     def __post_init__(self):
         common.check_config(self, positive=("batch_size", "grad_accum", "steps", "lr", "eval_size",
-                                            "warmstart_steps", "rft_prompts", "rft_samples"),
+                                            "warmstart_steps", "rft_prompts", "rft_samples", "tau"),
                             non_negative=("warmup", "weight_decay", "grad_clip", "samples",
-                                          "train_size"),
+                                          "train_size", "eval_samples"),
                             fractions=("min_lr_ratio", "target_acc", "warmstart_target_acc",
-                                       "worked_fraction"), below_one=("beta1", "beta2"),
-                            choices={"task": tuple(tasks.TASKS),
+                                       "worked_fraction", "alpha"), below_one=("beta1", "beta2"),
+                            choices={"task": tuple(tasks.TASKS), "kl": ("forward", "reverse"),
                                      "data": ("task", "rft", "pretrain")})
         if self.data == "pretrain" and self.task != "think":
             raise ValueError("--data pretrain writes thinking and direct answers: use --task think")
-        if (self.train_size and self.data != "task") or (self.teacher and self.data != "rft"):
-            raise ValueError("--train_size is for --data task, --teacher for --data rft")
+        if self.train_size and self.data != "task":
+            raise ValueError("--train_size is for --data task")
+        if self.alpha < 1 and not self.teacher:
+            raise ValueError("soft targets (--alpha < 1) need --teacher, whose logits they are")
+        if self.alpha == 1 and (self.tau != 1 or self.kl != "forward"):
+            raise ValueError("--tau and --kl are for soft targets (--alpha < 1)")
+        if self.teacher and self.data != "rft" and self.alpha == 1:
+            raise ValueError("--teacher is for --data rft or soft targets (--alpha < 1)")
         if 0 < self.train_size < self.batch_size:
             raise ValueError(f"--train_size {self.train_size} is smaller than one batch "
                              f"(--batch_size {self.batch_size})")
@@ -151,19 +167,23 @@ def in_epochs(n, cfg, seed, stage):
     return common.epoch_batches(n, cfg.batch_size, epochs, seed, stage)
 
 
-def train_step(model_ddp, model, opt, micro_batches, grad_clip):
+def train_step(model_ddp, model, opt, micro_batches, grad_clip, teacher=None, cfg=None):
     """One optimiser step over this rank's micro-batches, each normalised by the whole step's token
-    and sequence counts (over all ranks), so that the gradient equals one big batch's. Returns the
-    step's metrics over all ranks; raises common.NonFinite on a non-finite loss or gradient."""
+    and sequence counts (over all ranks), so that the gradient equals one big batch's; with a
+    teacher, soft targets (cfg's alpha, tau, kl). Returns the step's metrics over all ranks;
+    raises common.NonFinite on a non-finite loss or gradient."""
     counts = common.all_reduce_sum({"tokens": sum(m.sum().item() for _, _, m, _ in micro_batches),
                                     "seqs": sum(x.size(0) for x, _, _, _ in micro_batches),
                                     "inputs": sum(p.sum().item() for _, _, _, p in micro_batches)},
                                    micro_batches[0][0].device)
-    parts = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+    parts = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0, **({"kl": 0.0} if teacher else {})}
     for i, (x, y, m, pad) in enumerate(micro_batches):
         with common.micro_batch(model_ddp, last=i == len(micro_batches) - 1) as world:
-            _, loss = model_ddp(x, y, m, pad_mask=pad, num_tokens=counts["tokens"],
-                                num_seqs=counts["seqs"])
+            logits, loss = model_ddp(x, y, m, pad_mask=pad, num_tokens=counts["tokens"],
+                                     num_seqs=counts["seqs"])
+            if teacher is not None:  # the soft targets' loss in place of the CE
+                loss, parts["kl"] = soft_targets(loss, logits, teacher, x, y, m, pad,
+                                                 counts["tokens"], cfg, parts["kl"])
             (loss * world).backward()  # DDP averages over ranks; the counts are already global
         parts["loss"] += loss.item()
         for k in ("ce", "mtp", "balance"):
@@ -171,6 +191,18 @@ def train_step(model_ddp, model, opt, micro_batches, grad_clip):
     metrics = common.all_reduce_sum(parts, micro_batches[0][0].device)
     metrics["grad_norm"] = common.optimizer_step(opt, grad_clip)
     return {**metrics, **model.update_router_biases(), "tokens": counts["inputs"]}
+
+
+def soft_targets(loss, logits, teacher, x, y, mask, pad, n, cfg, kl_sum):
+    """Soft-target distillation: the model's loss (CE + MTP + balance) with its CE replaced by
+    losses.distill_loss, alpha * CE + (1 - alpha) * tau^2 * KL to the frozen teacher's logits,
+    each summed over this micro-batch's tokens / n (the whole step's). Returns (that loss, kl_sum
+    + this micro-batch's share of the KL)."""
+    with torch.no_grad():
+        teacher_logits = teacher(x, pad_mask=pad)[0]
+    kd, part = losses.distill_loss(logits, teacher_logits, y, mask, cfg.alpha, cfg.tau, cfg.kl, n)
+    ce = losses.masked_mean(-losses.token_logprobs(logits, y), mask, n)  # the model's CE
+    return loss - ce + kd, kl_sum + part["kl"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +240,9 @@ def main(argv=None, resume_hint=None):
         else:
             model = Transformer(mcfg).to(run.device)  # from the flags, seeded by --seed
         common.check_lengths(task, model.cfg.max_seq_len, task.max_new_tokens())  # evaluations
-        teacher = None if run_cfg.resume or not cfg.teacher else common.load_teacher(cfg, run, task)
+        soft = cfg.alpha < 1  # soft targets: the teacher runs every step, also after a resume
+        teacher = (common.load_teacher(cfg, run, task)
+                   if soft or (cfg.teacher and not run_cfg.resume) else None)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         data, gen = run.streams()  # this rank's problem stream, SFT's own
@@ -233,9 +267,10 @@ def main(argv=None, resume_hint=None):
         held_out = task.eval_set(cfg.eval_size)
 
         def evaluate(step):  # on rank 0; every rank learns whether the target is reached
-            m = run.eval(step, rollout.evaluate(model, tok, task, held_out) if run.main else {})
+            gen = torch.Generator(device=run.device).manual_seed(step)
+            m = run.eval(step, rollout.evaluate(model, tok, task, held_out, generator=gen,
+                                                mean_of=cfg.eval_samples) if run.main else {})
             if run.main and not run_cfg.quiet and cfg.samples:
-                gen = torch.Generator(device=run.device).manual_seed(step)
                 rollout.print_samples(model, tok, task, held_out[:cfg.samples], gen, f"step {step}")
             hit = float(cfg.target_acc > 0 and m.get("greedy_acc", 0) >= cfg.target_acc)
             return common.all_reduce_sum({"hit": hit}, run.device)["hit"] > 0
@@ -247,7 +282,8 @@ def main(argv=None, resume_hint=None):
             # ---- the algorithm
             lr = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
             opt.param_groups[0]["lr"] = lr
-            metrics = train_step(model_ddp, model, opt, batches(step), cfg.grad_clip)
+            metrics = train_step(model_ddp, model, opt, batches(step), cfg.grad_clip,
+                                 teacher if soft else None, cfg)
 
             # ---- plumbing: logging, evaluation, checkpoints (tests/test_runs.py guards it)
             dt = run.elapsed()

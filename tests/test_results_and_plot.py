@@ -143,7 +143,8 @@ def test_results_table_reprints_a_saved_experiment(tmp_path, monkeypatch, capsys
 def test_every_experiment_command_is_a_valid_run(name):
     """Each method's command parses into its script's configs (a typo in a flag would only show
     after the runs before it), a shared run names a method of another experiment with the same
-    command, and a stage's {seed} is filled in."""
+    command, and a stage's {seed} and {run} are filled in, a run of another experiment named
+    by its folder (an --init, a --teacher) being one of its methods."""
     import train_dpo
     import train_ppo
     mains = {"train_sft.py": train_sft.parse, "train_grpo.py": None, "train_dpo.py": None,
@@ -151,7 +152,10 @@ def test_every_experiment_command_is_a_valid_run(name):
     classes = {"train_grpo.py": [train_grpo.GRPOConfig], "train_dpo.py": [train_dpo.DPOConfig],
                "train_ppo.py": [train_ppo.PPOConfig]}
     for method, script, flags, *same in results.EXPERIMENTS[name][1]:
-        argv = [f.format(seed=0) for f in flags] + ["--out_dir", "out/x"]
+        argv = [f.format(seed=0, run="seed0") for f in flags] + ["--out_dir", "out/x"]
+        for other, slug in re.findall(r"out/results/(\w+)/([\w-]+)/\{run\}", " ".join(flags)):
+            assert slug in [re.sub(r"[^A-Za-z0-9-]+", "_", m[0].split(" (")[0]).strip("_")
+                            for m in results.EXPERIMENTS[other][1]], (method, other, slug)
         if mains[script] is not None:
             mains[script](argv)
         else:

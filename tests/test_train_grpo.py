@@ -199,7 +199,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     (["--num_generations", "1"], "num_generations must be >= 2"),
     (["--epsilon", "0"], "epsilon must be > 0"),
     (["--epsilon", "-0.1"], "epsilon must be > 0"),
-    (["--supervision", "process"], "use --task multistep"),
+    (["--supervision", "process"], "needs a task with steps: multistep or think"),
     (["--loss_type", "ppo"], "loss_type must be"),
     (["--gradient_coef", "sft"], "gradient_coef must be"),
     (["--gradient_coef", "rft", "--task", "multistep", "--supervision", "process"],

@@ -397,7 +397,7 @@ def test_a_fixed_training_set_is_drawn_once_outside_the_held_out_split(tmp_path)
 @pytest.mark.parametrize("argv,msg", [
     (["--train_size", "4"], "smaller than one batch"),
     (["--train_size", "16", "--data", "rft"], "--train_size is for --data task"),
-    (["--teacher", "x"], "--teacher for --data rft")])
+    (["--teacher", "x"], "--teacher is for --data rft or soft targets")])
 def test_bad_data_settings_are_one_line_errors(argv, msg, tmp_path, capsys):
     assert msg in one_line_cli_error(train_sft.main, TINY_FLAGS + argv + [
         "--out_dir", str(tmp_path / "x")], capsys)
