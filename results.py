@@ -22,6 +22,8 @@
     python results.py length_bias # grpo, dr_grpo, dapo on the thinking task: correct and wrong
                                   # completions' lengths (Dr. GRPO)
     python results.py process_think, rft_think   # process and rft again, on the thinking task
+    python results.py distill_vs_rl  # a small student: GRPO against three kinds of distillation
+    python results.py grpo_model_reward  # GRPO on the rule reward against a learned reward
     python results.py rft --seeds 0 1 2 --steps 100   # fewer steps for a quick look
 
 Every run is a train script's own command, into out/results/<experiment>/<method>/seed<k>. The RL
@@ -86,10 +88,10 @@ SMALL_BASE = ["--task", "think", "--data", "pretrain", "--n_layers", "2", "--n_d
               "--samples", "0", "--out_dir", "out/base_think_small"]
 STUDENT = ["--init", "out/base_think_small"]
 TEACHER = ["--teacher", "out/results/r1_zero/R1-Zero/{run}"]  # {run}: seed<k>[_steps<N>]
-# the teacher writes the data: 4 samples of each of 2048 new prompts, the correct ones kept
-TEACHER_DATA = ["--task", "think", "--data", "rft", "--rft_prompts", "2048", "--rft_samples", "4",
-                "--steps", "300", "--lr", "1e-3", "--warmup", "10", "--min_lr_ratio", "0.1",
-                "--weight_decay", "0", "--eval_every", "25", "--eval_size", "128",
+# the teacher writes the data: 4 samples of each of 4096 new prompts, the correct ones kept
+TEACHER_DATA = ["--task", "think", "--data", "rft", "--rft_prompts", "4096", "--rft_samples", "4",
+                "--steps", "900", "--lr", "1e-3", "--warmup", "10", "--min_lr_ratio", "0.1",
+                "--weight_decay", "0", "--eval_every", "50", "--eval_size", "128",
                 "--eval_samples", "16", "--samples", "0"] + STUDENT + TEACHER
 
 # experiment -> (the claim, [(method, train script, its flags[, "experiment/method" whose runs

@@ -69,7 +69,7 @@ class Experience:
     batches: list = None  # GRPO: the update's minibatches, each a list of micro-batches of rows
     routes: object = None  # GRPO: the experts pi_old chose (a moe.RouteRecorder)
     texts: list = None  # GRPO: the completions as text
-    parts: dict = None  # GRPO: each rule reward (N,), by name (tasks.REWARDS)
+    parts: dict = None  # GRPO: each reward (N,) by name: tasks.REWARDS, model, teacher
 
 
 # ----------------------------------------------------------------------------------------------
