@@ -133,7 +133,7 @@ def test_every_file_the_project_writes_goes_through_atomic_write():
                ("common.py", "torch.save(payload, buf)"),  # into memory, then atomic_write
                ("plot.py", 'fig.savefig(png, format="png", dpi=110)')}  # into memory too
     writes = re.compile(r'open\(.*"[wax]b?\+?"\)|json\.dump\(|savefig\(|torch\.save\(|'
-                        r"write_(text|bytes)\(|np\.save")
+                        r"write_(text|bytes)\(|np\.save|save_file\(")
     found = {(name, line.strip()) for name in os.listdir(ROOT) if name.endswith(".py")
              for line in open(os.path.join(ROOT, name)) if writes.search(line)}
     assert found == allowed
