@@ -170,6 +170,10 @@ def import_hf(path):
         raise common.ConfigError(f"{path}: rope scaling {rope.get('rope_type')!r} is not "
                                  "supported")
     tok = check_vocabulary(path, c)
+    theirs = load_file(os.path.join(path, "model.safetensors"))
+    mtp = c.get("num_nextn_predict_layers", 0)  # none if its weights are not there, as when
+    if f"model.layers.{c['num_hidden_layers']}.eh_proj.weight" not in theirs:  # transformers
+        mtp = 0  # saved the folder itself: its model has no MTP
     cfg = ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
         moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
@@ -181,10 +185,9 @@ def import_hf(path):
         n_expert_groups=c["n_group"], n_limited_groups=c["topk_group"],
         route_scale=c["routed_scaling_factor"],
         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-        max_seq_len=c["max_position_embeddings"], mtp_depth=c.get("num_nextn_predict_layers", 0),
+        max_seq_len=c["max_position_embeddings"], mtp_depth=mtp,
         norm_eps=c["rms_norm_eps"])
     model = Transformer(cfg)
-    theirs = load_file(os.path.join(path, "model.safetensors"))
     names = hf_state_dict(model)  # ours under their names, in our order (the MTP copies last)
     ours = dict(zip(names, model.state_dict()))  # their name -> ours
     missing = sorted(set(names) - set(theirs))

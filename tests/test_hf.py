@@ -98,3 +98,30 @@ def test_what_deepseek_v3_cannot_hold_is_one_line(sft_ckpt, tmp_path, capsys):
         export_hf.import_hf(out)
     with pytest.raises(SystemExit, match="holds files"):  # no export overwrites by accident
         export_hf.main([sft_ckpt, out])
+
+
+def test_a_folder_transformers_saved_itself_imports_with_its_logits(tmp_path):
+    """Not only our own exports: a DeepseekV3 that transformers made and saved (random weights and
+    router bias, two expert groups, route scale 2.5, no q_lora_rank; no MTP weights, so the import
+    has none) gives the same logits in our Transformer."""
+    c = transformers.DeepseekV3Config(
+        vocab_size=20, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2,
+        num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(c).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+        for module in hf.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.1)
+    hf.save_pretrained(str(tmp_path / "theirs"))
+    m, tok = export_hf.import_hf(str(tmp_path / "theirs"))
+    assert m.cfg.mtp_depth == 0 and tok.think
+    x = torch.tensor([tok.encode("<think>12+34=46</think>46")])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], hf(x).logits, atol=1e-4, rtol=0)
