@@ -7,7 +7,7 @@
     model = AutoModelForCausalLM.from_pretrained("out/grpo_hf")        # DeepseekV3ForCausalLM
     tok = PreTrainedTokenizerFast.from_pretrained("out/grpo_hf")
 
-    import export_hf; model = export_hf.import_hf("out/grpo_hf")       # -> model.Transformer
+    import export_hf; model, tok = export_hf.import_hf("out/grpo_hf")  # -> Transformer, Tokenizer
 
 Needs `pip install -r requirements-hf.txt` (safetensors; transformers only to load the result);
 nothing else in the project imports them. The names are those of DeepSeek-V3's released weights
@@ -113,14 +113,23 @@ def tokenizer_json(tok):
     specials = {s: tok.enc.encode_single_token(s) for s in definition["specials"]}
     return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
-                              "rstrip": False, "normalized": False, "special": True}
+                              "rstrip": False, "normalized": False,
+                              "special": s in tasks.SPECIALS}  # <think> is text, decoded
                              for s, i in specials.items()],
             "normalizer": None,
             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."},
                               "behavior": "Isolated", "invert": False},
-            "post_processor": None, "decoder": {"type": "Fuse"},
+            "post_processor": {  # every sequence starts with <bos>, as in training
+                "type": "TemplateProcessing", "single": [
+                    {"SpecialToken": {"id": tasks.BOS, "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {tasks.BOS: {"id": tasks.BOS, "ids": [tok.bos_id],
+                                               "tokens": [tasks.BOS]}}},
+            "decoder": {"type": "Fuse"},
             "model": {"type": "WordLevel", "vocab": {**vocab, **specials},
-                      "unk_token": tasks.PAD}}
+                      "unk_token": "<unk>"}}  # not in the vocabulary: an unknown character fails
 
 
 def export_model(model, tok, out):
@@ -135,7 +144,8 @@ def export_model(model, tok, out):
     common.atomic_write(os.path.join(out, "tokenizer.json"), json.dumps(tokenizer_json(tok)))
     common.atomic_write(os.path.join(out, "tokenizer_config.json"), json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tasks.BOS,
-        "eos_token": tasks.EOS, "pad_token": tasks.PAD, "padding_side": "left"}, indent=2))
+        "eos_token": tasks.EOS, "pad_token": tasks.PAD, "padding_side": "left",
+        "model_max_length": model.cfg.max_seq_len}, indent=2))
 
 
 def export(run, out):
@@ -152,8 +162,10 @@ SUPPORTED = {"model_type": "deepseek_v3", "hidden_act": "silu", "attention_bias"
 
 
 def import_hf(path):
-    """A Hugging Face DeepseekV3 folder -> model.Transformer (float32, eval mode). ConfigError, one
-    line naming it, for a feature this model does not have, or a vocabulary without our tokens."""
+    """A Hugging Face DeepseekV3 folder -> (model.Transformer in float32 and eval mode, our
+    Tokenizer). ConfigError, one line naming it, for a feature this model does not have, or a
+    vocabulary without our tokens. What the architecture does not hold (mtp_lambda, the balancing
+    settings) comes back as ModelConfig's defaults."""
     from safetensors.torch import load_file
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
@@ -165,16 +177,30 @@ def import_hf(path):
             "noaux_tc", "greedy"):
         raise common.ConfigError(f"{path}: a {c.get('scoring_func')} router with topk_method "
                                  f"{c.get('topk_method')!r} is not supported (only sigmoid)")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise common.ConfigError(f"{path}: rope scaling {rope.get('rope_type')!r} is not "
-                                 "supported")
+    rope = c.get("rope_parameters") or {}
+    for scaling in (rope, c.get("rope_scaling") or {}):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise common.ConfigError(f"{path}: rope scaling {kind!r} is not supported")
+    if c.get("quantization_config"):
+        raise common.ConfigError(f"{path}: quantized weights are not supported (float only)")
     tok = check_vocabulary(path, c)
     theirs = load_file(os.path.join(path, "model.safetensors"))
     mtp = c.get("num_nextn_predict_layers", 0)  # none if its weights are not there, as when
     if f"model.layers.{c['num_hidden_layers']}.eh_proj.weight" not in theirs:  # transformers
         mtp = 0  # saved the folder itself: its model has no MTP
-    cfg = ModelConfig(
+    needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+              "v_head_dim", "max_position_embeddings")
+    missing = [k for k in needed if k not in c]
+    if missing:
+        raise common.ConfigError(f"{path}: config.json lacks {', '.join(missing)}")
+    d = {"moe_intermediate_size": 1, "first_k_dense_replace": c["num_hidden_layers"],
+         "n_routed_experts": 1, "n_shared_experts": 0, "num_experts_per_tok": 1, "n_group": 1,
+         "topk_group": 1, "routed_scaling_factor": 1.0, "rms_norm_eps": 1e-6}
+    c = {**d, **{k: v for k, v in c.items() if v is not None}}  # absent: a dense model's values
+    try:
+        cfg = ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
         moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
         n_dense_layers=c["first_k_dense_replace"], n_heads=c["num_attention_heads"],
@@ -187,6 +213,8 @@ def import_hf(path):
         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
         max_seq_len=c["max_position_embeddings"], mtp_depth=mtp,
         norm_eps=c["rms_norm_eps"])
+    except (TypeError, ValueError) as e:
+        raise common.ConfigError(f"{path}: config.json is not a model this project has ({e})")
     model = Transformer(cfg)
     names = hf_state_dict(model)  # ours under their names, in our order (the MTP copies last)
     ours = dict(zip(names, model.state_dict()))  # their name -> ours
@@ -227,11 +255,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         sys.exit(f"error: {args.out} holds files: pass --overwrite to replace them")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sys.exit(f"error: {args.out} is a file, not a folder")
     try:
+        if not args.out:
+            raise common.ConfigError("OUT is empty: name the folder to write")
+        common.check_out_dir(args.out, "OUT")
         export(args.run, args.out)
-    except (common.ConfigError, common.CheckpointError) as e:
+    except (common.RunError, OSError) as e:
         sys.exit(f"error: {e}")
     except ImportError:
         sys.exit("error: exporting needs safetensors: pip install -r requirements-hf.txt")

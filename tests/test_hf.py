@@ -19,14 +19,19 @@ from model import ModelConfig, Transformer  # noqa: E402
 
 GRID = [dict(), dict(q_lora_rank=8), dict(n_expert_groups=2, n_limited_groups=1),
         dict(route_scale=2.5, rope_theta=10000.0), dict(n_dense_layers=0, rope_theta=500.0),
-        dict(n_dense_layers=2), dict(n_shared_experts=2, mtp_depth=0)]
+        dict(n_dense_layers=2), dict(n_shared_experts=2, mtp_depth=0),
+        dict(n_shared_experts=0, n_heads=4, mtp_depth=2, q_lora_rank=16)]
 
 
 def exported(tmp_path, **kw):
     torch.manual_seed(0)
     m = Transformer(tiny_config(**kw)).eval()
-    for moe in m.moe_layers():  # a trained router's bias: it changes the choice of experts
-        moe.gate.bias.normal_(0, 0.1)
+    with torch.no_grad():  # trained norms (a swap of two of one size would show) and router bias
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        for moe in m.moe_layers():
+            moe.gate.bias.normal_(0, 0.1)
     out = str(tmp_path / "hf")
     export_hf.export_model(m, tasks.Tokenizer(), out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -67,7 +72,7 @@ def test_greedy_generation_of_a_trained_run_is_token_for_token_ours(sft_ckpt, tm
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     for p in task.eval_set(4):
         prompt = tasks.encode_problem(tok, p, with_completion=False)[0]
-        assert hf_tok(p.prompt, add_special_tokens=False)["input_ids"] == prompt[1:]
+        assert hf_tok(p.prompt)["input_ids"] == prompt  # <bos> first, as in training
         r = rollout.generate(m, [prompt], eos_id=tok.eos_id, pad_id=tok.pad_id,
                              max_new_tokens=6, temperature=0)
         ours = r.completion_ids[0][:int(r.completion_mask[0].sum())].tolist()
@@ -125,3 +130,18 @@ def test_a_folder_transformers_saved_itself_imports_with_its_logits(tmp_path):
     x = torch.tensor([tok.encode("<think>12+34=46</think>46")])
     with torch.no_grad():
         torch.testing.assert_close(m(x)[0], hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_the_thinking_tokenizer_round_trips_through_transformers(tmp_path):
+    """<think> and </think> are one token each and decode as text; an unknown character is an
+    error, not a silent pad."""
+    tok = tasks.Tokenizer(think=True)
+    torch.manual_seed(0)
+    export_hf.export_model(Transformer(tiny_config(vocab_size=20)), tok, str(tmp_path / "hf"))
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))
+    text = "<think>12+34=46</think>46"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == [tok.bos_id] + tok.encode(text)
+    assert hf_tok.decode(ids, skip_special_tokens=True) == text
+    with pytest.raises(Exception, match="UNK"):
+        hf_tok("1 a")
