@@ -375,6 +375,11 @@ def read_run(out_dir):
     return out
 
 
+def slug(method):
+    """A method's folder name: its label up to a parenthesis, e.g. "iterative_DPO_3_rounds"."""
+    return re.sub(r"[^A-Za-z0-9-]+", "_", method.split(" (")[0]).strip("_")
+
+
 def run_methods(name, methods, seeds, steps, fresh=False):
     """Every method at every seed, each its own process (its own peak memory), as a user would
     type it; returns {method: [run summary per seed]} with wall times. A run folder that holds a
@@ -382,11 +387,10 @@ def run_methods(name, methods, seeds, steps, fresh=False):
     out = {}
     for method, script, flags, *same in methods:
         for seed in seeds:
-            slug = re.sub(r"[^A-Za-z0-9-]+", "_",
-                          method.split(" (")[0]).strip("_")  # "iterative_DPO_3_rounds"
+            where, run = name, slug(method)
             if same:  # the very run of another experiment: kept there, read here
-                name_of, slug = same[0].split("/")
-            folder = os.path.join("out", "results", name_of if same else name, slug,
+                where, run = same[0].split("/")
+            folder = os.path.join("out", "results", where, run,
                                   f"seed{seed}" + (f"_steps{steps}" if steps else ""))
             how = keep(folder, fresh)
             # a stage's --init, a teacher: the run of this seed (and --steps) in its experiment

@@ -220,9 +220,9 @@ def grpo_metrics(exp, stats, routes, task, cfg):
             "logprob_gap": common.gather_rows(gap.to(exp.mask.device))[0].max().item()}
 
 
-def print_samples(problems, exp, tok, cfg):
+def print_samples(problems, exp, cfg):
     """A few sampled completions of the step, each with its reward."""
-    texts, G = rollout.decode_completions(tok, exp.rollout), cfg.num_generations
+    texts, G = exp.texts, cfg.num_generations
     for i in range(0, min(cfg.samples * G, len(texts)), G):
         tqdm.write(f"  sample: {problems[i // G].prompt}{texts[i]}  reward {exp.rewards[i]:.3g}")
 
@@ -291,7 +291,7 @@ def main(argv=None):
             if run.due(step + 1, run_cfg.eval_every):
                 evaluate(step + 1, k=cfg.pass_k if step + 1 == cfg.steps else 0)
                 if run.main and not run_cfg.quiet:
-                    print_samples(problems, exp, tok, cfg)
+                    print_samples(problems, exp, cfg)
             run.end_step(step + 1)  # a checkpoint when due; Ctrl-C stops here, resumable
     return policy, run.first_eval or {}, run.last_eval or {}
 

@@ -154,8 +154,8 @@ def test_every_experiment_command_is_a_valid_run(name):
     for method, script, flags, *same in results.EXPERIMENTS[name][1]:
         argv = [f.format(seed=0, run="seed0") for f in flags] + ["--out_dir", "out/x"]
         for other, slug in re.findall(r"out/results/(\w+)/([\w-]+)/\{run\}", " ".join(flags)):
-            assert slug in [re.sub(r"[^A-Za-z0-9-]+", "_", m[0].split(" (")[0]).strip("_")
-                            for m in results.EXPERIMENTS[other][1]], (method, other, slug)
+            assert slug in [results.slug(m[0]) for m in results.EXPERIMENTS[other][1]], (
+                method, other, slug)
         if mains[script] is not None:
             mains[script](argv)
         else:
@@ -163,7 +163,7 @@ def test_every_experiment_command_is_a_valid_run(name):
         if same:
             other, slug = same[0].split("/")
             shared = [m for m in results.EXPERIMENTS[other][1]
-                      if re.sub(r"[^A-Za-z0-9-]+", "_", m[0].split(" (")[0]).strip("_") == slug]
+                      if results.slug(m[0]) == slug]
             assert shared and shared[0][1:3] == (script, flags), (method, same)
 
 
