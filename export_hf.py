@@ -76,7 +76,7 @@ def block_name(name):
             name = theirs + name[len(ours):]
             break
     parts = name.split(".")
-    return ".".join(BLOCK.get(p, p) if p in ("w1", "w2", "w3") else p for p in parts)
+    return ".".join(BLOCK[p] if p in ("w1", "w2", "w3") else p for p in parts)
 
 
 def hf_state_dict(model):
