@@ -126,19 +126,21 @@ class RMSNorm(nn.Module):
 
 
 def precompute_freqs_cis(cfg):
-    """e^{i m theta_j} for positions m < max_seq_len, theta_j = rope_theta^(-2j/R):
-    (max_seq_len, R/2) complex."""
+    """cis(m theta_j) = (cos, sin) of m theta_j for positions m < max_seq_len, theta_j =
+    rope_theta^(-2j/R): (max_seq_len, R/2, 2) real, the complex e^{i m theta_j} as two numbers."""
     d = cfg.qk_rope_head_dim
     freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (R/2,)
-    t = torch.arange(cfg.max_seq_len, dtype=torch.float32)
-    return torch.polar(torch.ones(cfg.max_seq_len, d // 2),
-                       torch.outer(t, freqs))  # (max_seq_len, R/2)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], -1)  # (max_seq_len, R/2, 2)
 
 
 def apply_rotary_emb(x, freqs_cis):
-    """Rotate consecutive pairs (x0,x1),(x2,x3),... x: (B, T, H, R); freqs_cis: (B or 1, T, R/2)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, R/2)
-    return torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)  # (B, T, H, R)
+    """Rotate consecutive pairs (x0,x1),(x2,x3),... by their angles: the complex product
+    (x0 + i x1) e^{i m theta} written in real arithmetic, which torch.compile fuses (it generates no
+    code for complex numbers). x: (B, T, H, R); freqs_cis: (B or 1, T, R/2, 2)."""
+    cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (B, T, 1, R/2) each
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, R/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(3).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,9 +431,9 @@ class Transformer(nn.Module):
         if last > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {last} exceeds max_seq_len={self.cfg.max_seq_len}")
         if positions is None:
-            freqs_cis = self.freqs_cis[start_pos:start_pos + T].unsqueeze(0)  # (1, T, R/2)
+            freqs_cis = self.freqs_cis[start_pos:start_pos + T].unsqueeze(0)  # (1, T, R/2, 2)
         else:
-            freqs_cis = self.freqs_cis[positions]  # (B, T, R/2)
+            freqs_cis = self.freqs_cis[positions]  # (B, T, R/2, 2)
         mask = None  # None = plain causal (SDPA's fast path)
         if cache is not None or pad_mask is not None:
             valid = (torch.ones(B, start_pos + T, dtype=torch.bool, device=idx.device)
