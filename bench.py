@@ -197,8 +197,9 @@ def bench_grpo(args):
     print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s "
           f"((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
     contract_length = 6
-    for name, kw in (("contract: dense MHA", CONTRACT), ("default: MLA + MoE", {}),
-                     ("op floor: the contract at width 8", FLOOR)):
+    configs = {"contract": ("contract: dense MHA", CONTRACT), "default": ("default: MLA + MoE", {}),
+               "floor": ("op floor: the contract at width 8", FLOOR)}
+    for name, kw in (configs[c] for c in args.models.split(",")):
         torch.manual_seed(0)
         cfg = model.ModelConfig(**kw)
         policy = model.Transformer(cfg)
@@ -218,23 +219,30 @@ def bench_grpo(args):
                                 weight_decay=0.0, fused=True)
         gen = torch.Generator().manual_seed(0)
         times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
-        lengths = []
+        lengths, warm_up = [], 0.0
+        update_fwd, ref_fwd = policy.forward_shared_prefix, ref.forward_shared_prefix
+        if args.compile:  # what train_grpo.py --compile compiles (Run.wrap, Run.frozen)
+            update_fwd, ref_fwd = (torch.compile(common.SharedPrefix(m)) for m in (policy, ref))
         for i in range(args.grpo_steps + 4):
             counter = FlopCounterMode(display=False) if i == 3 else contextlib.nullcontext()
+            fwd, ref_f, comp = ((policy.forward_shared_prefix, ref.forward_shared_prefix, False)
+                                if i == 3 else (update_fwd, ref_fwd, args.compile))  # eager's
             with counter:  # one untimed step counts its FLOPs
                 t0 = time.perf_counter()
                 problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
                 sampling.clear()
-                exp = train_grpo.make_experience(policy, policy.forward_shared_prefix, ref, task,
-                                                 tok, problems, gcfg, gen)
+                exp = train_grpo.make_experience(policy, fwd, ref_f, task, tok, problems, gcfg,
+                                                 gen, compile=comp)
                 t1 = t0 + sampling[0]
                 t2 = time.perf_counter()
                 with moe.RouteRecorder(policy):
-                    train_grpo.update_policy(policy.forward_shared_prefix, opt, exp, gcfg)
+                    train_grpo.update_policy(fwd, opt, exp, gcfg)
                 policy.update_router_biases()
                 t3 = time.perf_counter()
-            if i == 3:
+            if i == 3:  # counted on an eager step
                 flops = counter.get_total_flops()
+            elif i < 3:  # warm-up: with --compile, the compilation
+                warm_up += t3 - t0
             elif i > 3:  # warm-up steps are not timed
                 for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     times[k].append(dt)
@@ -249,7 +257,71 @@ def bench_grpo(args):
               f"; completions {statistics.median(lengths):.0f} tokens; peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         print(f"  matrix products: {flops / 1e9:.2f} GFLOP a step = "
-              f"{1e3 * flops / peak:.1f} ms at the matmul peak")
+              f"{1e3 * flops / peak:.1f} ms at the matmul peak; the first 3 steps "
+              f"{warm_up:.1f} s ({warm_up - 3 * med['step']:.1f} s more than 3 steps)")
+        if kw is CONTRACT:
+            contract_step = med["step"]
+    for compile in (False, True) if args.trl else ():
+        trl_step = bench_trl(args.grpo_steps, compile)
+        print(f"TRL GRPOTrainer on the contract config{', torch_compile=True' if compile else ''}:"
+              f" {1e3 * trl_step:.1f} ms a step, {trl_step / contract_step:.2f}x ours")
+
+
+def bench_trl(n_steps, compile=False):
+    """TRL's GRPOTrainer with its defaults (gradient checkpointing, its DAPO loss, fused AdamW) on
+    the contract config: a Llama of the contract's shape (dense MHA, 4 layers, width 128, FFN 512,
+    4 heads of 32) and our tokenizer, 16 prompts x 8 completions of at most 6 tokens, T = 1, beta
+    0.04, lr 5e-5, float32 on the CPU. Returns the median seconds per step after 4 untimed steps.
+    Needs `pip install trl` (not a requirement of this project)."""
+    import json
+    import random
+    import statistics
+    import tempfile
+
+    import datasets
+    import tokenizers
+    import transformers
+    import trl
+
+    import export_hf
+    import tasks
+    tok, task = tasks.Tokenizer(), tasks.Addition(3)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(export_hf.tokenizer_json(tok))),
+        bos_token=tasks.BOS, eos_token=tasks.EOS, pad_token=tasks.PAD, padding_side="left")
+    c = model.ModelConfig(**CONTRACT)
+    torch.manual_seed(0)
+    net = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=c.dim, intermediate_size=c.inter_dim,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
+        head_dim=c.qk_nope_head_dim + c.qk_rope_head_dim, max_position_embeddings=c.max_seq_len,
+        tie_word_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id))
+    rng = random.Random(0)
+    problems = [task.sample(rng) for _ in range(16 * (n_steps + 4))]
+    data = datasets.Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
+
+    def accuracy(completions, answer, **_):
+        return [float(text.strip() == str(a)) for text, a in zip(completions, answer)]
+
+    stamps = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    out = tempfile.mkdtemp()
+    net.save_pretrained(out)  # TRL loads its reference model from the policy's folder
+    config = trl.GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, per_device_train_batch_size=128,
+        num_generations=8, max_completion_length=6, temperature=1.0, beta=0.04, learning_rate=5e-5,
+        max_steps=n_steps + 4, logging_steps=10 ** 6, report_to="none", save_strategy="no",
+        seed=0, torch_compile=compile)
+    trainer = trl.GRPOTrainer(model=out, reward_funcs=accuracy, args=config, train_dataset=data,
+                              processing_class=hf_tok, callbacks=[Clock()])
+    stamps.append(time.perf_counter())
+    trainer.train()
+    return statistics.median(b - a for a, b in zip(stamps[4:], stamps[5:]))
 
 
 def bench_spec(args):
@@ -391,6 +463,12 @@ def main():
     p.add_argument("--train_steps", type=int, default=30)
     p.add_argument("--warm_steps", type=int, default=300)
     p.add_argument("--grpo_steps", type=int, default=60)
+    p.add_argument("--models", default="contract,default,floor",
+                   help="grpo: which models to time (contract, default, floor)")
+    p.add_argument("--compile", action="store_true",
+                   help="grpo: the decode step, the update and the reference forward compiled")
+    p.add_argument("--trl", action="store_true",
+                   help="grpo: also time TRL's GRPOTrainer on the contract (pip install trl)")
     p.add_argument("--ckpt", default="out/sft")
     args = p.parse_args()
     {"rollout": bench_rollout, "train": bench_train, "grpo": bench_grpo, "spec": bench_spec,

@@ -893,6 +893,11 @@ class Run:
             return DDP(module, device_ids=ids, find_unused_parameters=True)
         return net.forward_shared_prefix if shared_prefix and not self.rc.compile else module
 
+    def frozen(self, net):
+        """net.forward_shared_prefix for a network the run does not train (pi_ref): under
+        torch.compile with --compile, never DDP (it has no gradient to average)."""
+        return torch.compile(SharedPrefix(net)) if self.rc.compile else net.forward_shared_prefix
+
     def begin(self, held=None, **state):
         """Name the run's state (saved in every checkpoint), restore it on --resume, then open the
         run folder: from here on the run writes. state["model"] is the trained network, whose

@@ -227,12 +227,16 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 @torch.no_grad()
 def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_tokens=16,
              temperature=1.0, top_k=0, top_p=1.0, generator=None, mla_impl="absorbed",
-             speculative=False):
+             speculative=False, compile=False):
     """Sample `num_generations` completions for each prompt (lists of token ids, BOS included).
     Rows are ordered prompt-major: rows [i*G, (i+1)*G) are the copies of prompt i; each prompt is
     prefilled once and its cache gathered to its G rows. speculative=True drafts with the MTP
     module and verifies with the main model (_decode_speculative): the same distribution (the same
-    tokens when greedy), fewer main-model forwards; its statistics are in Rollout.stats."""
+    tokens when greedy), fewer main-model forwards; its statistics are in Rollout.stats.
+    compile=True (or a torch.compile backend's name) runs each decode step compiled, on shapes
+    fixed for the run (gpt-fast's recipe): the cache spans max_seq_len whatever the prompts'
+    length, the step writes its slot given as a tensor, and the completions are padded to
+    max_new_tokens (the mask carries the truth). The tokens are those of eager decoding."""
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError("num_generations and max_new_tokens must be >= 1")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -257,7 +261,7 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     decode = _decode_speculative if speculative else _decode
     out_tok, out_logp, ended, stats = decode(model, ids, mask, h, prefill, group, max_new_tokens,
-                                             eos_id, pad_id, mla_impl, **sampling)
+                                             eos_id, pad_id, mla_impl, compile, **sampling)
     model.train(was_training)
     ids, mask = ids[group], mask[group]  # (N, P)
     # mask: 1 up to and including the first end token; everything after it (pads) is 0
@@ -266,14 +270,37 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     return Rollout(ids, mask, out_tok, comp_mask, ended, out_logp * comp_mask, group, stats)
 
 
+def decode_step(model, tokens, positions, slot, valid, cache):
+    """One decode step: logits (N, V) of the main model for tokens (N, T) at RoPE positions (N, T),
+    written to the cache at slots slot + [0, T) (slot: a 0-dim tensor), attending over the cache's
+    real keys valid (N, S). Every shape is the same at every step of a run."""
+    return model(tokens, positions=positions, pad_mask=valid, cache=cache, start_pos=slot)[0]
+
+
+_COMPILED = {}
+
+
+def compiled(fn, backend):
+    """fn compiled once per process (True: Inductor), for fixed shapes; the compiled code is
+    reused by every later call with the same shapes (and by later runs, through Inductor's cache
+    on disk)."""
+    backend = "inductor" if backend is True else backend
+    if (fn, backend) not in _COMPILED:
+        _COMPILED[fn, backend] = torch.compile(fn, backend=backend, dynamic=False)
+    return _COMPILED[fn, backend]
+
+
 def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl,
-            **sampling):
+            compile=False, **sampling):
     """Ordinary decoding: one main-model forward per new token. Returns (tokens (N, L), their
-    log-probs (N, L), ended (N,), stats)."""
+    log-probs (N, L), ended (N,), stats); L = max_new_tokens when compiled, else the longest."""
     N, P = len(group), ids.size(1)
-    cache = expand_cache(prefill, group, max_new_tokens)  # each prompt's cache at its G rows
+    S = model.cfg.max_seq_len if compile else P + max_new_tokens  # the cache's slots
+    step = compiled(decode_step, compile) if compile else decode_step
+    cache = expand_cache(prefill, group, S - P)  # each prompt's cache at its G rows
     logits = model.head(model.norm(h[group, -1:]))  # (N, 1, V) the last prompt token's prediction
-    pad_mask = torch.cat([mask[group], mask.new_ones(N, max_new_tokens)], dim=1)  # (N, P+L)
+    valid = torch.cat([mask[group], mask.new_ones(N, max_new_tokens),
+                       mask.new_zeros(N, S - P - max_new_tokens)], dim=1)  # (N, S) real slots
     next_pos = mask[group].long().sum(1, keepdim=True)  # (N, 1) position of the first new token
     out_tok = ids.new_full((N, max_new_tokens), pad_id)
     out_logp = torch.zeros(N, max_new_tokens, device=ids.device)
@@ -285,9 +312,10 @@ def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
         ended |= tok == eos_id
         if ended.all() or t == max_new_tokens - 1:
             break
-        logits, _ = model(out_tok[:, t:t + 1], positions=next_pos + t,
-                          pad_mask=pad_mask[:, :P + t + 1], cache=cache, start_pos=P + t)
-    return out_tok[:, :t + 1], out_logp[:, :t + 1], ended, {"main_forwards": t + 1}
+        logits = step(model, out_tok[:, t:t + 1], next_pos + t,
+                      torch.tensor(P + t, device=ids.device), valid, cache)
+    L = max_new_tokens if compile else t + 1
+    return out_tok[:, :L], out_logp[:, :L], ended, {"main_forwards": t + 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +339,7 @@ def verify_draft(p, q, d, greedy, generator=None):
 
 
 def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id, impl,
-                        temperature=1.0, top_k=0, top_p=1.0, generator=None):
+                        compile=False, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Speculative decoding with the first MTP module as the draft (DeepSeek-V3 section 5.4.3;
     Leviathan et al. arXiv 2211.17192). Each iteration the main model runs one forward over two
     positions: the last committed token t and the MTP's draft d of the token after it. Its logits
@@ -342,7 +370,7 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
     if P > 1:  # the MTP's entries for the prompt: (h_j, Emb(t_{j+1})), j < P - 1, once per prompt
         real = mask[:, :-1] & mask[:, 1:]
         mtp(h[:, :-1], model.embed(ids[:, 1:]), model.freqs_cis[pos[:, :-1].clamp_min(0)],
-            attention_mask(real, 0, P - 1), real, mtp_cache[0], 0)
+            attention_mask(F.pad(real, (0, 1)), 0, P - 1), real, mtp_cache[0], 0)
         mtp_valid[:, :P - 1] = real[group]
     mtp_cache = expand_cache(mtp_cache, group, cap - P)
     out_tok = ids.new_full((N, max_new_tokens), pad_id)
@@ -367,7 +395,7 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         after them) and the draft read at column `where` (N,): (draft (N,), its sampling log-probs
         (N, V))."""
         T = hidden.size(1)
-        attn = attention_mask(mtp_valid[:, :slot + T], slot, T)
+        attn = attention_mask(mtp_valid, slot, T)  # over every slot of the MTP cache
         x = mtp(hidden, model.embed(nxt), model.freqs_cis[slot_pos], attn,
                 mtp_valid[:, slot:slot + T], mtp_cache[0], slot)[0]  # (N, T, D)
         q = sampling_logprobs(model.head(mtp.norm(x[rows, where])), **sample)  # (N, V)

@@ -106,16 +106,17 @@ class GRPOConfig(common.InitConfig):
 
 
 @torch.no_grad()
-def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm=None, teacher=None):
-    """Alg. 1 lines 6-9: G completions per problem from pi_old, rewards (the rules', rm's score),
-    advantages (or the teacher's per-token coefficient), and log-probs under pi_old and pi_ref (on
-    the update's micro-batches: the first ratio is exactly 1)."""
+def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm=None, teacher=None,
+                    compile=False):
+    """Alg. 1 lines 6-9: G completions per problem from pi_old (compile: decode compiled), rewards
+    (the rules', rm's score), advantages (or the teacher's per-token coefficient), log-probs under
+    pi_old and pi_ref (ref: Run.frozen's) on the update's micro-batches (the first ratio is 1)."""
     G, prompts = cfg.num_generations, [tasks.encode_problem(tok, p, False)[0] for p in problems]
     with common.autocast():
         r = rollout.generate(
             policy, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=G,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
-            mla_impl=cfg.mla_impl)
+            mla_impl=cfg.mla_impl, compile=compile)
     texts = rollout.decode_completions(tok, r)
     scores = [task.rule_rewards(c, problems[i // G]) for i, c in enumerate(texts)]
     parts = {k: torch.tensor([s[k] for s in scores]) for k in tasks.REWARDS}  # each (N,)
@@ -139,7 +140,7 @@ def make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm=N
         if teacher is not None or cfg.num_iterations * cfg.num_minibatches > 1:  # else in update
             exp.old_logp = rollout.batched_logprobs(policy_ddp, exp, cfg.temperature)
         if cfg.beta > 0:
-            exp.ref_logp = rollout.batched_logprobs(ref.forward_shared_prefix, exp, cfg.temperature)
+            exp.ref_logp = rollout.batched_logprobs(ref, exp, cfg.temperature)
         if teacher is not None:  # on-policy distillation (GKD): log pi_teacher - log pi_old (N, L)
             t_logp = rollout.batched_logprobs(teacher.forward_shared_prefix, exp, cfg.temperature)
             exp.advantages = (t_logp - exp.old_logp) * mask  # on the student's own samples
@@ -222,9 +223,8 @@ def grpo_metrics(exp, stats, routes, task, cfg):
 
 def print_samples(problems, exp, cfg):
     """A few sampled completions of the step, each with its reward."""
-    texts, G = exp.texts, cfg.num_generations
-    for i in range(0, min(cfg.samples * G, len(texts)), G):
-        tqdm.write(f"  sample: {problems[i // G].prompt}{texts[i]}  reward {exp.rewards[i]:.3g}")
+    for p, i in zip(problems[:cfg.samples], range(0, len(exp.texts), cfg.num_generations)):
+        tqdm.write(f"  sample: {p.prompt}{exp.texts[i]}  reward {exp.rewards[i]:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def main(argv=None):
                                 weight_decay=cfg.weight_decay, fused=True)  # fused: one pass
         data, gen = run.streams()  # this rank's problems and sampling generator, GRPO's own
         run.begin(model=policy, ref=ref, optimizer=opt, streams=(data, gen))  # + --resume
-        policy_ddp = run.wrap(policy, shared_prefix=True)  # what the update calls: DDP, compile
+        policy_ddp, ref_forward = run.wrap(policy, shared_prefix=True), run.frozen(ref)  # compile
         if run.start == 0:
             evaluate(0, k=cfg.pass_k)  # the init's figures
         for step in run.steps(cfg.steps):
@@ -276,8 +276,8 @@ def main(argv=None):
             if cfg.ref_reset_every and step and step % cfg.ref_reset_every == 0:
                 ref.load_state_dict(policy.state_dict())  # line 3: iterative GRPO
             problems = [task.sample(data) for _ in range(cfg.batch_size // run.world)]  # line 5
-            exp = make_experience(policy, policy_ddp, ref, task, tok, problems, cfg, gen, rm,
-                                  teacher)  # 6-9
+            exp = make_experience(policy, policy_ddp, ref_forward, task, tok, problems, cfg, gen,
+                                  rm, teacher, run_cfg.compile)  # 6-9
             with moe.RouteRecorder(policy) as routes:  # for the routing flips
                 stats = update_policy(policy_ddp, opt, exp, cfg)  # lines 10-11
             balance = policy.update_router_biases()  # V3 2.1.2, once a rollout

@@ -156,8 +156,9 @@ def test_a_small_student_on_soft_targets_resumes_bitwise_and_leaves_the_teacher(
 def sample(policy, cfg, rm=None, teacher=None, n_prompts=4, seed=0):
     tok, task = tasks.Tokenizer(), tasks.Addition(2)
     problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
-    return train_grpo.make_experience(policy, policy.forward_shared_prefix, copy.deepcopy(policy),
-                                      task, tok, problems, cfg, torch.Generator().manual_seed(seed),
+    return train_grpo.make_experience(policy, policy.forward_shared_prefix,
+                                      copy.deepcopy(policy).forward_shared_prefix, task, tok,
+                                      problems, cfg, torch.Generator().manual_seed(seed),
                                       rm, teacher)
 
 

@@ -190,20 +190,26 @@ def test_parameter_counts_and_kv_cache_size():
     assert mha.kv_cache_elements_per_token() == 2 * (8 + 4) + 2 * 8
 
 
-def shared_prefix_case(seed=0):
-    """Three left-padded prompts of different lengths with 3, 1 and 4 continuations (groups of
-    different sizes) of different lengths, right-padded."""
+GROUPS = {"ragged": [0, 0, 0, 1, 2, 2, 2, 2], "equal": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+          "shuffled": [2, 0, 1, 2, 0, 2, 2, 0]}
+
+
+def shared_prefix_case(seed=0, groups="ragged"):
+    """Three left-padded prompts of different lengths with continuations of different lengths,
+    right-padded: 3, 1 and 4 of them (groups of different sizes), 3 each (GRPO's layout, where the
+    rows' group layout is a view), or groups in no order."""
     g = torch.Generator().manual_seed(seed)
     prompts = [[15] + torch.randint(0, 15, (n,), generator=g).tolist() for n in (4, 1, 6)]
-    group = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])
-    conts = [torch.randint(0, 17, (n,), generator=g).tolist() for n in (5, 2, 4, 5, 1, 3, 5, 4)]
+    group = torch.tensor(GROUPS[groups])
+    conts = [torch.randint(0, 17, (n,), generator=g).tolist()
+             for n in (5, 2, 4, 5, 1, 3, 5, 4, 2)[:len(group)]]
     P, L = max(map(len, prompts)), max(map(len, conts))
     prefix = torch.full((3, P), 17)
     prefix_mask = torch.zeros(3, P, dtype=torch.bool)
     for i, p in enumerate(prompts):
         prefix[i, P - len(p):], prefix_mask[i, P - len(p):] = torch.tensor(p), True
-    cont = torch.full((8, L), 17)
-    cont_mask = torch.zeros(8, L, dtype=torch.bool)
+    cont = torch.full((len(group), L), 17)
+    cont_mask = torch.zeros(len(group), L, dtype=torch.bool)
     for i, c in enumerate(conts):
         cont[i, :len(c)], cont_mask[i, :len(c)] = torch.tensor(c), True
     return prefix, prefix_mask, group, cont, cont_mask
@@ -220,12 +226,14 @@ def plain_logprobs(m, prefix, prefix_mask, group, cont, cont_mask):
 
 @pytest.mark.parametrize("kw", [{}, {"attention": "mha"}, {"n_dense_layers": 2},
                                 {"attention": "mha", "n_dense_layers": 2}, {"q_lora_rank": 12}])
-def test_shared_prefix_forward_equals_the_plain_forward(tiny, kw):
-    """Each prompt run once for its continuations: the same log-probs as a plain forward of every
-    `prompt + continuation` (1e-5), and the same gradients (1e-4 relative)."""
+@pytest.mark.parametrize("groups", GROUPS)
+def test_shared_prefix_forward_equals_the_plain_forward(tiny, kw, groups):
+    """Each prompt run once for its continuations, their queries attending to its keys batched per
+    group and to their own keys apart (merged by log-sum-exp): the same log-probs as a plain forward
+    of every `prompt + continuation` (1e-5), and the same gradients (1e-4 relative)."""
     torch.manual_seed(0)
     m = Transformer(tiny(**kw))
-    case = shared_prefix_case()
+    case = shared_prefix_case(groups=groups)
     want = plain_logprobs(m, *case)
     want.sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

@@ -35,7 +35,8 @@ def rollout_batch(policy, n_prompts=4, G=4, seed=0, cfg=None, ref=None):
     cfg = cfg or config(num_generations=G)
     problems = [task.sample(random.Random(seed + i)) for i in range(n_prompts)]
     return train_grpo.make_experience(policy, policy.forward_shared_prefix,
-                                      ref or copy.deepcopy(policy), task, tok, problems, cfg,
+                                      (ref or copy.deepcopy(policy)).forward_shared_prefix, task,
+                                      tok, problems, cfg,
                                       torch.Generator().manual_seed(seed))
 
 
