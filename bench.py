@@ -196,7 +196,7 @@ def bench_grpo(args):
     peak = matmul_peak()
     print(f"matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s "
           f"((1024, 128) @ (128, 512), {torch.get_num_threads()} threads)")
-    contract_length = 6
+    contract_length, contract_step = 6, float("inf")  # the contract's faster mode, for TRL
     configs = {"contract": ("contract: dense MHA", CONTRACT), "default": ("default: MLA + MoE", {}),
                "floor": ("op floor: the contract at width 8", FLOOR)}
     for name, kw in (configs[c] for c in args.models.split(",")):
@@ -218,49 +218,56 @@ def bench_grpo(args):
         opt = torch.optim.AdamW(policy.parameters(), lr=gcfg.lr, betas=(0.9, 0.99),
                                 weight_decay=0.0, fused=True)
         gen = torch.Generator().manual_seed(0)
-        times = {k: [] for k in ("sampling", "old + ref forwards", "update", "step")}
-        lengths, warm_up = [], 0.0
-        update_fwd, ref_fwd = policy.forward_shared_prefix, ref.forward_shared_prefix
-        if args.compile:  # what train_grpo.py --compile compiles (Run.wrap, Run.frozen)
-            update_fwd, ref_fwd = (torch.compile(common.SharedPrefix(m)) for m in (policy, ref))
+        phases = ("sampling", "old + ref forwards", "update", "step")
+        modes = {"eager": (policy.forward_shared_prefix, ref.forward_shared_prefix, False)}
+        if args.compile:  # what train_grpo.py --compile compiles (Run.wrap, Run.frozen, decode)
+            modes["compiled"] = (*(torch.compile(common.SharedPrefix(m)) for m in (policy, ref)),
+                                 True)
+        times = {mode: {k: [] for k in phases} for mode in modes}
+        lengths, warm_up = {mode: [] for mode in modes}, dict.fromkeys(modes, 0.0)
         for i in range(args.grpo_steps + 4):
-            counter = FlopCounterMode(display=False) if i == 3 else contextlib.nullcontext()
-            fwd, ref_f, comp = ((policy.forward_shared_prefix, ref.forward_shared_prefix, False)
-                                if i == 3 else (update_fwd, ref_fwd, args.compile))  # eager's
-            with counter:  # one untimed step counts its FLOPs
-                t0 = time.perf_counter()
-                problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
-                sampling.clear()
-                exp = train_grpo.make_experience(policy, fwd, ref_f, task, tok, problems, gcfg,
-                                                 gen, compile=comp)
-                t1 = t0 + sampling[0]
-                t2 = time.perf_counter()
-                with moe.RouteRecorder(policy):
-                    train_grpo.update_policy(fwd, opt, exp, gcfg)
-                policy.update_router_biases()
-                t3 = time.perf_counter()
-            if i == 3:  # counted on an eager step
-                flops = counter.get_total_flops()
-            elif i < 3:  # warm-up: with --compile, the compilation
-                warm_up += t3 - t0
-            elif i > 3:  # warm-up steps are not timed
-                for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                    times[k].append(dt)
-                lengths.append(exp.rollout.completion_ids.size(1))
+            for mode, (fwd, ref_fwd, compiled) in modes.items():  # alternately: drift hits both
+                if i == 3 and mode != "eager":
+                    continue
+                counter = FlopCounterMode(display=False) if i == 3 else contextlib.nullcontext()
+                with counter:  # one untimed eager step counts its FLOPs
+                    t0 = time.perf_counter()
+                    problems = [task.sample(rng) for _ in range(gcfg.batch_size)]
+                    sampling.clear()
+                    exp = train_grpo.make_experience(policy, fwd, ref_fwd, task, tok, problems,
+                                                     gcfg, gen, compile=compiled)
+                    t1 = t0 + sampling[0]
+                    t2 = time.perf_counter()
+                    with moe.RouteRecorder(policy):
+                        train_grpo.update_policy(fwd, opt, exp, gcfg)
+                    policy.update_router_biases()
+                    t3 = time.perf_counter()
+                if i == 3:
+                    flops = counter.get_total_flops()
+                elif i < 3:  # warm-up steps are not timed; compiling happens in the first
+                    warm_up[mode] += t3 - t0
+                else:
+                    for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                        times[mode][k].append(dt)
+                    lengths[mode].append(exp.rollout.completion_ids.size(1))
         c = model.param_counts(policy)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        if kw is CONTRACT:
-            contract_length = int(statistics.median(lengths))
         print(f"{name} ({c['total']:,} params), median of {args.grpo_steps} GRPO steps, "
               f"{torch.get_num_threads()} threads:")
-        print("  " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
-              f"; completions {statistics.median(lengths):.0f} tokens; peak RSS "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        for mode in modes:
+            med = {k: statistics.median(v) for k, v in times[mode].items()}
+            print(f"  {mode}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()) +
+                  f"; completions {statistics.median(lengths[mode]):.0f} tokens; the first 3 "
+                  f"steps {warm_up[mode]:.1f} s ({warm_up[mode] - 3 * med['step']:.1f} s more)")
+            if kw is CONTRACT:
+                contract_length = int(statistics.median(lengths["eager"]))
+                contract_step = min(contract_step, med["step"])
+        if args.compile:
+            ratio = (statistics.median(times["eager"]["step"])
+                     / statistics.median(times["compiled"]["step"]))
+            print(f"  compiled against eager: {ratio:.2f}x faster a step")
         print(f"  matrix products: {flops / 1e9:.2f} GFLOP a step = "
-              f"{1e3 * flops / peak:.1f} ms at the matmul peak; the first 3 steps "
-              f"{warm_up:.1f} s ({warm_up - 3 * med['step']:.1f} s more than 3 steps)")
-        if kw is CONTRACT:
-            contract_step = med["step"]
+              f"{1e3 * flops / peak:.1f} ms at the matmul peak; peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     for compile in (False, True) if args.trl else ():
         trl_step = bench_trl(args.grpo_steps, compile)
         print(f"TRL GRPOTrainer on the contract config{', torch_compile=True' if compile else ''}:"

@@ -100,8 +100,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # (N*K,) choices grouped by expert
         token = order // indices.size(1)  # (N*K,) the token of each sorted choice
         counts = torch.bincount(flat, minlength=self.n_routed_experts)  # (E,)
-        chunks = x_flat.index_select(0, token).split(counts.tolist())  # E chunks of (n_e, D)
-        out = torch.cat([self.experts[e](c) for e, c in enumerate(chunks) if len(c)])  # (N*K, D)
+        out = self.run_experts(x_flat.index_select(0, token), counts)  # (N*K, D)
         y = x_flat.new_zeros(x_flat.shape).index_add_(
             0, token, out * weights.flatten()[order, None])  # (N, D)
         if self.shared_experts is not None:
@@ -117,6 +116,13 @@ class MoE(nn.Module):
             if self.alpha > 0:
                 aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), token_mask)
         return y.view(B, T, D), aux
+
+    @torch.compiler.disable  # chunks of data-dependent sizes: eager, never recompiled per size
+    def run_experts(self, x_sorted, counts):
+        """Each expert on its contiguous chunk of the choices sorted by expert, x_sorted (N*K, D),
+        counts (E,) their sizes: (N*K, D)."""
+        chunks = x_sorted.split(counts.tolist())  # E chunks of (n_e, D)
+        return torch.cat([self.experts[e](c) for e, c in enumerate(chunks) if len(c)])
 
     def balance_loss(self, scores, indices, token_mask=None):
         """Complementary sequence-wise balance loss (V3 eq. 17-20), averaged over sequences:

@@ -234,9 +234,10 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
     module and verifies with the main model (_decode_speculative): the same distribution (the same
     tokens when greedy), fewer main-model forwards; its statistics are in Rollout.stats.
     compile=True (or a torch.compile backend's name) runs each decode step compiled, on shapes
-    fixed for the run (gpt-fast's recipe): the cache spans max_seq_len whatever the prompts'
-    length, the step writes its slot given as a tensor, and the completions are padded to
-    max_new_tokens (the mask carries the truth). The tokens are those of eager decoding."""
+    that stay fixed (gpt-fast's recipe): the cache's length is rounded up to a multiple of 16
+    (whatever the prompts' length, a few shapes per run), the step writes its slot given as a
+    tensor, and the completions are padded to max_new_tokens (the mask carries the truth). The
+    tokens are those of eager decoding."""
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError("num_generations and max_new_tokens must be >= 1")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -284,9 +285,9 @@ def compiled(fn, backend):
     """fn compiled once per process (True: Inductor), for fixed shapes; the compiled code is
     reused by every later call with the same shapes (and by later runs, through Inductor's cache
     on disk)."""
-    backend = "inductor" if backend is True else backend
     if (fn, backend) not in _COMPILED:
-        _COMPILED[fn, backend] = torch.compile(fn, backend=backend, dynamic=False)
+        kw = {} if backend is True else {"backend": backend}
+        _COMPILED[fn, backend] = torch.compile(fn, dynamic=False, **kw)
     return _COMPILED[fn, backend]
 
 
@@ -295,7 +296,8 @@ def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
     """Ordinary decoding: one main-model forward per new token. Returns (tokens (N, L), their
     log-probs (N, L), ended (N,), stats); L = max_new_tokens when compiled, else the longest."""
     N, P = len(group), ids.size(1)
-    S = model.cfg.max_seq_len if compile else P + max_new_tokens  # the cache's slots
+    S = P + max_new_tokens  # the cache's slots; compiled: rounded up to a multiple of 16
+    S = min(-(-S // 16) * 16, model.cfg.max_seq_len) if compile else S  # few shapes to compile
     step = compiled(decode_step, compile) if compile else decode_step
     cache = expand_cache(prefill, group, S - P)  # each prompt's cache at its G rows
     logits = model.head(model.norm(h[group, -1:]))  # (N, 1, V) the last prompt token's prediction

@@ -1,7 +1,11 @@
 """torch.compile gives the eager numbers: an SFT step of every model family (MLA or MHA, MoE or
 dense, with or without MTP), a GRPO update through the shared-prefix forward (what Run.wrap
-compiles), and a whole --compile run, with Inductor, of the family whose compiled loss once came
-back without a gradient (a dense model without MTP: its loss was the detached cross-entropy)."""
+compiles), the compiled decode step (the same tokens, compiled once for prompts of any length),
+a whole train_grpo.py --compile run, and a whole --compile run, with Inductor, of the family whose
+compiled loss once came back without a gradient (a dense model without MTP: its loss was the
+detached cross-entropy)."""
+import functools
+import json
 import random
 from dataclasses import replace
 
@@ -9,11 +13,13 @@ import pytest
 import torch
 
 import common
+import rollout
 import tasks
+import train_grpo
 import train_sft
 from conftest import tiny_config
 from model import Transformer
-from test_train_grpo import config, rollout_batch, update
+from test_train_grpo import GRPO_TINY, config, rollout_batch, update
 from test_train_sft import TINY_FLAGS
 
 # aot_eager traces what Inductor compiles (dynamo's graph, AOT autograd) in seconds, not minutes
@@ -48,8 +54,10 @@ def test_compiled_sft_step_equals_the_eager_step(kw):
     assert_same_weights(eager, compiled)
 
 
-def test_compiled_grpo_update_equals_the_eager_update():
-    eager, compiled = twins()
+@pytest.mark.parametrize("kw", [{}, {"attention": "mha", "mtp_depth": 0, "n_dense_layers": 2}],
+                         ids=["mla,moe,mtp", "mha,dense"])
+def test_compiled_grpo_update_equals_the_eager_update(kw):
+    eager, compiled = twins(**kw)
     cfg = config(num_generations=4, num_minibatches=2)
     exp = rollout_batch(eager, n_prompts=2, cfg=cfg)
     exp = replace(exp, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]))
@@ -74,3 +82,52 @@ def test_compile_flag_trains_a_dense_model_without_mtp(tmp_path):
     for e, c in zip(runs["eager"], runs["compiled"]):
         assert abs(e["loss"] - c["loss"]) < 1e-4 and abs(e["grad_norm"] - c["grad_norm"]) < 1e-4
     assert len(runs["compiled"]) == 2 and runs["compiled"][1]["loss"] != runs["compiled"][0]["loss"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": "mha", "mtp_depth": 0, "n_dense_layers": 2}],
+                         ids=["mla,moe", "mha,dense"])
+def test_compiled_decode_samples_the_eager_tokens_and_compiles_once(kw):
+    """The decode step on fixed shapes (a cache rounded up to 16 slots, the slot a tensor): the same
+    tokens and log-probs as eager decoding for the same seed, the completions padded to
+    max_new_tokens; prompts of another length reuse the compiled step (dynamo's "eager" backend
+    traces what Inductor would compile, in a second)."""
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(**kw))
+    tok = tasks.Tokenizer()
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=3, max_new_tokens=7)
+    torch._dynamo.reset()
+    frames = []
+    for n in (5, 8):  # prompts of 5 and 8 tokens: caches of 12 and 15 slots, both 16 compiled
+        prompts = [[tok.bos_id] + torch.randint(0, 10, (n - i,)).tolist() for i in range(3)]
+        runs = [rollout.generate(m, prompts, generator=torch.Generator().manual_seed(n),
+                                 compile=c, **kw) for c in (False, "eager")]
+        frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        eager, compiled = runs
+        L = eager.completion_ids.size(1)
+        assert compiled.completion_ids.shape == (9, 7) and L > 1
+        assert torch.equal(compiled.completion_ids[:, :L], eager.completion_ids)
+        assert (compiled.completion_ids[:, L:] == tok.pad_id).all()
+        assert torch.equal(compiled.completion_mask[:, :L], eager.completion_mask)
+        assert compiled.completion_mask[:, L:].sum() == 0
+        torch.testing.assert_close(compiled.logprobs[:, :L], eager.logprobs, atol=1e-6, rtol=0)
+    assert frames[0] > 0 and frames[1] == frames[0]  # the second length compiled nothing new
+
+
+def test_compile_flag_runs_grpo_with_the_eager_numbers(sft_ckpt, tmp_path, monkeypatch):
+    """python train_grpo.py --compile (decode step, update and reference forwards compiled, here
+    with aot_eager: Inductor's graphs, in seconds): the same samples (rewards, lengths) and the
+    same losses as eager."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    rollout._COMPILED.clear()
+    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "2",
+                         "--eval_every", "100"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        train_grpo.main(flags + ["--out_dir", str(tmp_path / name)] + extra)
+        runs[name] = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")
+                      if "reward_mean" in x]
+    assert len(runs["compiled"]) == 2
+    for e, c in zip(runs["eager"], runs["compiled"]):
+        assert e["reward_mean"] == c["reward_mean"] and e["completion_len"] == c["completion_len"]
+        assert abs(e["loss"] - c["loss"]) < 1e-5 and abs(e["kl"] - c["kl"]) < 1e-5
+    rollout._COMPILED.clear()  # compiled with the patched backend
