@@ -335,7 +335,8 @@ def bench_spec(args):
     """Speculative decoding with the MTP draft against ordinary decoding, on the model of an SFT run
     (--ckpt): the draft's acceptance rate on held-out prompts (greedy and T = 1), and tokens/s and
     tokens per main-model forward at batch 1 and at GRPO's batch (256 rows), each the best of
-    --repeats runs, both decoders timed alternately."""
+    --repeats runs, both decoders timed alternately (--compile: both with their forwards compiled;
+    the first run compiles them, the best is a later one)."""
     import tasks
     ckpt = common.load_checkpoint(args.ckpt)
     m = common.model_of(ckpt, args.ckpt).eval()
@@ -360,7 +361,8 @@ def bench_spec(args):
                 t, n = time.perf_counter(), 0.0
                 for i, batch in enumerate(batches):
                     r = rollout.generate(m, batch, speculative=spec, temperature=1.0,
-                                         generator=torch.Generator().manual_seed(i), **kw)
+                                         generator=torch.Generator().manual_seed(i),
+                                         compile=args.compile, **kw)
                     n += float(r.completion_mask.sum())
                     per_forward += [r.stats["tokens_per_forward"]] if spec else []
                 best[spec], tokens[spec] = min(best[spec], time.perf_counter() - t), n
@@ -473,7 +475,8 @@ def main():
     p.add_argument("--models", default="contract,default,floor",
                    help="grpo: which models to time (contract, default, floor)")
     p.add_argument("--compile", action="store_true",
-                   help="grpo: the decode step, the update and the reference forward compiled")
+                   help="grpo: the decode step, the update and the reference forward compiled "
+                        "(timed beside eager); spec: both decoders' forwards compiled")
     p.add_argument("--trl", action="store_true",
                    help="grpo: also time TRL's GRPOTrainer on the contract (pip install trl)")
     p.add_argument("--ckpt", default="out/sft")

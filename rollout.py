@@ -272,10 +272,22 @@ def generate(model, prompts, *, eos_id, pad_id, num_generations=1, max_new_token
 
 
 def decode_step(model, tokens, positions, slot, valid, cache):
-    """One decode step: logits (N, V) of the main model for tokens (N, T) at RoPE positions (N, T),
-    written to the cache at slots slot + [0, T) (slot: a 0-dim tensor), attending over the cache's
-    real keys valid (N, S). Every shape is the same at every step of a run."""
-    return model(tokens, positions=positions, pad_mask=valid, cache=cache, start_pos=slot)[0]
+    """One decode step of the main model for tokens (N, T) at RoPE positions (N, T), written to the
+    cache at slots slot + [0, T) (slot: a 0-dim tensor), attending over the cache's real keys valid
+    (N, S): (logits (N, T, V), hidden states before the final norm (N, T, D)). Every shape is the
+    same at every step of a run."""
+    h = model.trunk(tokens, positions, valid, cache, slot)[0]
+    return model.head(model.norm(h)), h
+
+
+def draft_step(model, hidden, nxt, positions, slot, valid, cache):
+    """The first MTP module's block on the main model's hidden states (N, T, D) beside the
+    embeddings of the tokens after them nxt (N, T), at RoPE positions (N, T), written to its cache
+    at slots slot + [0, T) (valid (N, S): the slots whose entries are real): (N, T, D)."""
+    T = hidden.size(1)
+    real = valid.index_select(1, slot + torch.arange(T, device=valid.device))  # (N, T)
+    return model.mtp[0](hidden, model.embed(nxt), model.freqs_cis[positions],
+                        attention_mask(valid, slot, T), real, cache, slot)[0]
 
 
 _COMPILED = {}
@@ -315,7 +327,7 @@ def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
         if ended.all() or t == max_new_tokens - 1:
             break
         logits = step(model, out_tok[:, t:t + 1], next_pos + t,
-                      torch.tensor(P + t, device=ids.device), valid, cache)
+                      torch.tensor(P + t, device=ids.device), valid, cache)[0]
     L = max_new_tokens if compile else t + 1
     return out_tok[:, :L], out_logp[:, :L], ended, {"main_forwards": t + 1}
 
@@ -363,6 +375,9 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
     mtp, greedy = model.mtp[0], temperature == 0
     sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     cap = P + 2 * max_new_tokens  # slots: the prompt, then two per iteration at most
+    cap = -(-cap // 16) * 16 if compile else cap  # compiled: a few shapes a run, as _decode's
+    verify, draft_block = ((compiled(decode_step, compile), compiled(draft_step, compile))
+                           if compile else (decode_step, draft_step))
     cache = expand_cache(prefill, group, cap - P)
     mtp_cache = model.new_cache(len(ids), P, impl, n_layers=1)
     valid = ids.new_zeros(N, cap, dtype=torch.bool)  # main cache: the real slots
@@ -396,10 +411,8 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         """MTP entries at `slot` ((N, T) main hidden states beside the embeddings of the tokens
         after them) and the draft read at column `where` (N,): (draft (N,), its sampling log-probs
         (N, V))."""
-        T = hidden.size(1)
-        attn = attention_mask(mtp_valid, slot, T)  # over every slot of the MTP cache
-        x = mtp(hidden, model.embed(nxt), model.freqs_cis[slot_pos], attn,
-                mtp_valid[:, slot:slot + T], mtp_cache[0], slot)[0]  # (N, T, D)
+        x = draft_block(model, hidden, nxt, slot_pos, torch.tensor(slot, device=device),
+                        mtp_valid, mtp_cache[0])  # (N, T, D)
         q = sampling_logprobs(model.head(mtp.norm(x[rows, where])), **sample)  # (N, V)
         d = q.argmax(-1) if greedy else torch.multinomial(q.exp(), 1, generator=generator)[:, 0]
         return d, q
@@ -418,8 +431,9 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
         # ---- verify: the main model over [t, d] at two new slots
         valid[:, slot:slot + 2] = live[:, None]
         two_pos = t_pos[:, None] + torch.arange(2, device=device)  # (N, 2)
-        h2 = model.trunk(torch.stack([t, d], 1), two_pos, valid[:, :slot + 2], cache, slot)[0]
-        p0, p1 = sampling_logprobs(model.head(model.norm(h2)), **sample).unbind(1)  # (N, V) each
+        logits, h2 = verify(model, torch.stack([t, d], 1), two_pos,
+                            torch.tensor(slot, device=device), valid, cache)
+        p0, p1 = sampling_logprobs(logits, **sample).unbind(1)  # (N, V) each
         ok, fix = verify_draft(p0, q, d, greedy, generator)
         bonus = (p1.argmax(-1) if greedy
                  else torch.multinomial(p1.exp(), 1, generator=generator)[:, 0])

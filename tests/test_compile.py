@@ -131,3 +131,22 @@ def test_compile_flag_runs_grpo_with_the_eager_numbers(sft_ckpt, tmp_path, monke
         assert e["reward_mean"] == c["reward_mean"] and e["completion_len"] == c["completion_len"]
         assert abs(e["loss"] - c["loss"]) < 1e-5 and abs(e["kl"] - c["kl"]) < 1e-5
     rollout._COMPILED.clear()  # compiled with the patched backend
+
+
+def test_compiled_speculative_decoding_samples_the_eager_tokens():
+    """MTP speculative decoding with its two forwards compiled (the main model's verify over two
+    slots, the MTP block's draft): the same tokens, log-probs and statistics as eager, greedy and
+    sampled."""
+    torch.manual_seed(0)
+    m = Transformer(tiny_config())
+    tok = tasks.Tokenizer()
+    prompts = [[tok.bos_id] + torch.randint(0, 10, (n,)).tolist() for n in (6, 3, 5)]
+    kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, num_generations=2, max_new_tokens=6,
+              speculative=True)
+    for temperature in (0.0, 1.0):
+        eager, compiled = (rollout.generate(m, prompts, temperature=temperature, compile=c,
+                                            generator=torch.Generator().manual_seed(1), **kw)
+                           for c in (False, "eager"))
+        assert torch.equal(compiled.completion_ids, eager.completion_ids)
+        torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-6, rtol=0)
+        assert compiled.stats == eager.stats and eager.stats["proposed"] > 0
