@@ -569,9 +569,8 @@ class Transformer(nn.Module):
             order = torch.sort(group, stable=True).indices  # rows sorted by group
             slot = torch.empty_like(group).index_copy_(
                 0, order, torch.arange(N, device=group.device) - first[group[order]])  # (N,)
-            contiguous = N == B * size and bool((slot == torch.arange(N, device=group.device)
-                                                 % size).all() & (order == torch.arange(
-                                                     N, device=group.device)).all())
+            contiguous = N == B * size and torch.equal(  # GRPO's layout: a view of the rows
+                group, torch.arange(B, device=group.device).repeat_interleave(size))
             prefixes = [PrefixKV(c, prefix_mask, group, slot, size, contiguous) for c in caches]
             positions = (prefix_mask.sum(1)[group][:, None]
                          + torch.arange(L - 1, device=cont_ids.device))  # (N, L-1)

@@ -293,10 +293,17 @@ def draft_step(model, hidden, nxt, positions, slot, valid, cache):
 _COMPILED = {}
 
 
+def static_slots(n):
+    """n cache slots rounded up to a multiple of 16: the compiled decode step's few shapes."""
+    return -(-n // 16) * 16
+
+
 def compiled(fn, backend):
-    """fn compiled once per process (True: Inductor), for fixed shapes; the compiled code is
-    reused by every later call with the same shapes (and by later runs, through Inductor's cache
-    on disk)."""
+    """fn compiled once per process (True: Inductor; False: fn itself), for fixed shapes; the
+    compiled code is reused by every later call with the same shapes (and by later runs, through
+    Inductor's cache on disk)."""
+    if not backend:
+        return fn
     if (fn, backend) not in _COMPILED:
         kw = {} if backend is True else {"backend": backend}
         _COMPILED[fn, backend] = torch.compile(fn, dynamic=False, **kw)
@@ -308,9 +315,9 @@ def _decode(model, ids, mask, h, prefill, group, max_new_tokens, eos_id, pad_id,
     """Ordinary decoding: one main-model forward per new token. Returns (tokens (N, L), their
     log-probs (N, L), ended (N,), stats); L = max_new_tokens when compiled, else the longest."""
     N, P = len(group), ids.size(1)
-    S = P + max_new_tokens  # the cache's slots; compiled: rounded up to a multiple of 16
-    S = min(-(-S // 16) * 16, model.cfg.max_seq_len) if compile else S  # few shapes to compile
-    step = compiled(decode_step, compile) if compile else decode_step
+    S = P + max_new_tokens  # the cache's slots; compiled: a few shapes a run
+    S = min(static_slots(S), model.cfg.max_seq_len) if compile else S
+    step = compiled(decode_step, compile)
     cache = expand_cache(prefill, group, S - P)  # each prompt's cache at its G rows
     logits = model.head(model.norm(h[group, -1:]))  # (N, 1, V) the last prompt token's prediction
     valid = torch.cat([mask[group], mask.new_ones(N, max_new_tokens),
@@ -375,9 +382,8 @@ def _decode_speculative(model, ids, mask, h, prefill, group, max_new_tokens, eos
     mtp, greedy = model.mtp[0], temperature == 0
     sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     cap = P + 2 * max_new_tokens  # slots: the prompt, then two per iteration at most
-    cap = -(-cap // 16) * 16 if compile else cap  # compiled: a few shapes a run, as _decode's
-    verify, draft_block = ((compiled(decode_step, compile), compiled(draft_step, compile))
-                           if compile else (decode_step, draft_step))
+    cap = static_slots(cap) if compile else cap  # compiled: a few shapes a run, as _decode's
+    verify, draft_block = compiled(decode_step, compile), compiled(draft_step, compile)
     cache = expand_cache(prefill, group, cap - P)
     mtp_cache = model.new_cache(len(ids), P, impl, n_layers=1)
     valid = ids.new_zeros(N, cap, dtype=torch.bool)  # main cache: the real slots
