@@ -99,7 +99,9 @@ class MoE(nn.Module):
         flat = indices.flatten()  # (N*K,) the expert of each choice
         order = flat.argsort(stable=True)  # (N*K,) choices grouped by expert
         token = order // indices.size(1)  # (N*K,) the token of each sorted choice
-        counts = torch.bincount(flat, minlength=self.n_routed_experts)  # (E,)
+        # Counts by index_add, not bincount: a static shape, so a compiled forward does not break
+        counts = flat.new_zeros(self.n_routed_experts).index_add_(
+            0, flat, torch.ones_like(flat))  # (E,) choices per expert
         out = self.run_experts(x_flat.index_select(0, token), counts)  # (N*K, D)
         y = x_flat.new_zeros(x_flat.shape).index_add_(
             0, token, out * weights.flatten()[order, None])  # (N, D)
@@ -108,10 +110,10 @@ class MoE(nn.Module):
         self.last_indices = indices.view(B, T, -1)  # to log routing flips between forwards (RL)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            real = (indices if token_mask is None
-                    else indices[token_mask.reshape(-1).bool()])  # (n, K)
-            load = torch.bincount(
-                real.flatten(), minlength=self.n_routed_experts)  # (E,) real tokens only
+            real = (torch.ones_like(indices) if token_mask is None
+                    else token_mask.reshape(-1, 1).long().expand_as(indices))  # (N, K) 1 = real
+            load = flat.new_zeros(self.n_routed_experts).index_add_(
+                0, flat, real.flatten())  # (E,) real tokens only
             self.load = load if self.load is None else self.load + load
             if self.alpha > 0:
                 aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), token_mask)
