@@ -378,6 +378,13 @@ class MHA(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Blocks, MTP and the model
 
+# Compiled, a model with MoE layers is compiled block by block (the experts' loop stays eager,
+# moe.py), and Block.forward gets a variant per FFN (dense or MoE), per pass (decode step, prompts,
+# continuations) and per network (trained or frozen): more than dynamo's default limit of 8
+# variants a function, past which it runs the rest eager.
+torch._dynamo.config.recompile_limit = 64
+
+
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)).
     Returns (x, balance loss)."""

@@ -113,14 +113,21 @@ def test_compiled_decode_samples_the_eager_tokens_and_compiles_once(kw):
     assert frames[0] > 0 and frames[1] == frames[0]  # the second length compiled nothing new
 
 
-def test_compile_flag_runs_grpo_with_the_eager_numbers(sft_ckpt, tmp_path, monkeypatch):
-    """python train_grpo.py --compile (decode step, update and reference forwards compiled, here
-    with aot_eager: Inductor's graphs, in seconds): the same samples (rewards, lengths) and the
-    same losses as eager."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+def test_compile_flag_runs_grpo_with_the_eager_numbers(tmp_path, monkeypatch):
+    """python train_grpo.py --compile on a model with dense and MoE layers (decode step, update and
+    reference forwards compiled; here by dynamo's "eager" backend: its graphs and guards, run
+    eagerly, as the tests above check aot_eager's numbers): the same samples (rewards, lengths) and
+    the same losses as eager. Every variant of every function compiles: none falls back to eager
+    past dynamo's limit, as the blocks of a MoE model once did (a variant per FFN, pass and
+    network: 10 here, the limit 8)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     rollout._COMPILED.clear()
-    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", sft_ckpt, "--steps", "2",
-                         "--eval_every", "100"]
+    torch._dynamo.reset()
+    train_sft.main(TINY_FLAGS + ["--n_dense_layers", "1", "--steps", "1", "--eval_every", "100",
+                                 "--out_dir", str(tmp_path / "sft")])
+    flags = GRPO_TINY + ["--task", "add", "--n_digits", "2", "--init", str(tmp_path / "sft"),
+                         "--steps", "2", "--eval_every", "100"]
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         train_grpo.main(flags + ["--out_dir", str(tmp_path / name)] + extra)
