@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tasks
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, torch_compile
 
 # ----------------------------------------------------------------------------------------------
 # Errors: what a run reports as one line
@@ -887,7 +887,7 @@ class Run:
         gradient, hence find_unused_parameters). DDP and compile wrap a module's forward."""
         module = SharedPrefix(net) if shared_prefix else net
         if self.rc.compile:
-            module = torch.compile(module)
+            module = torch_compile(module)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DDP(module, device_ids=ids, find_unused_parameters=True)
@@ -896,7 +896,7 @@ class Run:
     def frozen(self, net):
         """net.forward_shared_prefix for a network the run does not train (pi_ref): under
         torch.compile with --compile, never DDP (it has no gradient to average)."""
-        return torch.compile(SharedPrefix(net)) if self.rc.compile else net.forward_shared_prefix
+        return torch_compile(SharedPrefix(net)) if self.rc.compile else net.forward_shared_prefix
 
     def begin(self, held=None, **state):
         """Name the run's state (saved in every checkpoint), restore it on --resume, then open the

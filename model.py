@@ -378,11 +378,14 @@ class MHA(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Blocks, MTP and the model
 
-# Compiled, a model with MoE layers is compiled block by block (the experts' loop stays eager,
-# moe.py), and Block.forward gets a variant per FFN (dense or MoE), per pass (decode step, prompts,
-# continuations) and per network (trained or frozen): more than dynamo's default limit of 8
-# variants a function, past which it runs the rest eager.
-torch._dynamo.config.recompile_limit = 64
+def torch_compile(fn, **kw):
+    """torch.compile(fn, **kw), with dynamo's limit of compiled variants a function raised from 8 to
+    64 for the process (from the first call on; a program that compiles nothing keeps the default).
+    A model with MoE layers is compiled block by block (the experts' loop stays eager, moe.py), and
+    Block.forward gets a variant per FFN (dense or MoE), per pass (decode step, prompts,
+    continuations) and per network (trained or frozen): past 8, dynamo would run the rest eager."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, **kw)
 
 
 class Block(nn.Module):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import common
 import losses
 import tasks
-from model import attention_mask, expand_cache
+from model import attention_mask, expand_cache, torch_compile
 
 
 @dataclass
@@ -306,7 +306,7 @@ def compiled(fn, backend):
         return fn
     if (fn, backend) not in _COMPILED:
         kw = {} if backend is True else {"backend": backend}
-        _COMPILED[fn, backend] = torch.compile(fn, dynamic=False, **kw)
+        _COMPILED[fn, backend] = torch_compile(fn, dynamic=False, **kw)
     return _COMPILED[fn, backend]
 
 
