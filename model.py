@@ -136,11 +136,18 @@ def precompute_freqs_cis(cfg):
 
 def apply_rotary_emb(x, freqs_cis):
     """Rotate consecutive pairs (x0,x1),(x2,x3),... by their angles: the complex product
-    (x0 + i x1) e^{i m theta} written in real arithmetic, which torch.compile fuses (it generates no
-    code for complex numbers). x: (B, T, H, R); freqs_cis: (B or 1, T, R/2, 2)."""
-    cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (B, T, 1, R/2) each
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, R/2) each
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(3).type_as(x)
+    (x0 + i x1) e^{i m theta}. Eager multiplies complex numbers (one kernel, 3-5x faster than the
+    real form here); under torch.compile, which generates no code for complex numbers, the same
+    product in real arithmetic, which it fuses. x: (B, T, H, R); freqs_cis: (B or 1, T, R/2, 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
+    if torch.compiler.is_compiling():
+        cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (B, T, 1, R/2) each
+        x0, x1 = pairs.unbind(-1)  # (B, T, H, R/2) each
+        rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs)
+                                     * torch.view_as_complex(freqs_cis).unsqueeze(2))
+    return rotated.flatten(3).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------

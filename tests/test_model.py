@@ -28,8 +28,9 @@ def test_causality(kw):
 
 
 def test_real_rope_equals_the_complex_rotation():
-    """RoPE in real arithmetic (cos, sin) equals DeepSeek's complex form: each consecutive pair read
-    as a complex number times e^{i m theta_j}, computed here from the formula."""
+    """RoPE, eager (a complex product) and compiled (real arithmetic, traced here by dynamo's eager
+    backend), equals DeepSeek's complex form: each consecutive pair read as a complex number times
+    e^{i m theta_j}, computed here from the formula in float64."""
     cfg = tiny_config(qk_rope_head_dim=8, max_seq_len=40)
     m = model.Transformer(cfg)
     theta = cfg.rope_theta ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (R/2,)
@@ -38,8 +39,9 @@ def test_real_rope_equals_the_complex_rotation():
     x = torch.randn(3, 7, 2, 8)  # (B, T, H, R)
     want = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (4, 2)))
                               * cis[:, :, None]).flatten(3)
-    got = model.apply_rotary_emb(x, m.freqs_cis[positions])
-    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    for rope in (model.apply_rotary_emb, torch.compile(model.apply_rotary_emb, backend="eager")):
+        got = rope(x, m.freqs_cis[positions])
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
 
 
 def test_forward_returns_loss_only_with_targets():

@@ -281,7 +281,7 @@ def test_prefix_prefill_samples_the_same_tokens(attention):
 # Speculative decoding with the MTP module as the draft (DeepSeek-V3 5.4.3)
 
 
-def trained_looking(seed=0, steps=150):
+def trained_looking(seed=0, steps=200):
     """A tiny model trained briefly on 2-digit addition, so that its MTP drafts are often right."""
     import train_sft
     torch.manual_seed(seed)
