@@ -145,6 +145,7 @@ def apply_rotary_emb(x, freqs_cis):
         x0, x1 = pairs.unbind(-1)  # (B, T, H, R/2) each
         rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
     else:
+        pairs = pairs.contiguous()  # view_as_complex needs even strides: odd-width heads' aren't
         rotated = torch.view_as_real(torch.view_as_complex(pairs)
                                      * torch.view_as_complex(freqs_cis).unsqueeze(2))
     return rotated.flatten(3).type_as(x)

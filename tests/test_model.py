@@ -27,16 +27,17 @@ def test_causality(kw):
         assert not torch.allclose(logits2[:, j], logits[:, j])  # at j: the change is seen
 
 
-def test_real_rope_equals_the_complex_rotation():
+def test_rope_eager_and_compiled_equals_the_complex_rotation():
     """RoPE, eager (a complex product) and compiled (real arithmetic, traced here by dynamo's eager
     backend), equals DeepSeek's complex form: each consecutive pair read as a complex number times
-    e^{i m theta_j}, computed here from the formula in float64."""
+    e^{i m theta_j}, computed here from the formula in float64. The input is the rope part of
+    wider heads with an odd width (qk_nope_head_dim 3), as a query's is: odd strides."""
     cfg = tiny_config(qk_rope_head_dim=8, max_seq_len=40)
     m = model.Transformer(cfg)
     theta = cfg.rope_theta ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (R/2,)
     positions = torch.randint(0, 40, (3, 7))  # (B, T) ragged positions, as left-padded rows use
     cis = torch.polar(torch.ones(3, 7, 4, dtype=torch.float64), positions[..., None] * theta)
-    x = torch.randn(3, 7, 2, 8)  # (B, T, H, R)
+    x = torch.randn(3, 7, 2, 3 + 8)[..., 3:]  # (B, T, H, R), the rope part of (B, T, H, P+R)
     want = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (4, 2)))
                               * cis[:, :, None]).flatten(3)
     for rope in (model.apply_rotary_emb, torch.compile(model.apply_rotary_emb, backend="eager")):
