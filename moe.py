@@ -110,10 +110,11 @@ class MoE(nn.Module):
         self.last_indices = indices.view(B, T, -1)  # to log routing flips between forwards (RL)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            real = (torch.ones_like(indices) if token_mask is None
-                    else token_mask.reshape(-1, 1).long().expand_as(indices))  # (N, K) 1 = real
-            load = flat.new_zeros(self.n_routed_experts).index_add_(
-                0, flat, real.flatten())  # (E,) real tokens only
+            if token_mask is None:
+                load = counts  # (E,) every token is real
+            else:  # (E,) real tokens only: each choice counts 1 if its token is real, else 0
+                real = token_mask.reshape(-1, 1).long().expand_as(indices).flatten()  # (N*K,)
+                load = flat.new_zeros(self.n_routed_experts).index_add_(0, flat, real)
             self.load = load if self.load is None else self.load + load
             if self.alpha > 0:
                 aux = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), token_mask)
